@@ -1,0 +1,49 @@
+"""Input validation shared by the estimators: every error names the argument and the shape."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def as_matrix(x, name: str, *, min_rows: int = 1) -> np.ndarray:
+    """Return `x` as a finite float64 (n, d) array, or raise a ValueError naming `name`."""
+    try:
+        arr = np.asarray(x, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{name} must be a numeric (n, d) array: {exc}") from None
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (n, d), got shape {arr.shape}")
+    if arr.shape[0] < min_rows:
+        raise ValueError(f"{name} needs at least {min_rows} rows, got {arr.shape[0]}")
+    if arr.shape[1] < 1:
+        raise ValueError(f"{name} has no columns (shape {arr.shape})")
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).any(axis=1).sum())
+        raise ValueError(f"{name} contains NaN or inf in {bad} row(s)")
+    return arr
+
+
+def as_pair(a, b, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate two paired embedding matrices: same number of rows, at least two pairs."""
+    a = as_matrix(a, name_a)
+    b = as_matrix(b, name_b)
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"{name_a} and {name_b} must have the same number of rows (pairs), "
+            f"got {a.shape[0]} and {b.shape[0]}"
+        )
+    if a.shape[0] < 2:
+        raise ValueError(f"need at least 2 pairs, got {a.shape[0]}")
+    return a, b
+
+
+def check_ridge(ridge: float) -> float:
+    ridge = float(ridge)
+    if not np.isfinite(ridge) or ridge < 0:
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge}")
+    return ridge
+
+
+def check_choice(value: str, name: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value

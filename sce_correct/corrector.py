@@ -1,0 +1,260 @@
+"""SchurCorrector: learn from preliminary pairs what one side explains in the other, and remove it.
+
+t2i removes from an image what its text explains (source = texts, target = images); i2t swaps
+the roles; t2t has texts on both sides. The paired correction is
+    target~ = phi(target) - strength * Gamma' phi(source),  Gamma = (C_S + eps I)^-1 C_ST,
+and, for the cosine kernel, `projection` gives the d x d matrix that removes (or keeps only)
+the top eigen-directions of R = C_TS Gamma, for collections whose items have no paired source.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from scipy import linalg
+
+from ._checks import as_matrix, as_pair, check_choice, check_ridge
+from .features import CosineFeatures, RandomFourierFeatures, make_feature_map
+from .schur import choose_method, ridge_cholesky, symmetric_part
+
+DIRECTIONS = ("t2i", "i2t", "t2t")
+FILE_FORMAT = "sce_correct.SchurCorrector"
+FILE_VERSION = 1
+DEFAULT_ENERGY = 0.95
+
+
+class SchurCorrector:
+    """Schur-complement correction learned from preliminary (source, target) pairs.
+
+    Parameters
+    ----------
+    direction : "t2i", "i2t" or "t2t"
+        Which side is explained (target) by which (source); a label for the caller, the
+        mathematics is the same.
+    kernel : "cosine" or "gaussian"
+        "gaussian" uses random Fourier features; its corrected features live in the
+        2 * rff_dim feature space (good for image-to-image search and clustering, not for
+        text queries) and it has no `projection`.
+    ridge : float >= 0
+        Absolute ridge added to the source covariance.
+    strength : float
+        s in the paired correction: 1 nullifies the concept, a negative value focuses on it.
+    sigma, rff_dim, seed :
+        Gaussian kernel bandwidth (None = median heuristic), number of random frequencies
+        and the seed of their one draw.
+    method : "auto", "primal" or "dual"
+        How Gamma is computed; "auto" uses the n x n dual when n < D.
+
+    Fitted attributes: feature_map_, gamma_ (D x D), n_samples_, n_features_in_,
+    explained_eigvals_ and explained_eigvecs_ (cosine kernel: eigen-decomposition of R,
+    descending).
+    """
+
+    def __init__(self, direction: str = "t2i", kernel: str = "cosine", ridge: float = 1e-4,
+                 strength: float = 1.0, sigma: float | None = None, rff_dim: int = 2500, seed: int = 0,
+                 method: str = "auto"):
+        self.direction = direction
+        self.kernel = kernel
+        self.ridge = ridge
+        self.strength = strength
+        self.sigma = sigma
+        self.rff_dim = rff_dim
+        self.seed = seed
+        self.method = method
+
+    # -- fitting -----------------------------------------------------------------------------
+    def fit(self, source_emb, target_emb) -> "SchurCorrector":
+        """Learn Gamma from preliminary pairs: row i of `source_emb` pairs with row i of `target_emb`."""
+        check_choice(self.direction, "direction", DIRECTIONS)
+        check_choice(self.kernel, "kernel", ("cosine", "gaussian"))
+        ridge = check_ridge(self.ridge)
+        self._check_strength()
+        source, target = as_pair(source_emb, target_emb, "source_emb", "target_emb")
+        if source.shape[1] != target.shape[1]:
+            raise ValueError(
+                f"source_emb has {source.shape[1]} columns and target_emb {target.shape[1]}: "
+                "both sides must come from the same encoder space"
+            )
+        fmap = make_feature_map(self.kernel, sigma=self.sigma, rff_dim=self.rff_dim, seed=self.seed)
+        fmap.fit(np.vstack([source, target]))  # one draw of random features, shared by both sides
+        phi_s, phi_t = fmap.transform(source), fmap.transform(target)
+        n, D = phi_s.shape
+        method = choose_method(self.method, n, D)
+        if method == "primal":
+            C_S = symmetric_part(phi_s.T @ phi_s) / n
+            C_ST = (phi_s.T @ phi_t) / n
+            gamma = linalg.cho_solve(ridge_cholesky(C_S, ridge, "C_source"), C_ST, check_finite=False)
+            R = symmetric_part(C_ST.T @ gamma)
+        else:
+            # Push-through identity: (Phi_S'Phi_S + n eps I)^-1 Phi_S' = Phi_S' (K_S + n eps I)^-1.
+            K_S = symmetric_part(phi_s @ phi_s.T)
+            A = linalg.cho_solve(ridge_cholesky(K_S, n * ridge, "K_source"), phi_t, check_finite=False)
+            gamma = phi_s.T @ A
+            R = symmetric_part(phi_t.T @ (K_S @ A)) / n
+        self.feature_map_ = fmap
+        self.gamma_ = gamma
+        self.n_samples_ = n
+        self.n_features_in_ = source.shape[1]
+        self.method_ = method
+        if self.kernel == "cosine":
+            lam, vec = linalg.eigh(R, check_finite=False)
+            order = np.argsort(lam)[::-1]
+            self.explained_eigvals_ = np.clip(lam[order], 0.0, None)
+            self.explained_eigvecs_ = vec[:, order]
+        else:
+            self.explained_eigvals_ = None
+            self.explained_eigvecs_ = None
+        return self
+
+    # -- using the fit -----------------------------------------------------------------------
+    def correct(self, source_emb, target_emb) -> np.ndarray:
+        """Corrected target features phi(target) - strength * Gamma' phi(source), row by row.
+
+        Not renormalised: with the cosine kernel, divide by the row norms before comparing
+        with text queries.
+        """
+        self._check_fitted()
+        self._check_strength()
+        source, target = as_pair(source_emb, target_emb, "source_emb", "target_emb")
+        for name, arr in (("source_emb", source), ("target_emb", target)):
+            if arr.shape[1] != self.n_features_in_:
+                raise ValueError(
+                    f"{name} has {arr.shape[1]} columns but the corrector was fitted on {self.n_features_in_}"
+                )
+        phi_s = self.feature_map_.transform(source)
+        phi_t = self.feature_map_.transform(target)
+        return phi_t - float(self.strength) * (phi_s @ self.gamma_)
+
+    def n_components_for_energy(self, energy: float) -> int:
+        """Smallest k whose top-k eigenvalues of R hold at least `energy` of tr R."""
+        self._check_projection_available()
+        energy = float(energy)
+        if not 0 < energy <= 1:
+            raise ValueError(f"energy must be in (0, 1], got {energy}")
+        lam = self.explained_eigvals_
+        total = lam.sum()
+        if total <= 0:
+            raise ValueError("the source explains nothing of the target (tr R = 0): no concept to project")
+        share = np.cumsum(lam) / total
+        return int(min(np.searchsorted(share, energy - 1e-12) + 1, lam.size))
+
+    def projection(self, n_components: int | None = None, energy: float | None = None,
+                   mode: str = "nullify") -> np.ndarray:
+        """The d x d projection: "nullify" = I - U_k U_k', "focus" = U_k U_k'.
+
+        U_k holds the top-k eigenvectors of R; k is `n_components`, or the smallest count
+        holding `energy` of tr R (default 0.95 when neither is given). Cosine kernel only.
+        """
+        self._check_projection_available()
+        check_choice(mode, "mode", ("nullify", "focus"))
+        if n_components is not None and energy is not None:
+            raise ValueError("give n_components or energy, not both")
+        if n_components is None:
+            k = self.n_components_for_energy(DEFAULT_ENERGY if energy is None else energy)
+        else:
+            k = int(n_components)
+            d = self.explained_eigvecs_.shape[0]
+            if not 1 <= k <= d:
+                raise ValueError(f"n_components must be between 1 and {d}, got {n_components}")
+        U = self.explained_eigvecs_[:, :k]
+        focus = U @ U.T
+        return focus if mode == "focus" else np.eye(U.shape[0]) - focus
+
+    # -- persistence -------------------------------------------------------------------------
+    def save(self, path) -> Path:
+        """Write everything needed to reproduce the fit (random features included), atomically."""
+        self._check_fitted()
+        path = Path(path)
+        meta = {
+            "format": FILE_FORMAT,
+            "version": FILE_VERSION,
+            "params": self.get_params(),
+            "n_samples": self.n_samples_,
+            "n_features_in": self.n_features_in_,
+            "method": self.method_,
+            "feature_map": self.feature_map_.get_state(),
+        }
+        arrays = {"meta": np.array(json.dumps(meta)), "gamma": self.gamma_}
+        if self.explained_eigvecs_ is not None:
+            arrays["explained_eigvals"] = self.explained_eigvals_
+            arrays["explained_eigvecs"] = self.explained_eigvecs_
+        if isinstance(self.feature_map_, RandomFourierFeatures):
+            arrays["rff_frequencies"] = self.feature_map_.frequencies_
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                np.savez(fh, **arrays)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        return path
+
+    @classmethod
+    def load(cls, path) -> "SchurCorrector":
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}
+        except FileNotFoundError:
+            raise
+        except Exception as exc:
+            raise ValueError(f"{path} is not a saved SchurCorrector: {exc}") from None
+        try:
+            meta = json.loads(str(arrays["meta"]))
+        except (KeyError, json.JSONDecodeError):
+            raise ValueError(f"{path} is not a saved SchurCorrector (no metadata)") from None
+        if meta.get("format") != FILE_FORMAT:
+            raise ValueError(f"{path} is not a saved SchurCorrector (format {meta.get('format')!r})")
+        if meta.get("version") != FILE_VERSION:
+            raise ValueError(
+                f"{path} was saved by another version of sce_correct (file version {meta.get('version')!r}, "
+                f"this version reads {FILE_VERSION}); fit the correction again"
+            )
+        obj = cls(**meta["params"])
+        fm_state = meta["feature_map"]
+        fm_cls = CosineFeatures if fm_state["kind"] == "cosine" else RandomFourierFeatures
+        obj.feature_map_ = fm_cls.from_state(fm_state, arrays)
+        obj.gamma_ = arrays["gamma"]
+        obj.n_samples_ = int(meta["n_samples"])
+        obj.n_features_in_ = int(meta["n_features_in"])
+        obj.method_ = meta["method"]
+        obj.explained_eigvals_ = arrays.get("explained_eigvals")
+        obj.explained_eigvecs_ = arrays.get("explained_eigvecs")
+        return obj
+
+    def get_params(self) -> dict:
+        return {
+            "direction": self.direction, "kernel": self.kernel, "ridge": self.ridge,
+            "strength": self.strength, "sigma": self.sigma, "rff_dim": self.rff_dim,
+            "seed": self.seed, "method": self.method,
+        }
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"SchurCorrector({args})"
+
+    # -- checks ------------------------------------------------------------------------------
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "gamma_"):
+            raise ValueError("this SchurCorrector is not fitted yet: call fit(source_emb, target_emb) first")
+
+    def _check_strength(self) -> None:
+        s = float(self.strength)
+        if not np.isfinite(s):
+            raise ValueError(f"strength must be a finite number, got {self.strength}")
+
+    def _check_projection_available(self) -> None:
+        self._check_fitted()
+        if self.kernel != "cosine":
+            raise ValueError(
+                f"projection needs the cosine kernel (this corrector uses {self.kernel!r}): "
+                "its corrected features live in the random-feature space, not the encoder's"
+            )

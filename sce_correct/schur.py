@@ -1,0 +1,164 @@
+"""Covariances, the ridge regression Gamma and the Schur complement S = C_I - R (DESIGN.md section 2).
+
+Everything is computed in the primal (D x D covariances) or in the dual (n x n kernel
+matrices), whichever is smaller; both give the same numbers. The ridge is explicit and
+absolute (added to the diagonal); nothing relies on a pseudo-inverse cut-off.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import linalg
+
+from ._checks import as_pair, check_choice, check_ridge
+from .features import gaussian_kernel, make_feature_map, median_pairwise_distance
+
+KERNELS = ("cosine", "gaussian", "gaussian-exact")
+METHODS = ("auto", "primal", "dual")
+
+
+def ridge_cholesky(C: np.ndarray, ridge: float, what: str = "C_T"):
+    """Cholesky factor of C + ridge * I, or a ValueError that says to raise the ridge."""
+    A = C + ridge * np.eye(C.shape[0])
+    try:
+        return linalg.cho_factor(A, lower=True, check_finite=False)
+    except linalg.LinAlgError:
+        raise ValueError(
+            f"{what} + ridge*I is singular (ridge={ridge:g}); use a ridge > 0 "
+            "(the system never falls back to a pseudo-inverse)"
+        ) from None
+
+
+def symmetric_part(M: np.ndarray) -> np.ndarray:
+    return 0.5 * (M + M.T)
+
+
+def choose_method(method: str, n: int, D: int | None) -> str:
+    """'primal' works on D x D matrices, 'dual' on n x n: pick the smaller unless told."""
+    check_choice(method, "method", METHODS)
+    if method != "auto":
+        return method
+    return "dual" if D is None or n < D else "primal"
+
+
+@dataclass(frozen=True)
+class SchurSpectra:
+    """Eigenvalues (descending, clipped at 0) of C_I, R (text-explained) and S (Schur complement)."""
+
+    image: np.ndarray
+    explained: np.ndarray
+    schur: np.ndarray
+    kernel: str
+    sigma: float | None
+    method: str
+    n: int
+
+
+def _clip_desc(eigvals: np.ndarray) -> np.ndarray:
+    return np.clip(np.sort(eigvals)[::-1], 0.0, None)
+
+
+class _Primal:
+    """C_I, R and S as D x D matrices from feature rows."""
+
+    def __init__(self, phi_t: np.ndarray, phi_i: np.ndarray, ridge: float):
+        n = phi_t.shape[0]
+        self.phi_i = phi_i
+        self.C_I = symmetric_part(phi_i.T @ phi_i) / n
+        C_T = symmetric_part(phi_t.T @ phi_t) / n
+        C_TI = (phi_t.T @ phi_i) / n
+        # R = C_IT (C_T + eps I)^-1 C_TI = B'B with B = L^-1 C_TI: one triangular solve, one product.
+        L, _ = ridge_cholesky(C_T, ridge)
+        B = linalg.solve_triangular(L, C_TI, lower=True, check_finite=False)
+        self.R = symmetric_part(B.T @ B)
+        self.S = self.C_I - self.R
+
+
+class _Dual:
+    """The same decomposition through n x n kernel matrices.
+
+    With K_T = Q diag(l) Q' and H = K_T (K_T + n eps I)^-1 = Q diag(l / (l + n eps)) Q',
+    the nonzero eigenvalues of R and S are those of H^1/2 K_I H^1/2 / n and
+    (I - H)^1/2 K_I (I - H)^1/2 / n.
+    """
+
+    def __init__(self, K_T: np.ndarray, K_I: np.ndarray, ridge: float):
+        n = K_T.shape[0]
+        lam, Q = linalg.eigh(symmetric_part(K_T), check_finite=False)
+        lam = np.clip(lam, 0.0, None)
+        if ridge == 0:
+            if lam[0] <= 1e-12 * max(lam[-1], 1e-300):
+                raise ValueError(
+                    "the text kernel matrix is singular and ridge=0; use a ridge > 0 "
+                    "(the system never falls back to a pseudo-inverse)"
+                )
+            h = np.ones_like(lam)
+        else:
+            h = lam / (lam + n * ridge)
+        self.n = n
+        self.K_I = symmetric_part(K_I)
+        self.sqrt_H = (Q * np.sqrt(h)) @ Q.T
+        self.sqrt_G = (Q * np.sqrt(np.clip(1.0 - h, 0.0, None))) @ Q.T
+
+    def explained_matrix(self) -> np.ndarray:
+        return symmetric_part(self.sqrt_H @ self.K_I @ self.sqrt_H) / self.n
+
+    def schur_matrix(self) -> np.ndarray:
+        return symmetric_part(self.sqrt_G @ self.K_I @ self.sqrt_G) / self.n
+
+    def image_matrix(self) -> np.ndarray:
+        return self.K_I / self.n
+
+
+def resolve_sigma(kernel: str, sigma: float | None, text: np.ndarray, image: np.ndarray, seed: int):
+    if kernel == "cosine":
+        return None
+    if sigma is None:
+        return median_pairwise_distance(np.vstack([text, image]), seed=seed)
+    sigma = float(sigma)
+    if not np.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"sigma must be a positive number, got {sigma}")
+    return sigma
+
+
+def decompose(text_emb, image_emb, *, kernel="cosine", sigma=None, rff_dim=2500, ridge=1e-4,
+              seed=0, method="auto"):
+    """Validated inputs -> a `_Primal` or `_Dual` decomposition, plus (kernel, sigma, method, n)."""
+    text, image = as_pair(text_emb, image_emb, "text_emb", "image_emb")
+    if text.shape[1] != image.shape[1]:
+        raise ValueError(
+            f"text_emb has {text.shape[1]} columns and image_emb {image.shape[1]}: "
+            "texts and images must come from the same encoder space"
+        )
+    check_choice(kernel, "kernel", KERNELS)
+    ridge = check_ridge(ridge)
+    n, d = text.shape
+    sigma = resolve_sigma(kernel, sigma, text, image, seed)
+    if kernel == "gaussian-exact":
+        if method == "primal":
+            raise ValueError("kernel 'gaussian-exact' has no finite feature map: use method 'dual' or 'auto'")
+        K_T = gaussian_kernel(text, text, sigma)
+        K_I = gaussian_kernel(image, image, sigma)
+        return _Dual(K_T, K_I, ridge), (kernel, sigma, "dual", n)
+    fmap = make_feature_map(kernel, sigma=sigma, rff_dim=rff_dim, seed=seed).fit(np.vstack([text, image]))
+    phi_t, phi_i = fmap.transform(text), fmap.transform(image)
+    method = choose_method(method, n, phi_t.shape[1])
+    if method == "primal":
+        return _Primal(phi_t, phi_i, ridge), (kernel, sigma, method, n)
+    return _Dual(phi_t @ phi_t.T, phi_i @ phi_i.T, ridge), (kernel, sigma, method, n)
+
+
+def schur_spectra(text_emb, image_emb, *, kernel="cosine", sigma=None, rff_dim=2500, ridge=1e-4,
+                  seed=0, method="auto") -> SchurSpectra:
+    """Eigenvalues of C_I, R and S for paired text and image embeddings."""
+    dec, (kernel, sigma, method, n) = decompose(
+        text_emb, image_emb, kernel=kernel, sigma=sigma, rff_dim=rff_dim, ridge=ridge, seed=seed, method=method
+    )
+    if isinstance(dec, _Primal):
+        mats = dec.C_I, dec.R, dec.S
+    else:
+        mats = dec.image_matrix(), dec.explained_matrix(), dec.schur_matrix()
+    image, explained, schur = (_clip_desc(linalg.eigvalsh(M, check_finite=False)) for M in mats)
+    return SchurSpectra(image=image, explained=explained, schur=schur, kernel=kernel, sigma=sigma,
+                        method=method, n=n)
