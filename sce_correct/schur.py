@@ -65,9 +65,12 @@ class _Primal:
     def __init__(self, phi_t: np.ndarray, phi_i: np.ndarray, ridge: float):
         n = phi_t.shape[0]
         self.phi_i = phi_i
-        self.C_I = symmetric_part(phi_i.T @ phi_i) / n
-        C_T = symmetric_part(phi_t.T @ phi_t) / n
-        C_TI = (phi_t.T @ phi_i) / n
+        # One symmetric product of the joint features gives all three blocks (BLAS syrk).
+        D = phi_t.shape[1]
+        joint = np.hstack([phi_t, phi_i])
+        G = joint.T @ joint
+        G /= n
+        C_T, C_TI, self.C_I = G[:D, :D], G[:D, D:], symmetric_part(G[D:, D:])
         # R = C_IT (C_T + eps I)^-1 C_TI = B'B with B = L^-1 C_TI: one triangular solve, one product.
         L, _ = ridge_cholesky(C_T, ridge)
         B = linalg.solve_triangular(L, C_TI, lower=True, check_finite=False)
