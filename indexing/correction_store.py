@@ -1,0 +1,160 @@
+"""Fitted corrections of a collection: the SchurCorrector file plus its catalog row.
+
+Layout: ``<collection>/corrections/<name>.npz`` (written atomically by
+``SchurCorrector.save``) and one ``corrections`` row. The file is written first and the row
+inserted in a transaction; if the row cannot be written the file is removed, so there is
+never a row without a file or a file that a later fit with the same name would trip over.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from indexing.catalog import Correction
+from indexing.collection import Collection
+from sce_correct import SchurCorrector
+
+logger = logging.getLogger(__name__)
+
+CORRECTIONS_DIRNAME = "corrections"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+#: Which stored embedding kind (and so which index) a direction corrects.
+TARGET_KIND = {"t2i": "image", "i2t": "caption", "t2t": "caption"}
+
+
+class CorrectionNotFoundError(KeyError):
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+@dataclass(frozen=True)
+class CorrectionInfo:
+    """A snapshot of a ``corrections`` row."""
+
+    name: str
+    direction: str
+    kernel: str
+    encoder: str | None
+    dim: int | None
+    parameters: dict[str, Any]
+    file: Path
+    fitted_on: str | None
+    report: dict[str, Any]
+    created_at: datetime
+
+    @property
+    def target_kind(self) -> str:
+        """The embedding kind this correction applies to: "image" or "caption"."""
+        return TARGET_KIND[self.direction]
+
+
+@dataclass
+class StoredCorrection:
+    info: CorrectionInfo
+    corrector: SchurCorrector = field(repr=False)
+
+
+def check_correction_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ValueError(
+            f"invalid correction name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+    return name
+
+
+def corrections_dir(collection: Collection) -> Path:
+    return collection.root / CORRECTIONS_DIRNAME
+
+
+def save_correction(collection: Collection, name: str, corrector: SchurCorrector, *,
+                    encoder: str, dim: int, parameters: dict[str, Any] | None = None,
+                    fitted_on: str | None = None, report: dict[str, Any] | None = None,
+                    replace: bool = False) -> CorrectionInfo:
+    """Store a fitted corrector under `name`; an existing name is an error unless `replace`."""
+    check_correction_name(name)
+    with collection.writing():
+        with collection.catalog.session() as session:
+            existing = session.scalar(select(Correction).where(Correction.name == name))
+        if existing is not None and not replace:
+            raise ValueError(f"a correction named {name!r} already exists (choose another name or replace it)")
+        directory = corrections_dir(collection)
+        final = directory / f"{name}.npz"
+        staged = directory / f".{name}.staged.npz"
+        corrector.save(staged)
+        try:
+            with collection.catalog.sessions.begin() as session:
+                if existing is not None:
+                    session.delete(session.get(Correction, existing.id))
+                    session.flush()
+                row = Correction(
+                    name=name, direction=corrector.direction, kernel=corrector.kernel,
+                    encoder=encoder, dim=int(dim), parameters=dict(parameters or {}),
+                    file=final.name, fitted_on=fitted_on, report=dict(report or {}),
+                )
+                session.add(row)
+                session.flush()
+                staged.replace(final)  # inside the transaction: a failed rename rolls the row back
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
+    logger.info("stored correction %s (%s, %s)", name, corrector.direction, corrector.kernel)
+    return correction_info(collection, name)
+
+
+def _info(collection: Collection, row: Correction) -> CorrectionInfo:
+    return CorrectionInfo(
+        name=row.name, direction=row.direction, kernel=row.kernel, encoder=row.encoder, dim=row.dim,
+        parameters=dict(row.parameters or {}), file=corrections_dir(collection) / (row.file or ""),
+        fitted_on=row.fitted_on, report=dict(row.report or {}), created_at=row.created_at,
+    )
+
+
+def correction_info(collection: Collection, name: str) -> CorrectionInfo:
+    with collection.catalog.session() as session:
+        row = session.scalar(select(Correction).where(Correction.name == name))
+        if row is None:
+            known = session.scalars(select(Correction.name).order_by(Correction.name)).all()
+            hint = f"; known corrections: {', '.join(known)}" if known else "; none has been fitted yet"
+            raise CorrectionNotFoundError(f"no correction named {name!r} in this collection{hint}")
+        return _info(collection, row)
+
+
+def list_corrections(collection: Collection) -> list[CorrectionInfo]:
+    with collection.catalog.session() as session:
+        rows = session.scalars(select(Correction).order_by(Correction.created_at)).all()
+        return [_info(collection, row) for row in rows]
+
+
+def load_correction(collection: Collection, name: str) -> StoredCorrection:
+    """The stored corrector, checked against the collection's encoder and dimension."""
+    info = correction_info(collection, name)
+    if info.encoder is not None and collection.encoder_name is not None and info.encoder != collection.encoder_name:
+        raise ValueError(
+            f"correction {name!r} was fitted with encoder {info.encoder!r}, but the collection uses "
+            f"{collection.encoder_name!r}: fit it again with the collection's encoder"
+        )
+    if not info.file.exists():
+        raise FileNotFoundError(f"the file of correction {name!r} is missing: {info.file}")
+    corrector = SchurCorrector.load(info.file)
+    if collection.dim is not None and corrector.n_features_in_ != collection.dim:
+        raise ValueError(
+            f"correction {name!r} expects {corrector.n_features_in_}-d embeddings but the collection's "
+            f"are {collection.dim}-d"
+        )
+    return StoredCorrection(info=info, corrector=corrector)
+
+
+def delete_correction(collection: Collection, name: str) -> None:
+    info = correction_info(collection, name)
+    with collection.writing(), collection.catalog.sessions.begin() as session:
+        row = session.scalar(select(Correction).where(Correction.name == name))
+        session.delete(row)
+    info.file.unlink(missing_ok=True)

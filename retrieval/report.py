@@ -1,0 +1,192 @@
+"""SCE reports: the score, the eigenvalue spectra and original vs Schur modes with their images."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+import sce_correct as sc
+from retrieval.pairs import PairedSet
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ModeItem:
+    index: int  # row in the paired set
+    uri: str
+    prompt: str
+    score: float
+
+
+@dataclass(frozen=True)
+class ModeView:
+    kind: str  # "original" (modes of C_I) or "schur" (modes of S)
+    rank: int
+    eigenvalue: float
+    share: float
+    items: list[ModeItem]
+
+
+@dataclass(frozen=True)
+class PairedReport:
+    """Everything `sce report` shows for one paired prompt/image set."""
+
+    source: str
+    score: sc.SCEReport
+    spectrum_image: list[float]
+    spectrum_explained: list[float]
+    spectrum_schur: list[float]
+    original_modes: list[ModeView]
+    schur_modes: list[ModeView]
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["score"] = self.score.to_dict()
+        return d
+
+
+def _views(kind: str, modes: list[sc.Mode], uris: list[str], prompts: list[str]) -> list[ModeView]:
+    return [
+        ModeView(kind=kind, rank=m.rank + 1, eigenvalue=m.eigenvalue, share=m.share,
+                 items=[ModeItem(int(i), uris[i], prompts[i], float(s)) for i, s in zip(m.top_indices, m.top_scores)])
+        for m in modes
+    ]
+
+
+def report_from_embeddings(text_emb: np.ndarray, image_emb: np.ndarray, uris: list[str], prompts: list[str], *,
+                           source: str = "", kernel: str = "cosine", sigma: float | None = None,
+                           rff_dim: int = 2500, ridge: float = 1e-4, seed: int = 0, n_modes: int = 6,
+                           top: int = 8, spectrum_size: int = 50) -> PairedReport:
+    kw = dict(kernel=kernel, sigma=sigma, rff_dim=rff_dim, seed=seed)
+    score = sc.sce_score(text_emb, image_emb, ridge=ridge, **kw)
+    spectra = sc.schur_spectra(text_emb, image_emb, ridge=ridge, **kw)
+    original = sc.kernel_modes(image_emb, n_modes=n_modes, top=top, **kw)
+    schur = sc.schur_modes(text_emb, image_emb, n_modes=n_modes, top=top, ridge=ridge, **kw)
+    cut = slice(0, spectrum_size)
+    return PairedReport(
+        source=source, score=score,
+        spectrum_image=spectra.image[cut].tolist(), spectrum_explained=spectra.explained[cut].tolist(),
+        spectrum_schur=spectra.schur[cut].tolist(),
+        original_modes=_views("original", original, uris, prompts),
+        schur_modes=_views("schur", schur, uris, prompts),
+    )
+
+
+def report_for_pairs(encoder, pairs: PairedSet, *, progress: bool = False, **kwargs) -> PairedReport:
+    """Encode a paired set with `encoder` and report on it."""
+    text_emb = encoder.encode_texts(pairs.prompts)
+    image_emb = encoder.encode_images(pairs.images, progress=progress)
+    return report_from_embeddings(text_emb, image_emb, [str(p) for p in pairs.images], pairs.prompts,
+                                  source=pairs.source, **kwargs)
+
+
+def report_for_collection(collection, encoder, *, where: dict[str, str] | None = None, limit: int | None = None,
+                          seed: int = 0, **kwargs) -> PairedReport:
+    """Report on the collection's captioned items (optionally those whose metadata match `where`).
+
+    Image embeddings come from the store; caption embeddings from the store when present,
+    else the captions are encoded now.
+    """
+    collection.check_encoder(encoder.name, encoder.dim)
+    ids = collection.item_ids()
+    records = collection.items(ids)
+    chosen = [r for r in records.values() if r.caption and all(
+        str((r.metadata or {}).get(k, "")) == v for k, v in (where or {}).items())]
+    chosen.sort(key=lambda r: r.id)
+    if limit is not None and len(chosen) > limit:
+        rows = np.random.default_rng(seed).choice(len(chosen), size=limit, replace=False)
+        chosen = [chosen[i] for i in sorted(rows)]
+    if len(chosen) < 2:
+        what = f" matching {where}" if where else ""
+        raise ValueError(f"the collection has {len(chosen)} captioned item(s){what}; a report needs at least 2")
+    chosen_ids = np.array([r.id for r in chosen], dtype=np.int64)
+    image_emb = collection.embeddings.get("image", chosen_ids)
+    captions = [r.caption for r in chosen]
+    try:
+        text_emb = collection.embeddings.get("caption", chosen_ids)
+    except KeyError:
+        text_emb = encoder.encode_texts(captions)
+    desc = "collection" + (f" where {where}" if where else "") + (f", {len(chosen)} items" if chosen else "")
+    return report_from_embeddings(text_emb, image_emb, [r.uri for r in chosen], captions, source=desc,
+                                  seed=seed, **kwargs)
+
+
+# -------------------------------------------------------------------------------- output files
+def _atomic_write(path: Path, write) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot_spectra(report: PairedReport, path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for values, label in ((report.spectrum_image, "C_I (all image variety)"),
+                          (report.spectrum_explained, "R (explained by the prompts)"),
+                          (report.spectrum_schur, "S (the images' own, Schur complement)")):
+        v = np.asarray(values)
+        ax.plot(np.arange(1, len(v) + 1), np.where(v > 0, v, np.nan), marker="o", ms=3, label=label)
+    ax.set_yscale("log")
+    ax.set_xlabel("eigenvalue rank")
+    ax.set_ylabel("eigenvalue")
+    s = report.score
+    ax.set_title(f"SCE {s.image_diversity:.2f} (image share {s.image_share:.0%}), "
+                 f"text diversity {s.text_diversity:.2f}, Vendi {s.vendi:.1f}", fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+    return path
+
+
+def modes_grid(modes: list[ModeView], path: Path, *, thumb: int = 72, title: str = "") -> Path:
+    """One row per mode: a label, then its top images."""
+    from PIL import Image, ImageDraw, ImageOps
+
+    label_w, pad, head = 190, 4, 24 if title else 0
+    cols = max((len(m.items) for m in modes), default=1)
+    sheet = Image.new("RGB", (label_w + cols * (thumb + pad) + pad, head + len(modes) * (thumb + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    if title:
+        draw.text((pad, 6), title, fill="black")
+    for r, mode in enumerate(modes):
+        y = head + pad + r * (thumb + pad)
+        draw.text((pad, y + 4), f"{mode.kind} mode {mode.rank}", fill="black")
+        draw.text((pad, y + 22), f"eigenvalue {mode.eigenvalue:.4f}", fill="dimgray")
+        draw.text((pad, y + 38), f"{mode.share:.1%} of the variety", fill="dimgray")
+        for c, item in enumerate(mode.items):
+            try:
+                with Image.open(item.uri) as im:
+                    tile = ImageOps.pad(im.convert("RGB"), (thumb, thumb), color="white")
+            except (OSError, ValueError):
+                tile = Image.new("RGB", (thumb, thumb), "lightgray")
+            sheet.paste(tile, (label_w + c * (thumb + pad), y))
+    _atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
+    return path
+
+
+def write_report(report: PairedReport, out_dir: str | Path) -> dict[str, Path]:
+    """report.json, spectra.png and modes.png (original modes above Schur modes) in `out_dir`."""
+    out = Path(out_dir)
+    paths = {"json": out / "report.json", "spectra": out / "spectra.png", "modes": out / "modes.png"}
+    text = json.dumps(report.to_dict(), indent=2)
+    _atomic_write(paths["json"], lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    plot_spectra(report, paths["spectra"])
+    modes_grid(report.original_modes + report.schur_modes, paths["modes"],
+               title="original modes (image covariance) above Schur modes (what the prompts leave unexplained)")
+    return paths

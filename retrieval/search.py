@@ -1,0 +1,137 @@
+"""Search a collection with original or concept-corrected embeddings.
+
+Strategies for a correction:
+- "query": apply the correction's projection P to the query and search the original index.
+  For an inner-product index, (P q) . x == q . (P x), so this ranks exactly like a
+  re-indexed version and works at once, without re-indexing (cosine projections only).
+- "reindexed": search the index version built by `sce index reindex` (any correction).
+- "negative": the baseline users know from other vector databases, q - a * concept, on the
+  original index; `concept` is the mean prompt direction stored with the correction.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from indexing.collection import Collection, SearchHit
+from indexing.correction_store import StoredCorrection, load_correction
+from retrieval.corrections import unit
+
+logger = logging.getLogger(__name__)
+
+STRATEGIES = ("auto", "query", "reindexed", "negative")
+
+
+@dataclass
+class CorrectionView:
+    """A stored correction with what searching needs: its projection and concept direction."""
+
+    stored: StoredCorrection
+
+    @property
+    def name(self) -> str:
+        return self.stored.info.name
+
+    @property
+    def kind(self) -> str:
+        return self.stored.info.target_kind
+
+    @property
+    def has_projection(self) -> bool:
+        return self.stored.corrector.kernel == "cosine"
+
+    @cached_property
+    def projection(self) -> np.ndarray:
+        if not self.has_projection:
+            raise ValueError(f"correction {self.name!r} uses the {self.stored.corrector.kernel} kernel: it has no projection")
+        p = self.stored.info.parameters
+        return self.stored.corrector.projection(n_components=p.get("n_components"), mode=p.get("mode", "nullify"))
+
+    @cached_property
+    def concept_basis(self) -> np.ndarray | None:
+        """U_k: the concept's top directions (what a focus projection keeps), or None."""
+        if not self.has_projection:
+            return None
+        k = self.stored.info.parameters.get("n_components") or 1
+        return self.stored.corrector.explained_eigvecs_[:, :k]
+
+    @property
+    def concept_vector(self) -> np.ndarray:
+        return np.asarray(self.stored.info.parameters["concept_vector"], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[SearchHit]
+    kind: str
+    correction: str | None
+    strategy: str  # "original", "query", "reindexed" or "negative"
+
+
+class Retriever:
+    """Embeds queries with the collection's encoder and searches original or corrected indexes."""
+
+    def __init__(self, collection: Collection, encoder):
+        collection.check_encoder(encoder.name, encoder.dim)
+        self.collection = collection
+        self.encoder = encoder
+        self._corrections: dict[str, CorrectionView] = {}
+
+    # -- queries ----------------------------------------------------------------------------
+    def embed_text(self, text: str) -> np.ndarray:
+        if not text or not text.strip():
+            raise ValueError("the text query is empty")
+        return unit(self.encoder.encode_texts([text.strip()])[0])
+
+    def embed_image(self, image: str | Path) -> np.ndarray:
+        return unit(self.encoder.encode_images([image])[0])
+
+    def correction(self, name: str) -> CorrectionView:
+        if name not in self._corrections:
+            self._corrections[name] = CorrectionView(load_correction(self.collection, name))
+        return self._corrections[name]
+
+    # -- search -----------------------------------------------------------------------------
+    def search(self, query: np.ndarray, k: int = 10, *, kind: str = "image", correction: str | None = None,
+               strategy: str = "auto", negative_weight: float = 1.0) -> SearchResult:
+        """Top-k hits for a query vector (from `embed_text` or `embed_image`)."""
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+        if int(k) < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        q = np.asarray(query, dtype=np.float64).reshape(1, -1)
+        if correction is None:
+            return SearchResult(self._search(q, k, kind), kind, None, "original")
+        view = self.correction(correction)
+        if view.kind != kind:
+            raise ValueError(
+                f"correction {correction!r} ({view.stored.info.direction}) applies to the {view.kind} index, "
+                f"not the {kind} index"
+            )
+        if strategy == "auto":
+            has_version = self.collection.current_version(kind, correction) is not None
+            strategy = "reindexed" if has_version else "query"
+        if strategy == "negative":
+            moved = unit(q) - float(negative_weight) * view.concept_vector
+            return SearchResult(self._search(moved, k, kind), kind, correction, "negative")
+        if strategy == "query":
+            if not view.has_projection:
+                raise ValueError(
+                    f"correction {correction!r} has no query-side form (kernel {view.stored.corrector.kernel}); "
+                    f"re-index first: sce index reindex --correction {correction}"
+                )
+            return SearchResult(self._search(q @ view.projection.T, k, kind), kind, correction, "query")
+        if self.collection.current_version(kind, correction) is None:
+            raise ValueError(f"correction {correction!r} has no re-indexed version yet: run "
+                             f"`sce index reindex --correction {correction}` or use the query strategy")
+        if not view.has_projection:
+            q = view.stored.corrector.feature_map_.transform(q)
+        hits = self.collection.search(q, k, kind=kind, correction=correction, encoder=self.encoder.name)[0]
+        return SearchResult(hits, kind, correction, "reindexed")
+
+    def _search(self, q: np.ndarray, k: int, kind: str) -> list[SearchHit]:
+        return self.collection.search(q, k, kind=kind, encoder=self.encoder.name)[0]

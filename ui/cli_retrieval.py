@@ -1,0 +1,295 @@
+"""`sce correct ...`, `sce index reindex`, `sce search` (plain, corrected, A/B) and `sce report`."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ui.cli_index import (
+    DEFAULT_COLLECTION,
+    CollectionOption,
+    DbOption,
+    FactoryOption,
+    QuietOption,
+    configure_logging,
+    index_app,
+    reporting_errors,
+)
+
+correct_app = typer.Typer(no_args_is_help=True, add_completion=False,
+                          help="Fit, list and delete concept corrections.")
+
+KernelOption = Annotated[str, typer.Option(help="cosine, or gaussian (random Fourier features).")]
+
+
+def _open(collection: Path, db: str | None):
+    from indexing.collection import Collection
+
+    opened = Collection.open(collection, db)
+    if opened.encoder_name is None:
+        opened.close()
+        raise ValueError(f"collection {opened.root} is empty; build it first with `sce index build`")
+    return opened
+
+
+def _encoder(opened):
+    import indexing
+
+    return indexing.load_encoder(opened.encoder_name)
+
+
+def _parse_where(where: list[str] | None) -> dict[str, str]:
+    out = {}
+    for clause in where or []:
+        key, sep, value = clause.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--where takes key=value, got {clause!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _print_score(score) -> None:
+    typer.echo(f"  SCE score (image diversity E(S)) {score.image_diversity:10.3f}")
+    typer.echo(f"  text diversity E(R)              {score.text_diversity:10.3f}")
+    typer.echo(f"  image share tr S                 {score.image_share:10.3f}")
+    typer.echo(f"  text share tr R                  {score.text_share:10.3f}")
+    typer.echo(f"  Vendi score                      {score.vendi:10.3f}")
+    typer.echo(f"  RKE                              {score.rke:10.3f}")
+    typer.echo(f"  pairs                            {score.n:10d}   kernel {score.kernel}")
+
+
+# ------------------------------------------------------------------------------- corrections
+@correct_app.command("fit")
+def fit_command(
+    name: Annotated[str, typer.Option(help="Name to store the correction under.")],
+    concept: Annotated[Optional[Path], typer.Option(help="Concept CSV: prompt,image (or source,target for t2t).")] = None,
+    source_texts: Annotated[Optional[Path], typer.Option(help="t2t: text file, one source text a line.")] = None,
+    target_texts: Annotated[Optional[Path], typer.Option(help="t2t: text file, one target text a line.")] = None,
+    direction: Annotated[str, typer.Option(help="t2i, i2t or t2t.")] = "t2i",
+    kernel: KernelOption = "cosine",
+    mode: Annotated[str, typer.Option(help="nullify (remove the concept) or focus (keep only it).")] = "nullify",
+    components: Annotated[Optional[int], typer.Option(min=1, help="Concept directions to project.")] = None,
+    energy: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Or: share of tr R to project (default 0.95).")] = None,
+    strength: Annotated[float, typer.Option(help="Paired correction strength s (1 nullifies, < 0 focuses).")] = 1.0,
+    ridge: Annotated[float, typer.Option(min=0.0, help="Ridge added to the source covariance.")] = 1e-4,
+    replace: Annotated[bool, typer.Option("--replace", help="Overwrite a correction of the same name.")] = False,
+    collection: CollectionOption = DEFAULT_COLLECTION,
+    db: DbOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Fit a Schur-complement correction from a preliminary concept set and store it."""
+    configure_logging(quiet)
+    with reporting_errors():
+        from retrieval.concepts import load_concept_set, read_text_lines, text_pairs
+        from retrieval.corrections import fit_concept_correction
+
+        if concept is not None and (source_texts or target_texts):
+            raise ValueError("give --concept or --source-texts/--target-texts, not both")
+        if concept is not None:
+            concept_set = load_concept_set(concept)
+        elif source_texts and target_texts:
+            concept_set = text_pairs(read_text_lines(source_texts), read_text_lines(target_texts),
+                                     name=Path(source_texts).stem)
+        else:
+            raise ValueError("give --concept FILE, or --source-texts and --target-texts for t2t")
+        with _open(collection, db) as opened:
+            result = fit_concept_correction(
+                opened, _encoder(opened), concept_set, name=name, direction=direction, kernel=kernel, mode=mode,
+                n_components=components, energy=energy, strength=strength, ridge=ridge, replace=replace,
+                progress=not quiet)
+        info = result.info
+        typer.echo(f"stored correction {info.name!r}: {info.direction}, {info.kernel}, {mode}, "
+                   f"{len(concept_set)} pairs from {concept_set.source}")
+        if result.n_components is not None:
+            typer.echo(f"  projection: {result.n_components} concept direction(s) holding "
+                       f"{result.explained_share:.1%} of what the prompts explain")
+        typer.echo("SCE report of the preliminary set:")
+        _print_score(result.report)
+        typer.echo(f"applies to the {info.target_kind} index; search it now with "
+                   f"`sce search --ab {info.name} \"...\"`, or re-index: `sce index reindex --correction {info.name}`")
+
+
+@correct_app.command("list")
+def list_command(collection: CollectionOption = DEFAULT_COLLECTION, db: DbOption = None) -> None:
+    """List the collection's corrections."""
+    configure_logging(True)
+    with reporting_errors():
+        from indexing.correction_store import list_corrections
+
+        with _open(collection, db) as opened:
+            rows = list_corrections(opened)
+        if not rows:
+            typer.echo("no corrections yet (fit one with `sce correct fit`)")
+        for c in rows:
+            p = c.parameters
+            typer.echo(f"{c.name:24} {c.direction:4} {c.kernel:9} {p.get('mode', '-'):8} "
+                       f"k={p.get('n_components')}  on {c.target_kind} index  fitted on {c.fitted_on}")
+
+
+@correct_app.command("show")
+def show_command(name: str, collection: CollectionOption = DEFAULT_COLLECTION, db: DbOption = None) -> None:
+    """Show one correction's parameters and the SCE report of its preliminary set."""
+    configure_logging(True)
+    with reporting_errors():
+        from indexing.correction_store import correction_info
+
+        with _open(collection, db) as opened:
+            info = correction_info(opened, name)
+        params = {k: v for k, v in info.parameters.items() if k != "concept_vector"}
+        typer.echo(json.dumps({"name": info.name, "direction": info.direction, "kernel": info.kernel,
+                               "encoder": info.encoder, "dim": info.dim, "target_index": info.target_kind,
+                               "parameters": params, "fitted_on": info.fitted_on, "report": info.report,
+                               "file": str(info.file)}, indent=2))
+
+
+@correct_app.command("delete")
+def delete_command(name: str, collection: CollectionOption = DEFAULT_COLLECTION, db: DbOption = None) -> None:
+    """Delete a correction (its index versions stay until rebuilt)."""
+    configure_logging(True)
+    with reporting_errors():
+        from indexing.correction_store import delete_correction
+
+        with _open(collection, db) as opened:
+            delete_correction(opened, name)
+        typer.echo(f"deleted correction {name!r}")
+
+
+@index_app.command("reindex")
+def reindex_command(
+    correction: Annotated[str, typer.Option(help="Name of a fitted correction.")],
+    variant: Annotated[str, typer.Option(help="auto, projection or paired (each item's own caption).")] = "auto",
+    factory: FactoryOption = None,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Vectors read and written at a time.")] = 65536,
+    collection: CollectionOption = DEFAULT_COLLECTION,
+    db: DbOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Build a corrected index version from the stored embeddings (no image decoding).
+
+    Resumable after a kill; the new version is swapped in atomically when complete, and
+    searches keep using the previous one meanwhile.
+    """
+    configure_logging(quiet)
+    with reporting_errors():
+        from retrieval.reindex import reindex
+
+        with _open(collection, db) as opened:
+            version = reindex(opened, correction, variant=variant, factory=factory, chunk_size=chunk_size,
+                              progress=not quiet)
+        typer.echo(f"index {version.name}: {version.count} vectors, correction {correction!r}, "
+                   f"{version.parameters.get('variant')}, {version.file}")
+
+
+# ------------------------------------------------------------------------------------ search
+def _columns(left: list[str], right: list[str], width: int) -> None:
+    for i in range(max(len(left), len(right))):
+        a = left[i] if i < len(left) else ""
+        b = right[i] if i < len(right) else ""
+        typer.echo(f"{a[:width]:<{width}}  |  {b[:width]}")
+
+
+def _hit_line(hit) -> str:
+    return f"{hit.rank:>3} {hit.score:6.3f} {hit.caption or hit.uri}"
+
+
+def search_command(
+    query: Annotated[Optional[str], typer.Argument(help="Text to search for.")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Search with an image instead of text.")] = None,
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Number of results.")] = 10,
+    correction: Annotated[Optional[str], typer.Option(help="Search with this correction applied.")] = None,
+    ab: Annotated[Optional[str], typer.Option(help="Compare original and corrected results side by side.")] = None,
+    strategy: Annotated[str, typer.Option(help="auto, query (correct the query), reindexed, or negative (q - a * concept).")] = "auto",
+    negative_weight: Annotated[float, typer.Option(help="a in q - a * concept for the negative strategy.")] = 1.0,
+    attribute: Annotated[Optional[str], typer.Option(help="Metadata field marking the concept, e.g. skin_tone (A/B).")] = None,
+    kind: Annotated[str, typer.Option(help="Index to search: image or caption.")] = "image",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    collection: CollectionOption = DEFAULT_COLLECTION,
+    db: DbOption = None,
+    nprobe: Annotated[Optional[int], typer.Option(min=1, help="Lists visited by an IVF index.")] = None,
+) -> None:
+    """Search the collection: plain, with a correction, or original vs corrected (--ab NAME)."""
+    configure_logging(quiet=True)
+    with reporting_errors():
+        from retrieval.compare import compare
+        from retrieval.search import Retriever
+
+        if (query is None) == (image is None):
+            raise ValueError("give a text query or --image PATH (one of them)")
+        if ab and correction and ab != correction:
+            raise ValueError("--ab already names the correction; drop --correction")
+        with _open(collection, db) as opened:
+            retriever = Retriever(opened, _encoder(opened))
+            vec = retriever.embed_text(query) if query is not None else retriever.embed_image(image)
+            label = query if query is not None else str(image)
+            if ab:
+                cmp = compare(retriever, vec, label, ab, k=k, kind=kind, strategy=strategy, attribute=attribute,
+                              negative_weight=negative_weight)
+                if as_json:
+                    typer.echo(json.dumps(cmp.to_dict(), indent=2, default=str))
+                    return
+                width = max(30, (shutil.get_terminal_size((120, 20)).columns - 5) // 2)
+                typer.echo(f"query: {label}   correction: {ab} ({cmp.strategy})   overlap@{k}: {cmp.overlap_at_k:.2f}")
+                _columns(["original"] + [_hit_line(h) for h in cmp.original],
+                         [f"corrected ({ab})"] + [_hit_line(h) for h in cmp.corrected], width)
+                if cmp.concept_strength_original is not None:
+                    typer.echo(f"concept strength of the results: {cmp.concept_strength_original:.3f} -> "
+                               f"{cmp.concept_strength_corrected:.3f}")
+                if attribute:
+                    typer.echo(f"share of results with {attribute}: {cmp.attribute_share_original:.2f} -> "
+                               f"{cmp.attribute_share_corrected:.2f}")
+                return
+            result = retriever.search(vec, k, kind=kind, correction=correction, strategy=strategy,
+                                      negative_weight=negative_weight) if correction else None
+            hits = result.hits if result else opened.search(vec[None, :], k, kind=kind, encoder=retriever.encoder.name,
+                                                             nprobe=nprobe)[0]
+        if as_json:
+            typer.echo(json.dumps([h.__dict__ for h in hits], indent=2, default=str))
+            return
+        if not hits:
+            typer.echo("no results")
+            return
+        typer.echo(f"{'rank':>4}  {'score':>6}  {'id':>6}  uri  caption")
+        for hit in hits:
+            typer.echo(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.item_id:>6}  {hit.uri}  {hit.caption or ''}")
+
+
+# ------------------------------------------------------------------------------------ report
+def report_command(
+    prompts: Annotated[Optional[Path], typer.Option(help="CSV/JSONL of image,prompt pairs, or a prompts .txt (with --images).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Image folder (file names start with the prompt's line number for a .txt).")] = None,
+    where: Annotated[Optional[list[str]], typer.Option(help="Without --prompts: report on the collection's captioned items whose metadata match key=value (repeatable).")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=2, help="At most this many items (a seeded sample).")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for report.json, spectra.png and modes.png.")] = Path("sce-report"),
+    kernel: Annotated[str, typer.Option(help="cosine, gaussian or gaussian-exact.")] = "cosine",
+    sigma: Annotated[Optional[float], typer.Option(help="Gaussian bandwidth (default: median distance).")] = None,
+    ridge: Annotated[float, typer.Option(min=0.0)] = 1e-4,
+    modes: Annotated[int, typer.Option(min=1, help="Modes to show.")] = 6,
+    top: Annotated[int, typer.Option(min=1, help="Images per mode.")] = 8,
+    encoder: Annotated[Optional[str], typer.Option(help="Encoder for --prompts (default: 'default').")] = None,
+    collection: CollectionOption = DEFAULT_COLLECTION,
+    db: DbOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """The SCE report of a paired prompt/image set: scores, spectra, original vs Schur modes."""
+    configure_logging(quiet)
+    with reporting_errors():
+        import indexing
+        from retrieval.pairs import load_pairs
+        from retrieval.report import report_for_collection, report_for_pairs, write_report
+
+        kw = dict(kernel=kernel, sigma=sigma, ridge=ridge, n_modes=modes, top=top)
+        if prompts is not None:
+            pairs = load_pairs(prompts, images)
+            if limit is not None and len(pairs) > limit:
+                raise ValueError(f"{len(pairs)} pairs but --limit {limit}; --limit applies to collection reports")
+            report = report_for_pairs(indexing.load_encoder(encoder or "default"), pairs, progress=not quiet, **kw)
+        else:
+            with _open(collection, db) as opened:
+                report = report_for_collection(opened, _encoder(opened), where=_parse_where(where), limit=limit, **kw)
+        paths = write_report(report, out)
+        typer.echo(f"SCE report of {report.source}:")
+        _print_score(report.score)
+        typer.echo(f"wrote {paths['json']}, {paths['spectra']}, {paths['modes']}")
