@@ -7,6 +7,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="Concept-corr
 
 # --- sub-command registration (each module keeps its heavy imports inside its commands) ---
 # (helpers add their `app.add_typer(...)` / `app.command(...)` lines here)
+from ui.cli_index import index_app, search_command  # noqa: E402
+
+app.add_typer(index_app, name="index")
+app.command("search")(search_command)
 
 
 def main() -> None:

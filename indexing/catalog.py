@@ -1,0 +1,313 @@
+"""The SQL catalog: items, stored embeddings, index versions, corrections and rejected files.
+
+The catalog owns identity: an item's integer primary key is its FAISS id, so metadata and
+vectors cannot drift apart. Every session comes from :func:`open_catalog`.
+
+Schema versioning: the catalog stores an integer ``schema_version`` in ``catalog_info`` and
+checks it on open. A later change adds a function to ``MIGRATIONS`` (version n -> n + 1)
+and bumps ``SCHEMA_VERSION``. We chose this over Alembic because the catalog is an embedded,
+usually single-file store that the application upgrades itself on open; Alembic would add a
+dependency and a migration environment for what are, here, a few ``ALTER TABLE`` lines.
+Brand-new tables need no migration: ``create_all`` adds them on open.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Engine,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    create_engine,
+    event,
+    inspect,
+    select,
+)
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+#: Upgrades keyed by the version they start from; each takes a connection inside the
+#: transaction that also bumps the stored version.
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON}
+
+
+class CatalogInfo(Base):
+    """Key/value settings of the collection: schema version, encoder, dimension, paths."""
+
+    __tablename__ = "catalog_info"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)
+
+
+class Item(Base):
+    """One image of the collection; ``id`` is also its id in every FAISS index version."""
+
+    __tablename__ = "items"
+    # AUTOINCREMENT so SQLite never hands a deleted item's id (still present in an old,
+    # retired index file) to a new item.
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uri: Mapped[str] = mapped_column(String(2048), unique=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    caption: Mapped[str | None] = mapped_column(Text)
+    width: Mapped[int]
+    height: Mapped[int]
+    # `metadata` is reserved on declarative classes, hence the trailing underscore.
+    metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSON, default=dict)
+    added_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class EmbeddingKind(StrEnum):
+    """What a stored vector embeds: the item's image or its caption (issue 8)."""
+
+    IMAGE = "image"
+    CAPTION = "caption"
+
+
+class EmbeddingShard(Base):
+    """One ``.npy`` file of raw encoder outputs, written atomically before its rows commit."""
+
+    __tablename__ = "embedding_shards"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32), index=True)
+    encoder: Mapped[str] = mapped_column(String(512))
+    dim: Mapped[int]
+    dtype: Mapped[str] = mapped_column(String(16))
+    file: Mapped[str] = mapped_column(String(1024))
+    count: Mapped[int]
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class Embedding(Base):
+    """Where the stored vector of (kind, item) lives: a shard file and a row in it."""
+
+    __tablename__ = "embeddings"
+
+    kind: Mapped[str] = mapped_column(String(32), primary_key=True)
+    item_id: Mapped[int] = mapped_column(
+        ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
+    )
+    shard_id: Mapped[int] = mapped_column(ForeignKey("embedding_shards.id"), index=True)
+    row: Mapped[int]
+
+
+class IndexState(StrEnum):
+    BUILDING = "building"
+    READY = "ready"
+    FAILED = "failed"
+    RETIRED = "retired"
+
+
+class IndexVersion(Base):
+    """One FAISS index file and what it was built from.
+
+    The current version for a (kind, correction) pair is the newest ``ready`` one; publishing
+    a new version retires the previous one in the same transaction.
+    """
+
+    __tablename__ = "index_versions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), unique=True)
+    kind: Mapped[str] = mapped_column(String(32), default=EmbeddingKind.IMAGE.value)
+    encoder: Mapped[str] = mapped_column(String(512))
+    dim: Mapped[int]
+    correction: Mapped[str | None] = mapped_column(String(256))
+    factory: Mapped[str] = mapped_column(String(256), default="Flat")
+    file: Mapped[str] = mapped_column(String(1024))
+    count: Mapped[int] = mapped_column(default=0)
+    state: Mapped[str] = mapped_column(String(16), default=IndexState.BUILDING.value)
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utc_now, onupdate=utc_now
+    )
+
+
+class Correction(Base):
+    """A fitted concept correction (written by the correction workflow, issue 5)."""
+
+    __tablename__ = "corrections"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(256), unique=True)
+    direction: Mapped[str] = mapped_column(String(16))
+    kernel: Mapped[str] = mapped_column(String(32))
+    encoder: Mapped[str | None] = mapped_column(String(512))
+    dim: Mapped[int | None]
+    parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    file: Mapped[str | None] = mapped_column(String(1024))
+    fitted_on: Mapped[str | None] = mapped_column(Text)
+    report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+class RejectReason(StrEnum):
+    """Why a source file did not become an item."""
+
+    MISSING = "missing"
+    EMPTY = "empty"
+    NOT_AN_IMAGE = "not_an_image"
+    TRUNCATED = "truncated"
+    CORRUPT = "corrupt"
+    DECOMPRESSION_BOMB = "decompression_bomb"
+    DUPLICATE = "duplicate"
+    UNREADABLE = "unreadable"
+    PREPROCESS_FAILED = "preprocess_failed"
+
+
+class Failure(Base):
+    """A source file that was rejected, with its reason; a resumed build skips these."""
+
+    __tablename__ = "failures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uri: Mapped[str] = mapped_column(String(2048), unique=True)
+    reason: Mapped[str] = mapped_column(String(32), index=True)
+    detail: Mapped[str] = mapped_column(Text, default="")
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    duplicate_of: Mapped[int | None]
+    recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """An open catalog: the engine and the one session factory everything uses."""
+
+    engine: Engine
+    sessions: sessionmaker[Session]
+
+    @property
+    def url(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    def session(self) -> Session:
+        return self.sessions()
+
+    def get_info(self, key: str) -> str | None:
+        with self.sessions() as session:
+            row = session.get(CatalogInfo, key)
+            return None if row is None else row.value
+
+    def set_info(self, session: Session, key: str, value: str) -> None:
+        """Set a setting inside the caller's transaction."""
+        session.merge(CatalogInfo(key=key, value=value))
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def catalog_url(url_or_path: str | Path) -> str:
+    """An SQLAlchemy URL for a URL string or a filesystem path (SQLite)."""
+    text = str(url_or_path)
+    if "://" in text:
+        return text
+    return f"sqlite:///{Path(text).expanduser().absolute()}"
+
+
+def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # Foreign keys make a deleted item's embedding rows go with it; WAL lets searches read
+    # while a build or re-index writes.
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+def open_catalog(url_or_path: str | Path, *, create: bool = True) -> Catalog:
+    """Open (and by default create or upgrade) the catalog at an SQLAlchemy URL or a path.
+
+    Raises FileNotFoundError when ``create`` is false and there is no catalog there, and
+    ValueError when the stored schema is newer than this code or the database holds tables
+    that are not an sce catalog.
+    """
+    url = make_url(catalog_url(url_or_path))
+    is_sqlite = url.get_backend_name() == "sqlite"
+    if is_sqlite and url.database not in (None, "", ":memory:"):
+        database = Path(url.database)
+        if not create and not database.exists():
+            raise FileNotFoundError(f"no catalog at {database}")
+        database.parent.mkdir(parents=True, exist_ok=True)
+    connect_args = {"timeout": 30} if is_sqlite else {}
+    engine = create_engine(url, connect_args=connect_args)
+    if is_sqlite:
+        event.listen(engine, "connect", _configure_sqlite)
+    try:
+        _prepare_schema(engine, create=create)
+    except BaseException:
+        engine.dispose()
+        raise
+    return Catalog(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))
+
+
+def _prepare_schema(engine: Engine, *, create: bool) -> None:
+    tables = set(inspect(engine).get_table_names())
+    if CatalogInfo.__tablename__ not in tables:
+        known = tables & set(Base.metadata.tables)
+        if known:
+            raise ValueError(
+                f"{engine.url.render_as_string(hide_password=True)} has catalog tables "
+                f"({', '.join(sorted(known))}) but no schema version; it was not written by sce"
+            )
+        if not create:
+            raise FileNotFoundError(
+                f"no catalog at {engine.url.render_as_string(hide_password=True)}"
+            )
+        with engine.begin() as connection:
+            Base.metadata.create_all(connection)
+            connection.execute(
+                CatalogInfo.__table__.insert().values(
+                    key="schema_version", value=str(SCHEMA_VERSION)
+                )
+            )
+        logger.info("created catalog schema v%d", SCHEMA_VERSION)
+        return
+    with engine.begin() as connection:
+        stored = connection.execute(
+            select(CatalogInfo.value).where(CatalogInfo.key == "schema_version")
+        ).scalar_one_or_none()
+        version = int(stored) if stored is not None else 0
+        if version > SCHEMA_VERSION:
+            raise ValueError(
+                f"catalog schema version {version} is newer than this sce-retrieval "
+                f"supports ({SCHEMA_VERSION}); upgrade sce-retrieval"
+            )
+        while version < SCHEMA_VERSION:
+            migrate = MIGRATIONS.get(version)
+            if migrate is None:
+                raise ValueError(f"no migration from catalog schema version {version}")
+            logger.info("migrating catalog schema v%d -> v%d", version, version + 1)
+            migrate(connection)
+            version += 1
+        Base.metadata.create_all(connection)
+        connection.execute(
+            CatalogInfo.__table__.update()
+            .where(CatalogInfo.key == "schema_version")
+            .values(value=str(SCHEMA_VERSION))
+        )

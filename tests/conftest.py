@@ -1,0 +1,106 @@
+"""Shared test fixtures: a small deterministic encoder and image files to index."""
+from __future__ import annotations
+
+import hashlib
+import struct
+import time
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+
+class ToyEncoder:
+    """A deterministic stand-in for a real encoder, for testing the plumbing.
+
+    Images: downsampled to 8x8 RGB and multiplied by a fixed seeded random projection.
+    Texts: each hashed to a seeded Gaussian vector. Outputs are raw (not unit-norm), as
+    the contract allows. ``delay`` slows each batch (to kill a build part way) and
+    ``batches_seen``/``images_seen`` count the work done.
+    """
+
+    def __init__(self, dim: int = 16, seed: int = 0, delay: float = 0.0,
+                 name: str = "toy-projection") -> None:
+        self.name = f"{name}-{dim}"
+        self.dim = dim
+        self.delay = delay
+        self.projection = np.random.default_rng(seed).standard_normal((3 * 8 * 8, dim))
+        self.projection = self.projection.astype(np.float32)
+        self.images_seen = 0
+        self.batches_seen = 0
+
+    def preprocess(self, image: Image.Image):
+        import torch
+
+        small = image.convert("RGB").resize((8, 8), Image.Resampling.BILINEAR)
+        array = np.asarray(small, dtype=np.float32).transpose(2, 0, 1) / 255.0
+        return torch.from_numpy(np.ascontiguousarray(array))
+
+    def encode_image_batch(self, batch) -> np.ndarray:
+        if self.delay:
+            time.sleep(self.delay)
+        self.batches_seen += 1
+        self.images_seen += int(batch.shape[0])
+        flat = batch.reshape(batch.shape[0], -1).numpy()
+        return (3.0 * (flat - 0.5) @ self.projection).astype(np.float32)
+
+    def encode_images(self, images: Sequence, batch_size: int = 64, num_workers: int = 0,
+                      progress: bool = False) -> np.ndarray:
+        import torch
+
+        tensors = [self.preprocess(image if isinstance(image, Image.Image) else Image.open(image))
+                   for image in images]
+        return self.encode_image_batch(torch.stack(tensors))
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256,
+                     progress: bool = False) -> np.ndarray:
+        rows = []
+        for text in texts:
+            seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+            rows.append(np.random.default_rng(seed).standard_normal(self.dim))
+        return np.asarray(rows, dtype=np.float32).reshape(len(rows), self.dim)
+
+
+def make_image(path: Path, seed: int, size: tuple[int, int] = (24, 24), mode: str = "RGB") -> Path:
+    """A small image with distinct seeded content (so every seed has its own sha256)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    image.save(path)
+    return path
+
+
+def make_png_header_only(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height`` (a decompression bomb's shape)."""
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        return (struct.pack(">I", len(payload)) + kind + payload
+                + struct.pack(">I", zlib.crc32(kind + payload) & 0xFFFFFFFF))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    data = zlib.compress(b"\x00" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data)
+                     + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.fixture
+def toy_encoder() -> ToyEncoder:
+    return ToyEncoder()
+
+
+@pytest.fixture
+def image_folder(tmp_path: Path) -> Path:
+    """Twelve distinct images in nested folders, one with a non-ASCII name."""
+    root = tmp_path / "images"
+    for number in range(10):
+        make_image(root / ("sub" if number % 2 else "") / f"img_{number:02d}.png", seed=number)
+    make_image(root / "café" / "smiley 😀 ñ.png", seed=100)
+    make_image(root / "photo.jpg", seed=101)
+    (root / "notes.txt").write_text("not indexed: no image extension")
+    return root

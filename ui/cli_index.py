@@ -1,0 +1,261 @@
+"""`sce index build|add|delete|info` and `sce search`: parse, call indexing, print.
+
+Heavy modules (torch, faiss, the encoders) are imported inside the commands so that
+`sce --help` stays fast.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+logger = logging.getLogger(__name__)
+
+index_app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    help="Build and maintain a collection: SQL catalog, stored embeddings, FAISS index.",
+)
+
+DEFAULT_COLLECTION = Path("sce-collection")
+DEFAULT_MAX_PIXELS = 64_000_000  # the same as indexing.pipeline's; kept here to avoid importing it
+
+CollectionOption = Annotated[
+    Path,
+    typer.Option(
+        "--collection", "-c",
+        help="Collection directory: catalog.sqlite, embeddings/ and indexes/ live here.",
+    ),
+]
+DbOption = Annotated[
+    Optional[str],
+    typer.Option(help="Catalog as an SQLAlchemy URL or a path. Default: COLLECTION/catalog.sqlite."),
+]
+FactoryOption = Annotated[
+    Optional[str],
+    typer.Option(
+        help="FAISS index_factory string, e.g. 'IVF1024,Flat' for big collections "
+        "(trained on a sample). Default: Flat (exact)."
+    ),
+]
+ImageRootOption = Annotated[
+    Optional[Path],
+    typer.Option(help="Folder that relative paths in a CSV/JSONL/parquet list refer to "
+                      "Default: the list's own folder."),
+]
+BatchSizeOption = Annotated[int, typer.Option(min=1, help="Images per encoder batch.")]
+WorkersOption = Annotated[int, typer.Option(min=0, help="Threads decoding images (0: none).")]
+ShardSizeOption = Annotated[
+    int, typer.Option(min=1, help="Images committed at a time (the most a kill can lose).")
+]
+MaxPixelsOption = Annotated[
+    int, typer.Option(min=1, help="Larger images are rejected as decompression bombs.")
+]
+RetryOption = Annotated[
+    bool, typer.Option("--retry-failed", help="Try again files rejected by an earlier run.")
+]
+Float16Option = Annotated[
+    bool, typer.Option("--float16", help="Store embeddings as float16 (half the disk).")
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+
+
+@contextlib.contextmanager
+def reporting_errors() -> Iterator[None]:
+    """Turn an error into a one-line message and exit status 1 (the traceback goes to debug)."""
+    try:
+        yield
+    except (typer.Exit, typer.Abort):
+        raise
+    except KeyboardInterrupt:
+        typer.secho("interrupted", err=True, fg="red")
+        raise typer.Exit(130) from None
+    except Exception as error:  # the CLI boundary: every failure becomes a message
+        logger.debug("command failed", exc_info=True)
+        message = str(error) or type(error).__name__
+        if isinstance(error, KeyError) and error.args:
+            message = str(error.args[0])
+        typer.secho(f"error: {message}", err=True, fg="red")
+        raise typer.Exit(1) from None
+
+
+def configure_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(levelname)s: %(message)s",
+    )
+    # faiss reports which CPU build it loaded at INFO; not news to a user.
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+
+
+def _print_report(report) -> None:  # noqa: ANN001 - indexing.pipeline.BuildReport
+    rejected = ", ".join(f"{reason} {count}" for reason, count in sorted(report.rejected.items()))
+    typer.echo(
+        f"indexed {report.added} new images from {report.source} in {report.seconds:.1f}s "
+        f"({report.already_known} already known, {report.repeated_uris} listed twice)"
+    )
+    if rejected:
+        typer.echo(f"rejected: {rejected}  (see `sce index info --failures 20`)")
+    version = report.index_version
+    if version is not None:
+        typer.echo(f"index {version.name}: {version.count} vectors, {version.factory}, {version.file}")
+
+
+@index_app.command("build")
+def build_command(
+    source: Annotated[Path, typer.Argument(help="A folder (recursive), or a CSV/JSONL/parquet list of image paths.")],
+    collection: CollectionOption = DEFAULT_COLLECTION,
+    db: DbOption = None,
+    encoder: Annotated[str, typer.Option(help="Encoder spec: 'default' or 'open_clip:<model>:<pretrained>'.")] = "default",
+    index_dir: Annotated[Optional[Path], typer.Option(help="Where index files go. Default: COLLECTION/indexes.")] = None,
+    factory: FactoryOption = None,
+    image_root: ImageRootOption = None,
+    batch_size: BatchSizeOption = 64,
+    workers: WorkersOption = 2,
+    shard_size: ShardSizeOption = 1024,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    retry_failed: RetryOption = False,
+    float16: Float16Option = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Create a collection from SOURCE, or resume an interrupted build of it."""
+    configure_logging(quiet)
+    with reporting_errors():
+        from indexing.pipeline import build_collection
+
+        report = build_collection(
+            source, collection, db=db, encoder=encoder, index_dir=index_dir, factory=factory,
+            image_root=image_root, batch_size=batch_size, workers=workers,
+            shard_size=shard_size, max_pixels=max_pixels, retry_failed=retry_failed,
+            embedding_dtype="float16" if float16 else "float32", progress=not quiet,
+        )
+        _print_report(report)
+
+
+@index_app.command("add")
+def add_command(
+    source: Annotated[Path, typer.Argument(help="A folder, or a CSV/JSONL/parquet list of image paths.")],
+    collection: CollectionOption = DEFAULT_COLLECTION,
+    db: DbOption = None,
+    encoder: Annotated[Optional[str], typer.Option(help="Must match the collection's encoder. Default: the collection's.")] = None,
+    factory: FactoryOption = None,
+    image_root: ImageRootOption = None,
+    batch_size: BatchSizeOption = 64,
+    workers: WorkersOption = 2,
+    shard_size: ShardSizeOption = 1024,
+    max_pixels: MaxPixelsOption = DEFAULT_MAX_PIXELS,
+    retry_failed: RetryOption = False,
+    float16: Float16Option = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Add the new images of SOURCE to an existing collection (duplicates by content are skipped)."""
+    configure_logging(quiet)
+    with reporting_errors():
+        from indexing.pipeline import add_to_collection
+
+        report = add_to_collection(
+            source, collection, db=db, encoder=encoder, factory=factory,
+            image_root=image_root, batch_size=batch_size, workers=workers,
+            shard_size=shard_size, max_pixels=max_pixels, retry_failed=retry_failed,
+            embedding_dtype="float16" if float16 else "float32", progress=not quiet,
+        )
+        _print_report(report)
+
+
+@index_app.command("delete")
+def delete_command(
+    item_ids: Annotated[Optional[list[int]], typer.Option("--id", help="Item id (repeatable).")] = None,
+    paths: Annotated[Optional[list[str]], typer.Option("--path", help="Image path or URI (repeatable).")] = None,
+    collection: CollectionOption = DEFAULT_COLLECTION,
+    db: DbOption = None,
+) -> None:
+    """Delete items from the catalog, the stored embeddings and every index version.
+
+    Exits with status 1 when any id or path was not in the collection.
+    """
+    configure_logging(quiet=True)
+    if not item_ids and not paths:
+        typer.secho("error: give at least one --id or --path", err=True, fg="red")
+        raise typer.Exit(2)
+    with reporting_errors():
+        from indexing.collection import Collection
+        from indexing.readers import file_uri
+
+        uris = [file_uri(path) if "://" not in path else path for path in paths or []]
+        with Collection.open(collection, db) as opened:
+            result = opened.delete(ids=item_ids or [], uris=uris)
+        typer.echo(f"deleted {len(result.deleted)} items" + (
+            f": {', '.join(map(str, result.deleted))}" if result.deleted else ""))
+        if result.not_found:
+            typer.secho(
+                f"not in the collection: {', '.join(map(str, result.not_found))}", err=True, fg="red"
+            )
+            raise typer.Exit(1)
+
+
+@index_app.command("info")
+def info_command(
+    collection: CollectionOption = DEFAULT_COLLECTION,
+    db: DbOption = None,
+    failures: Annotated[int, typer.Option(min=0, help="Also list this many rejected files.")] = 0,
+) -> None:
+    """Show the collection: encoder, counts, rejected files and index versions."""
+    configure_logging(quiet=True)
+    with reporting_errors():
+        from indexing.collection import Collection
+
+        with Collection.open(collection, db) as opened:
+            info = opened.info()
+            rejected = opened.failures(limit=failures) if failures else []
+        typer.echo(f"collection  {info.root}")
+        typer.echo(f"catalog     {info.catalog_url}")
+        typer.echo(f"encoder     {info.encoder} (dim {info.dim})")
+        typer.echo(f"items       {info.items}")
+        for kind, count in sorted(info.embeddings.items()):
+            typer.echo(f"embeddings  {kind}: {count}")
+        if info.failures:
+            summary = ", ".join(f"{reason} {count}" for reason, count in sorted(info.failures.items()))
+            typer.echo(f"rejected    {sum(info.failures.values())} ({summary})")
+        typer.echo("index versions:")
+        if not info.versions:
+            typer.echo("  (none)")
+        for version in info.versions:
+            behind = info.embeddings.get(version.kind, 0) - version.count
+            note = f"  ({behind} stored vectors not in it)" if behind and version.state == "ready" else ""
+            typer.echo(
+                f"  {version.name}  {version.state:8}  {version.kind}  "
+                f"correction={version.correction or '-'}  {version.factory}  "
+                f"{version.count} vectors{note}"
+            )
+        for failure in rejected:
+            typer.echo(f"  rejected {failure.reason:18} {failure.uri}  {failure.detail}")
+
+
+def search_command(
+    query: Annotated[str, typer.Argument(help="Text to search the images for.")],
+    k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Number of results.")] = 10,
+    collection: CollectionOption = DEFAULT_COLLECTION,
+    db: DbOption = None,
+    nprobe: Annotated[Optional[int], typer.Option(min=1, help="Lists visited by an IVF index.")] = None,
+) -> None:
+    """Search the collection's original image index with a text query."""
+    configure_logging(quiet=True)
+    with reporting_errors():
+        from indexing.collection import Collection
+
+        with Collection.open(collection, db) as opened:
+            encoder = opened.load_encoder()
+            query_vector = encoder.encode_texts([query])
+            hits = opened.search(query_vector, k, encoder=encoder.name, nprobe=nprobe)[0]
+        if not hits:
+            typer.echo("no results")
+            return
+        typer.echo(f"{'rank':>4}  {'score':>6}  {'id':>6}  uri  caption")
+        for hit in hits:
+            typer.echo(
+                f"{hit.rank:>4}  {hit.score:6.3f}  {hit.item_id:>6}  {hit.uri}  {hit.caption or ''}"
+            )
