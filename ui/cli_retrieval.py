@@ -293,3 +293,34 @@ def report_command(
         typer.echo(f"SCE report of {report.source}:")
         _print_score(report.score)
         typer.echo(f"wrote {paths['json']}, {paths['spectra']}, {paths['modes']}")
+
+
+# ---------------------------------------------------------------------------------- evaluate
+def evaluate_command(
+    prompts: Annotated[Path, typer.Option(help="CSV/JSONL of image,prompt pairs, or a prompts .txt (with --images).")],
+    images: Annotated[Optional[Path], typer.Option(help="Generated images (file names start with the prompt's line number for a .txt).")] = None,
+    reference: Annotated[Optional[Path], typer.Option(help="Reference images: Frechet distance, KID, CMMD; same-named files also PSNR/SSIM.")] = None,
+    edits: Annotated[Optional[Path], typer.Option(help="CSV of source_image,edited_image,source_caption,edited_caption: directional similarity.")] = None,
+    encoder: Annotated[str, typer.Option(help="Encoder spec for every embedding.")] = "default",
+    kernel: Annotated[str, typer.Option(help="Kernel of the SCE report: cosine, gaussian or gaussian-exact.")] = "cosine",
+    out: Annotated[Path, typer.Option(help="Folder for evaluation.json and evaluation.html.")] = Path("sce-evaluation"),
+    quiet: QuietOption = False,
+) -> None:
+    """Evaluate text-to-image outputs: CLIPScore, FD, KID, CMMD, IS-style, Vendi, RKE, SCE, PSNR/SSIM."""
+    configure_logging(quiet)
+    with reporting_errors():
+        import indexing
+        from retrieval.evaluate import evaluate, write_evaluation
+        from retrieval.pairs import load_pairs
+
+        pairs = load_pairs(prompts, images)
+        report = evaluate(indexing.load_encoder(encoder), pairs, reference=reference, edits=edits, kernel=kernel,
+                          progress=not quiet)
+        width = max(len(k) for k, _ in report.summary_rows())
+        typer.echo(f"evaluation of {pairs.source} with encoder {report.encoder}:")
+        for key, value in report.summary_rows():
+            typer.echo(f"  {key:<{width}}  {value}")
+        for note in report.notes:
+            typer.echo(f"  note: {note}")
+        paths = write_evaluation(report, out)
+        typer.echo(f"wrote {paths['json']} and {paths['html']}")
