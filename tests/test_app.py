@@ -1,0 +1,312 @@
+"""The web UI end to end: launch it on a free port and drive each tab's API endpoint with gradio_client."""
+from __future__ import annotations
+
+import csv
+import re
+import socket
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import ToyEncoder, make_image
+
+gr = pytest.importorskip("gradio")
+gradio_client = pytest.importorskip("gradio_client")
+from gradio_client import Client, handle_file  # noqa: E402
+from gradio_client.exceptions import AppError  # noqa: E402
+
+from indexing.collection import Collection  # noqa: E402
+from indexing.correction_store import list_corrections, save_correction  # noqa: E402
+from indexing.pipeline import build_collection  # noqa: E402
+from retrieval.concepts import load_concept_set  # noqa: E402
+from retrieval.corrections import fit_concept_correction  # noqa: E402
+from retrieval.search import Retriever  # noqa: E402
+from sce_correct import SchurCorrector  # noqa: E402
+
+# gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix.
+pytestmark = pytest.mark.filterwarnings(r"ignore::DeprecationWarning:gradio\..*")
+
+N_ITEMS = 40
+SEARCH_DEFAULTS = {"correction": "c1", "strategy": "query", "weight": 1.0, "k": 8, "kind": "image", "attribute": "tone"}
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> Path:
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    """A 40-image collection with corrections c1 (usable), other-encoder and captions-only, served."""
+    from ui.app import build_app, close_app, launch_app
+
+    root = tmp_path_factory.mktemp("app")
+    encoder = ToyEncoder()
+    rows = []
+    for i in range(N_ITEMS):
+        make_image(root / "imgs" / f"{i:03d}.png", seed=i)
+        rows.append([f"imgs/{i:03d}.png", f"item {i}", "dark" if i % 2 else ""])
+    write_csv(root / "list.csv", ["file", "caption", "tone"], rows)
+    build_collection(root / "list.csv", root / "coll", encoder=encoder, progress=False)
+    concepts = root / "concepts"
+    concepts.mkdir()
+    write_csv(concepts / "tone.csv", ["prompt", "image"],
+              [[f"tone {i % 3}", f"../imgs/{i:03d}.png"] for i in range(12)])
+    with Collection.open(root / "coll") as coll:
+        concept = load_concept_set(concepts / "tone.csv")
+        fit_concept_correction(coll, encoder, concept, name="c1", n_components=2)
+        fit_concept_correction(coll, encoder, concept, name="captions-only", direction="i2t", n_components=2)
+        rng = np.random.default_rng(0)
+        foreign = SchurCorrector().fit(rng.standard_normal((12, 16)), rng.standard_normal((12, 16)))
+        save_correction(coll, "other-encoder", foreign, encoder="another-encoder-16", dim=16,
+                        parameters={"mode": "nullify", "n_components": 2})
+    app = build_app(root / "coll", encoder=encoder, concepts_dir=concepts)
+    url = launch_app(app, host="127.0.0.1", port=free_port(), max_upload_mb=0.5, block=False, quiet=True)
+    client = Client(url, verbose=False, analytics_enabled=False, download_files=str(root / "downloads"))
+    yield {"root": root, "app": app, "url": url, "client": client, "encoder": encoder}
+    close_app(app)
+
+
+def search(site, text="", image=None, **options):
+    o = {**SEARCH_DEFAULTS, **options}
+    return site["client"].predict(text, image, o["correction"], o["strategy"], o["weight"], o["k"], o["kind"],
+                                  o["attribute"], api_name="/search")
+
+
+def gallery_ids(gallery) -> list[int]:
+    return [int(re.search(r"\bid (\d+)\b", item["caption"]).group(1)) for item in gallery]
+
+
+def expect_error(call, pattern: str) -> str:
+    with pytest.raises(AppError) as caught:
+        call()
+    message = str(caught.value)
+    assert re.search(pattern, message), message
+    assert "Traceback" not in message and 'File "' not in message
+    return message
+
+
+def test_named_endpoints_and_served_paths(site):
+    endpoints = set(site["client"].view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {"/search", "/concept_report", "/fit_correction", "/reindex", "/clusters", "/report"} <= endpoints
+    state = site["app"].sce_state
+    assert str(site["root"] / "imgs") in state.allowed_paths
+    assert not any(Path(p) == site["root"] / "coll" or (site["root"] / "coll").is_relative_to(p)
+                   for p in state.allowed_paths)
+    import httpx
+
+    base = site["url"].rstrip("/") + "/gradio_api/file="
+    assert httpx.get(base + str(site["root"] / "imgs" / "003.png")).status_code == 200
+    assert httpx.get(base + str(site["root"] / "coll" / "catalog.sqlite")).status_code == 403
+    assert httpx.get(base + "/etc/passwd").status_code == 403
+
+
+def test_search_lists_match_the_retriever(site):
+    summary, original, corrected, moves = search(site, "item 3", k=8)
+    with Collection.open(site["root"] / "coll") as coll:
+        retriever = Retriever(coll, site["encoder"])
+        query = retriever.embed_text("item 3")
+        expected_original = [h.item_id for h in retriever.search(query, 8).hits]
+        expected_corrected = [h.item_id for h in retriever.search(query, 8, correction="c1", strategy="query").hits]
+    assert gallery_ids(original) == expected_original
+    assert gallery_ids(corrected) == expected_corrected
+    overlap = len(set(expected_original) & set(expected_corrected)) / 8
+    assert f"overlap@8: {overlap:.0%}" in summary and "query-side projection" in summary
+    assert "hits with `tone` set" in summary
+    # The table lists every item of either list with both ranks and the movement.
+    table = {int(row[0]): row for row in moves["data"]}
+    assert set(table) == set(expected_original) | set(expected_corrected)
+    for item_id, row in table.items():
+        was = expected_original.index(item_id) + 1 if item_id in expected_original else None
+        now = expected_corrected.index(item_id) + 1 if item_id in expected_corrected else None
+        assert row[2] == ("" if was is None else str(was)) and row[3] == ("" if now is None else str(now))
+        if was and now:
+            assert row[4] == ("same rank" if was == now else f"up {was - now}" if was > now else f"down {now - was}")
+    # The negative-query baseline moves the query, not the index.
+    _, _, negative, _ = search(site, "item 3", strategy="negative", weight=2.0)
+    with Collection.open(site["root"] / "coll") as coll:
+        retriever = Retriever(coll, site["encoder"])
+        expected = retriever.search(retriever.embed_text("item 3"), 8, correction="c1", strategy="negative",
+                                    negative_weight=2.0)
+    assert gallery_ids(negative) == [h.item_id for h in expected.hits]
+
+
+def test_image_query_finds_the_image_itself(site):
+    image = site["root"] / "imgs" / "007.png"
+    summary, original, corrected, _ = search(site, "", handle_file(str(image)), correction="")
+    assert gallery_ids(original)[0] == 8  # ids start at 1: 007.png is item 8
+    assert corrected == [] and "Choose a correction" in summary
+
+
+def test_bad_searches_are_messages(site):
+    expect_error(lambda: search(site, "   "), "type a text query or upload an image")
+    image = handle_file(str(site["root"] / "imgs" / "001.png"))
+    expect_error(lambda: search(site, "item", image), "not both")
+    text_file = site["root"] / "notes.txt"
+    text_file.write_text("not an image")
+    expect_error(lambda: search(site, "", handle_file(str(text_file))), "Invalid file type")
+    fake_png = site["root"] / "fake.png"
+    fake_png.write_bytes(b"this is no png")
+    expect_error(lambda: search(site, "", handle_file(str(fake_png))), "fake.png is not an image")
+    big = site["root"] / "big.png"
+    make_image(big, seed=5, size=(600, 600))  # ~1 MB of noise, above the 0.5 MB limit
+    assert big.stat().st_size > 0.5 * 1024 * 1024
+    with pytest.raises(ValueError, match="exceeds the maximum file size"):
+        search(site, "", handle_file(str(big)))
+    import httpx  # the server refuses it too, whatever the client does
+
+    with big.open("rb") as handle:
+        response = httpx.post(site["url"].rstrip("/") + "/gradio_api/upload", files={"files": handle})
+    assert response.status_code == 413
+    expect_error(lambda: search(site, "item", correction="nope"), "no correction named 'nope'.*known corrections: c1")
+    expect_error(lambda: search(site, "item", k=0), "less than minimum value 1")
+
+
+def test_mismatched_corrections_are_refused(site):
+    expect_error(lambda: search(site, "item 3", correction="other-encoder"),
+                 "fitted with encoder 'another-encoder-16'.*'toy-projection-16'")
+    expect_error(lambda: search(site, "item 3", correction="captions-only"),
+                 "applies to the caption index, not the image index")
+    expect_error(lambda: site["client"].predict("other-encoder", api_name="/reindex"),
+                 "cannot be used with this collection: fitted with encoder")
+
+
+def test_concept_report_of_a_shipped_set(site):
+    report, plot, pairs = site["client"].predict("tone.csv", None, [], api_name="/concept_report")
+    assert "SCE report of the preliminary set tone (12 pairs)" in report
+    assert "| SCE score: image diversity E(S) |" in report
+    assert Path(plot).is_file() and Path(plot).suffix == ".png"
+    assert [item["caption"] for item in pairs] == [f"tone {i % 3}" for i in range(12)]
+
+
+def test_fit_from_upload_then_reindex(site):
+    client, root = site["client"], site["root"]
+    upload = root / "upload"
+    upload.mkdir()
+    images = [make_image(upload / f"u{i}.png", seed=200 + i) for i in range(8)]
+    # Paths in the uploaded CSV are ignored but for the file name: the server uses the uploads.
+    table = write_csv(upload / "shade.csv", ["prompt", "image"],
+                      [[f"shade {i % 2}", f"/somewhere/else/u{i}.png"] for i in range(8)])
+    status, rows, *_ = client.predict(
+        "upload", handle_file(str(table)), [handle_file(str(p)) for p in images], "no-shade", "t2i", "cosine",
+        "nullify", "components", 1, 0.95, 1.0, False, api_name="/fit_correction")
+    assert "Stored correction **no-shade**" in status and "image index" in status and "SCE report" in status
+    with Collection.open(root / "coll") as coll:
+        stored = {c.name: c for c in list_corrections(coll)}
+    assert stored["no-shade"].parameters["n_components"] == 1 and stored["no-shade"].report["n"] == 8
+    assert "no-shade" in [row[0] for row in rows["data"]]
+    # Same name again without "replace": refused, nothing changes.
+    expect_error(lambda: client.predict(
+        "upload", handle_file(str(table)), [handle_file(str(p)) for p in images], "no-shade", "t2i", "cosine",
+        "nullify", "components", 1, 0.95, 1.0, False, api_name="/fit_correction"), "already exists")
+    # A table naming an image that was not uploaded is refused with its line.
+    expect_error(lambda: client.predict(
+        "upload", handle_file(str(table)), [handle_file(str(p)) for p in images[:7]], "no-shade-2", "t2i",
+        "cosine", "nullify", "energy", 1, 0.95, 1.0, False, api_name="/fit_correction"),
+        r"shade.csv, line 9: image '/somewhere/else/u7.png' is not among the uploaded images")
+
+    status, table_after, _, header = client.predict("no-shade", api_name="/reindex")
+    assert "corrected by **no-shade**" in status and f"{N_ITEMS} image vectors" in status
+    assert "image corrected by `no-shade`" in header
+    row = next(r for r in table_after["data"] if r[0] == "no-shade")
+    assert row[7].startswith("image-no-shade-")
+    summary, _, corrected, _ = search(site, "item 5", correction="no-shade", strategy="auto")
+    assert "re-indexed version" in summary
+    with Collection.open(root / "coll") as coll:
+        retriever = Retriever(coll, site["encoder"])
+        expected = retriever.search(retriever.embed_text("item 5"), 8, correction="no-shade", strategy="query")
+    assert gallery_ids(corrected) == [h.item_id for h in expected.hits]
+
+
+def test_fit_with_a_shipped_set_and_bad_parameters(site):
+    client = site["client"]
+    status, *_ = client.predict("tone.csv", None, [], "tone-energy", "t2i", "cosine", "nullify", "energy", 2, 0.9,
+                                1.0, False, api_name="/fit_correction")
+    assert "Stored correction **tone-energy**" in status
+    expect_error(lambda: client.predict("tone.csv", None, [], "bad name!", "t2i", "cosine", "nullify", "energy", 2,
+                                        0.9, 1.0, False, api_name="/fit_correction"), "invalid correction name")
+    expect_error(lambda: client.predict("missing.csv", None, [], "x", "t2i", "cosine", "nullify", "energy", 2,
+                                        0.9, 1.0, False, api_name="/fit_correction"), "no concept set 'missing.csv'")
+    expect_error(lambda: client.predict("upload", None, [], "x", "t2i", "cosine", "nullify", "energy", 2,
+                                        0.9, 1.0, False, api_name="/fit_correction"), "upload a concept CSV")
+
+
+def test_clusters_show_original_and_schur_modes(site):
+    out = site["client"].predict("collection", "tone=dark", 100, None, None, [], 5, api_name="/clusters")
+    summary, plot, galleries = out[0], out[1], out[2:]
+    assert "20 pairs" in summary and Path(plot).is_file()
+    # Each gallery comes as an update: its label names the mode, its value holds the top images.
+    original, schur = galleries[:6], galleries[6:]
+    assert [len(g["value"]) for g in original + schur] == [5] * 12
+    assert re.match(r"original mode 1: eigenvalue [0-9.]+, [0-9.]+% of the variety", original[0]["label"])
+    assert schur[0]["label"].startswith("schur mode 1: eigenvalue")
+    dark = {f"item {i}" for i in range(1, N_ITEMS, 2)}
+    assert {item["caption"].split(" | ")[0] for g in original + schur for item in g["value"]} <= dark
+    assert all(g["columns"] == 5 for g in galleries)
+    expect_error(lambda: site["client"].predict("collection", "tone", 100, None, None, [], 5, api_name="/clusters"),
+                 "key=value")
+    expect_error(lambda: site["client"].predict("collection", "tone=nobody", 100, None, None, [], 5,
+                                                api_name="/clusters"), "0 captioned item")
+
+
+def test_report_for_uploaded_prompts_and_catalog_selection(site):
+    client, root = site["client"], site["root"]
+    folder = root / "report-upload"
+    folder.mkdir()
+    images = [make_image(folder / f"{i}_0.png", seed=300 + i) for i in range(6)]
+    prompts = folder / "prompts.txt"
+    prompts.write_text("".join(f"prompt number {i}\n" for i in range(6)))
+    score, spectra, modes, report_json = client.predict(
+        "upload", "", 100, None, handle_file(str(prompts)), [handle_file(str(p)) for p in images],
+        api_name="/report")
+    assert "SCE report: uploaded prompts.txt" in score and "6 pairs" in score
+    assert Path(spectra).is_file() and Path(modes).is_file()
+    import json
+
+    data = json.loads(Path(report_json).read_text())
+    assert data["score"]["n"] == 6 and len(data["original_modes"]) >= 1
+    score, *_ = client.predict("collection", "tone=dark", 10, None, None, [], api_name="/report")
+    assert "10 pairs" in score
+    expect_error(lambda: client.predict("upload", "", 100, None, None, [], api_name="/report"),
+                 "upload a prompts file")
+
+
+def test_ui_modules_do_not_import_gradio_at_cli_start():
+    import subprocess
+
+    code = "import sys, ui.app, ui.cli; print('gradio' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.stdout.strip() == "False"
+
+
+def test_serve_command_options_and_a_missing_collection(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from ui.app import serve_command
+
+    cli = typer.Typer()
+    cli.command("serve")(serve_command)
+    runner = CliRunner()
+    shown = runner.invoke(cli, ["--help"])
+    assert shown.exit_code == 0
+    for option in ("--collection", "--db", "--host", "--port", "--max-upload-mb", "--concepts"):
+        assert option in shown.output
+    missing = runner.invoke(cli, ["--collection", str(tmp_path / "nowhere"), "--port", str(free_port())])
+    assert missing.exit_code == 1
+    try:
+        output = missing.output + missing.stderr
+    except ValueError:  # older Click mixes stderr into output
+        output = missing.output
+    assert "no collection at" in output and "Traceback" not in output
