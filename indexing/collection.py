@@ -387,8 +387,12 @@ class IndexVersionWriter:
     def train(self, vectors: np.ndarray) -> None:
         self.index.train(vectors)
 
-    def add(self, ids: np.ndarray | Sequence[int], vectors: np.ndarray, check_new: bool = True) -> None:
-        self.index.add(ids, vectors, check_new=check_new)
+    def add(
+        self, ids: np.ndarray | Sequence[int], vectors: np.ndarray, check_new: bool = True,
+        normalize: bool = True,
+    ) -> None:
+        """Add vectors (unit-norm copies unless ``normalize=False``; see VectorIndex.add)."""
+        self.index.add(ids, vectors, check_new=check_new, normalize=normalize)
         self._since_checkpoint += len(ids)
         if self._since_checkpoint >= self.checkpoint_every:
             self.checkpoint()

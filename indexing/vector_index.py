@@ -68,6 +68,13 @@ def unit_rows(vectors: np.ndarray) -> np.ndarray:
     return rows
 
 
+def _float_rows(vectors: np.ndarray) -> np.ndarray:
+    rows = np.ascontiguousarray(vectors, dtype=np.float32)
+    if rows.ndim != 2:
+        raise ValueError(f"vectors must be 2-d (n, dim), got shape {rows.shape}")
+    return rows
+
+
 def _as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
     array = np.ascontiguousarray(ids, dtype=np.int64)
     if array.ndim != 1:
@@ -142,16 +149,23 @@ class VectorIndex:
             ) from error
 
     def add(
-        self, ids: np.ndarray | list[int], vectors: np.ndarray, *, check_new: bool = True
+        self,
+        ids: np.ndarray | list[int],
+        vectors: np.ndarray,
+        *,
+        check_new: bool = True,
+        normalize: bool = True,
     ) -> None:
         """Add unit-norm copies of ``vectors`` under ``ids``.
 
         An id already present is an error (IndexIDMap2 would silently hold both); callers
         that add ids known to be new (a re-index from the store) pass ``check_new=False``
-        to skip the O(n) check.
+        to skip the O(n) check. ``normalize=False`` stores the vectors as given: a
+        projection-corrected version needs that, because ranking q . (P x) equals ranking
+        (P q) . x only when P x keeps its length.
         """
         ids = _as_ids(ids)
-        rows = unit_rows(vectors)
+        rows = unit_rows(vectors) if normalize else _float_rows(vectors)
         self._check_dim(rows)
         if len(ids) != len(rows):
             raise ValueError(f"{len(ids)} ids for {len(rows)} vectors")

@@ -146,3 +146,21 @@ def test_write_atomically_never_exposes_a_partial_file(tmp_path: Path):
 def test_empty_index_search_returns_empty_slots():
     scores, ids = VectorIndex.create(4).search(np.ones((2, 4), np.float32), 3)
     assert ids.shape == (2, 3) and (ids == -1).all()
+
+
+def test_unnormalized_add_ranks_like_a_query_side_projection():
+    rng = np.random.default_rng(3)
+    vectors = unit_rows(rng.standard_normal((300, 16)).astype(np.float32))
+    basis = np.linalg.qr(rng.standard_normal((16, 3)))[0]
+    projection = (np.eye(16) - basis @ basis.T).astype(np.float32)  # nullify 3 directions
+    queries = rng.standard_normal((20, 16)).astype(np.float32)
+    reindexed = VectorIndex.create(16)
+    reindexed.add(np.arange(300), vectors @ projection.T, normalize=False)
+    original = VectorIndex.create(16)
+    original.add(np.arange(300), vectors)
+    _, reindexed_ids = reindexed.search(queries, 10)
+    _, query_side_ids = original.search(queries @ projection.T, 10)
+    np.testing.assert_array_equal(reindexed_ids, query_side_ids)
+    normalized = VectorIndex.create(16)
+    normalized.add(np.arange(300), vectors @ projection.T)
+    assert not np.array_equal(normalized.search(queries, 10)[1], query_side_ids)

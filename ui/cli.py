@@ -6,11 +6,18 @@ import typer
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Concept-corrected image retrieval.")
 
 # --- sub-command registration (each module keeps its heavy imports inside its commands) ---
-# (helpers add their `app.add_typer(...)` / `app.command(...)` lines here)
-from ui.cli_index import index_app, search_command  # noqa: E402
+from ui.app import serve_command  # noqa: E402  (gradio is imported inside the command)
+from ui.cli_demo import demo_command  # noqa: E402
+from ui.cli_index import index_app  # noqa: E402
+from ui.cli_retrieval import correct_app, evaluate_command, report_command, search_command  # noqa: E402
 
 app.add_typer(index_app, name="index")
+app.add_typer(correct_app, name="correct")
 app.command("search")(search_command)
+app.command("report")(report_command)
+app.command("evaluate")(evaluate_command)
+app.command("serve")(serve_command)
+app.command("demo")(demo_command)
 
 
 def main() -> None:

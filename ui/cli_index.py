@@ -1,4 +1,4 @@
-"""`sce index build|add|delete|info` and `sce search`: parse, call indexing, print.
+"""`sce index build|add|delete|info`: parse, call indexing, print (`sce search` is in ui.cli_retrieval).
 
 Heavy modules (torch, faiss, the encoders) are imported inside the commands so that
 `sce --help` stays fast.
@@ -233,29 +233,3 @@ def info_command(
             )
         for failure in rejected:
             typer.echo(f"  rejected {failure.reason:18} {failure.uri}  {failure.detail}")
-
-
-def search_command(
-    query: Annotated[str, typer.Argument(help="Text to search the images for.")],
-    k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Number of results.")] = 10,
-    collection: CollectionOption = DEFAULT_COLLECTION,
-    db: DbOption = None,
-    nprobe: Annotated[Optional[int], typer.Option(min=1, help="Lists visited by an IVF index.")] = None,
-) -> None:
-    """Search the collection's original image index with a text query."""
-    configure_logging(quiet=True)
-    with reporting_errors():
-        from indexing.collection import Collection
-
-        with Collection.open(collection, db) as opened:
-            encoder = opened.load_encoder()
-            query_vector = encoder.encode_texts([query])
-            hits = opened.search(query_vector, k, encoder=encoder.name, nprobe=nprobe)[0]
-        if not hits:
-            typer.echo("no results")
-            return
-        typer.echo(f"{'rank':>4}  {'score':>6}  {'id':>6}  uri  caption")
-        for hit in hits:
-            typer.echo(
-                f"{hit.rank:>4}  {hit.score:6.3f}  {hit.item_id:>6}  {hit.uri}  {hit.caption or ''}"
-            )

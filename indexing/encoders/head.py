@@ -1,7 +1,8 @@
 """The projection head of the default encoder: pooled image features -> text space.
 
 A small MLP trained LiT-style (see :mod:`indexing.encoders.train_default_head`) maps the
-1280-d EfficientNet-Lite0 features into the 384-d all-MiniLM-L6-v2 space::
+image features (1280-d pooled EfficientNet-Lite0 + 65-d colour histogram) into the 384-d
+all-MiniLM-L6-v2 space::
 
     z = (x - in_mean) / in_std                       standardise
     h = gelu(z @ w0 + b0)                            hidden layer(s)
@@ -130,6 +131,7 @@ class ProjectionHead:
                 np.savez_compressed(fh, **arrays)
                 fh.flush()
                 os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):

@@ -4,8 +4,8 @@
     python -m indexing.encoders.train_default_head --no-save  # train + report only
 
 LiT-style: both towers stay frozen (EfficientNet-Lite0 for images, all-MiniLM-L6-v2 for
-texts); only a small MLP from the pooled, standardised 1280-d image features into the
-384-d text space is learned, with a symmetric InfoNCE loss against the caption embeddings.
+texts); only a small MLP from the standardised image features (1280-d pooled CNN
+features + a 65-d colour histogram, see ``towers.py``) into the 384-d text space is learned, with a symmetric InfoNCE loss against the caption embeddings.
 Images with identical captions (the same emoji in several art styles) are positives of
 each other. Batches are made of whole emoji families (every skin tone and style of a
 name), so the other tones of the same emoji are always in-batch negatives: that is what
@@ -172,10 +172,10 @@ def text_embeddings(texts: list[str], encoder, cache_dir: Path) -> np.ndarray:
 @dataclass
 class TrainConfig:
     hidden: int = 1024
-    skip: bool = True
+    skip: bool = False
     epochs: int = 60
     batch_size: int = 512
-    lr: float = 1e-3
+    lr: float = 3e-3
     weight_decay: float = 0.05
     input_noise: float = 0.5
     input_dropout: float = 0.2
@@ -206,7 +206,7 @@ def family_batches(families: np.ndarray, batch_size: int, rng: np.random.Generat
 
 def train_head(x: np.ndarray, text: np.ndarray, caption_ids: np.ndarray, families: np.ndarray,
                cfg: TrainConfig) -> tuple[ProjectionHead, list[float]]:
-    """Fit the head: images ``x`` (n, 1280), their caption ids into ``text`` (m, 384)."""
+    """Fit the head: image features ``x`` (n, 1345), their caption ids into ``text`` (m, 384)."""
     import torch
     from torch import nn
 
@@ -227,8 +227,8 @@ def train_head(x: np.ndarray, text: np.ndarray, caption_ids: np.ndarray, familie
     params = [p for m in modules for p in m.parameters()]
     opt = torch.optim.AdamW([{"params": params, "weight_decay": cfg.weight_decay},
                              {"params": [log_scale], "weight_decay": 0.0}], lr=cfg.lr)
-    batches_per_epoch = len(family_batches(families, cfg.batch_size, np.random.default_rng(0)))
-    total = cfg.epochs * batches_per_epoch
+    schedule = [family_batches(families, cfg.batch_size, rng) for _ in range(cfg.epochs)]
+    total = sum(len(b) for b in schedule)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=total, pct_start=0.1)
     drop = nn.Dropout(cfg.dropout)
     losses = []
@@ -245,9 +245,9 @@ def train_head(x: np.ndarray, text: np.ndarray, caption_ids: np.ndarray, familie
             y = y + skip(z)
         return nn.functional.normalize(y, dim=-1)
 
-    for epoch in range(cfg.epochs):
+    for epoch, batches in enumerate(schedule):
         epoch_loss = []
-        for idx in family_batches(families, cfg.batch_size, rng):
+        for idx in batches:
             idx_t = torch.from_numpy(idx)
             img = forward(z_all[idx_t], True)
             uniq, inv = torch.unique(cid[idx_t], return_inverse=True)
@@ -265,7 +265,7 @@ def train_head(x: np.ndarray, text: np.ndarray, caption_ids: np.ndarray, familie
         losses.append(float(np.mean(epoch_loss)))
         if epoch % 10 == 0 or epoch == cfg.epochs - 1:
             logger.info("epoch %3d  loss %.4f  temperature %.4f", epoch, losses[-1],
-                        float(1 / log_scale.exp()))
+                        1.0 / log_scale.detach().exp().item())
 
     def np_(t):
         return t.detach().numpy().astype(np.float32)
@@ -299,7 +299,7 @@ def tone_check(image_emb: np.ndarray, text_emb: np.ndarray, corpus: Corpus, mask
     for i, r in enumerate(rows):
         if r["skin_tone"]:
             groups.setdefault(r["object"], []).append(i)
-    hits, chance, dark_hits = [], [], []
+    hits, chance, dark_hits, dark_chance = [], [], [], []
     for obj, idx in groups.items():
         if len(idx) < 2 or not mask[idx[0]]:
             continue
@@ -311,11 +311,12 @@ def tone_check(image_emb: np.ndarray, text_emb: np.ndarray, corpus: Corpus, mask
             chance.append(1.0 / len(idx))
             if rows[i]["skin_tone"] == "dark":
                 dark_hits.append(ok)
+                dark_chance.append(1.0 / len(idx))
     if not hits:
         return {"n": 0}
     return {"n": len(hits), "top1_among_tones": float(np.mean(hits)), "chance": float(np.mean(chance)),
             "dark_top1_among_tones": float(np.mean(dark_hits)) if dark_hits else None,
-            "n_dark": len(dark_hits)}
+            "dark_chance": float(np.mean(dark_chance)) if dark_chance else None, "n_dark": len(dark_hits)}
 
 
 def evaluate(head: ProjectionHead, feats: np.ndarray, text: np.ndarray, corpus: Corpus,
@@ -409,8 +410,8 @@ def main(argv: list[str] | None = None) -> dict:
                             p["tone"].get("top1_among_tones", float("nan")), p["tone"].get("chance", float("nan")),
                             p["tone"].get("dark_top1_among_tones") or float("nan"))
     record = {
-        "what": "LiT-style projection head of the default encoder: EfficientNet-Lite0 pooled features "
-                "(1280, standardised) -> MLP + linear skip -> all-MiniLM-L6-v2 space (384), unit norm",
+        "what": "LiT-style projection head of the default encoder: [EfficientNet-Lite0 pooled features (1280) "
+                "+ colour histogram (65)], standardised -> MLP (GELU) -> all-MiniLM-L6-v2 space (384), unit norm",
         "command": "python -m indexing.encoders.train_default_head " + " ".join(argv if argv is not None else sys.argv[1:]),
         "train_styles": train_styles,
         "eval_styles": eval_styles,
