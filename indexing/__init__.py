@@ -23,6 +23,7 @@ _EXPORTS = {
     "build_collection": "indexing.pipeline",
     "add_to_collection": "indexing.pipeline",
     "BuildReport": "indexing.pipeline",
+    "embed_captions": "indexing.captions",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -75,6 +75,7 @@ class BuildReport:
     rejected: Counter[str] = field(default_factory=Counter)
     seconds: float = 0.0
     index_version: IndexVersionInfo | None = None
+    caption_index_version: IndexVersionInfo | None = None
 
 
 # -- stage 1: read ---------------------------------------------------------------------------
@@ -286,8 +287,11 @@ def run_build(
     retry_failed: bool = False,
     embedding_dtype: str = "float32",
     progress: bool = True,
+    captions: bool = True,
 ) -> BuildReport:
     """Index ``source`` into ``collection`` (new items only) and sync its original index.
+
+    With ``captions`` the items' captions are encoded too, into the caption index.
 
     ``source`` is a folder, a CSV/JSONL/parquet file, or an iterable of records.
     ``shard_size`` items are committed at a time: the most a kill can lose.
@@ -350,6 +354,10 @@ def run_build(
         for reason, count in sorted(report.rejected.items()):
             logger.warning("%s: %d files rejected as %s", report.source, count, reason)
         report.index_version = collection.sync_index(EmbeddingKind.IMAGE, factory)
+        if captions:
+            from indexing.captions import embed_captions
+
+            report.caption_index_version = embed_captions(collection, encoder, progress=progress)
     report.seconds = time.perf_counter() - started
     return report
 

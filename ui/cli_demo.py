@@ -56,9 +56,11 @@ def ensure_demo_collection(root: Path, data_dir: Path = REPO_DATA, *, progress: 
 def demo_command(
     collection: Annotated[Path, typer.Option("--collection", "-c", help="Where the demo collection lives.")] = DEMO_DIR,
     report_dir: Annotated[Path, typer.Option(help="Where the SCE report files go.")] = Path("demo-report"),
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Open the web UI afterwards.")] = True,
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port of the web UI.")] = 7860,
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
-    """Build the sample collection and corrections (when missing) and print what they show."""
+    """Build the sample collection and corrections (when missing), print what they show, open the UI."""
     configure_logging(quiet)
     with reporting_errors():
         import indexing
@@ -84,3 +86,8 @@ def demo_command(
                            f"{cmp.attribute_share_corrected:.0%} with no-skin-tone (overlap@8 {cmp.overlap_at_k:.2f})")
                 for a, b in zip(cmp.original, cmp.corrected):
                     typer.echo(f"  {(a.caption or '')[:44]:<44} | {(b.caption or '')[:44]}")
+    if serve:
+        from ui.app import serve_command
+
+        typer.echo("\nopening the web UI (Ctrl+C stops) ...")
+        serve_command(collection=collection, port=port)
