@@ -82,7 +82,7 @@ def demo_command(
             for query in ("waving hand", "thumbs up", "person running"):
                 cmp = compare(retriever, retriever.embed_text(query), query, "no-skin-tone", k=8,
                               attribute="skin_tone")
-                typer.echo(f"\n'{query}': results with a skin tone {cmp.attribute_share_original:.0%} -> "
+                typer.echo(f"\n'{query}': top 8 showing a skin tone (not the default yellow) {cmp.attribute_share_original:.0%} -> "
                            f"{cmp.attribute_share_corrected:.0%} with no-skin-tone (overlap@8 {cmp.overlap_at_k:.2f})")
                 for a, b in zip(cmp.original, cmp.corrected):
                     typer.echo(f"  {(a.caption or '')[:44]:<44} | {(b.caption or '')[:44]}")
