@@ -5,9 +5,13 @@ import numpy as np
 
 
 def as_matrix(x, name: str, *, min_rows: int = 1) -> np.ndarray:
-    """Return `x` as a finite float64 (n, d) array, or raise a ValueError naming `name`."""
+    """Return `x` as a finite float32 or float64 (n, d) array, or raise a ValueError naming `name`."""
     try:
-        arr = np.asarray(x, dtype=np.float64)
+        arr = np.asarray(x)
+        # float32 embeddings stay float32 (the n-sized products then run at single precision);
+        # everything else becomes float64.
+        if arr.dtype != np.float32:
+            arr = arr.astype(np.float64, copy=False)
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{name} must be a numeric (n, d) array: {exc}") from None
     if arr.ndim != 2:

@@ -79,16 +79,19 @@ class SchurCorrector:
                 "both sides must come from the same encoder space"
             )
         fmap = make_feature_map(self.kernel, sigma=self.sigma, rff_dim=self.rff_dim, seed=self.seed)
-        fmap.fit(np.vstack([source, target]))  # one draw of random features, shared by both sides
+        # One draw of random features, shared by both sides (sigma's median heuristic sees both).
+        fmap.fit(source if self.kernel == "cosine" else np.vstack([source, target]))
         phi_s, phi_t = fmap.transform(source), fmap.transform(target)
         n, D = phi_s.shape
         method = choose_method(self.method, n, D)
         if method == "primal":
-            C_S = symmetric_part(phi_s.T @ phi_s) / n
-            C_ST = (phi_s.T @ phi_t) / n
+            C_S = symmetric_part((phi_s.T @ phi_s).astype(np.float64, copy=False)) / n
+            C_ST = (phi_s.T @ phi_t).astype(np.float64, copy=False) / n
             gamma = linalg.cho_solve(ridge_cholesky(C_S, ridge, "C_source"), C_ST, check_finite=False)
             R = symmetric_part(C_ST.T @ gamma)
         else:
+            phi_s = phi_s.astype(np.float64, copy=False)
+            phi_t = phi_t.astype(np.float64, copy=False)
             # Push-through identity: (Phi_S'Phi_S + n eps I)^-1 Phi_S' = Phi_S' (K_S + n eps I)^-1.
             K_S = symmetric_part(phi_s @ phi_s.T)
             A = linalg.cho_solve(ridge_cholesky(K_S, n * ridge, "K_source"), phi_t, check_finite=False)

@@ -100,6 +100,7 @@ def kernel_modes(image_emb, *, n_modes: int = 8, top: int = 16, kernel: str = "c
     if kernel == "gaussian-exact":
         return _dual_modes(gaussian_kernel(image, image, sigma), None, n_modes, top)
     phi = make_feature_map(kernel, sigma=sigma, rff_dim=rff_dim, seed=seed).fit(image).transform(image)
+    phi = phi.astype(np.float64, copy=False)
     if choose_method(method, n, phi.shape[1]) == "primal":
         return _primal_modes(symmetric_part(phi.T @ phi) / n, phi, 1.0, n_modes, top)
     return _dual_modes(phi @ phi.T, None, n_modes, top)

@@ -62,13 +62,13 @@ def _clip_desc(eigvals: np.ndarray) -> np.ndarray:
 class _Primal:
     """C_I, R and S as D x D matrices from feature rows."""
 
-    def __init__(self, phi_t: np.ndarray, phi_i: np.ndarray, ridge: float):
-        n = phi_t.shape[0]
-        self.phi_i = phi_i
-        # One symmetric product of the joint features gives all three blocks (BLAS syrk).
-        D = phi_t.shape[1]
-        joint = np.hstack([phi_t, phi_i])
-        G = joint.T @ joint
+    def __init__(self, joint: np.ndarray, ridge: float):
+        """`joint` = [Phi_T, Phi_I] (n x 2D), in float32 or float64."""
+        n, D = joint.shape[0], joint.shape[1] // 2
+        self.phi_i = joint[:, D:]
+        # One symmetric product of the joint features gives all three blocks (BLAS syrk);
+        # the D x D algebra after it is float64 whatever the input precision.
+        G = (joint.T @ joint).astype(np.float64, copy=False)
         G /= n
         C_T, C_TI, self.C_I = G[:D, :D], G[:D, D:], symmetric_part(G[D:, D:])
         # R = C_IT (C_T + eps I)^-1 C_TI = B'B with B = L^-1 C_TI: one triangular solve, one product.
@@ -144,11 +144,18 @@ def decompose(text_emb, image_emb, *, kernel="cosine", sigma=None, rff_dim=2500,
         K_T = gaussian_kernel(text, text, sigma)
         K_I = gaussian_kernel(image, image, sigma)
         return _Dual(K_T, K_I, ridge), (kernel, sigma, "dual", n)
-    fmap = make_feature_map(kernel, sigma=sigma, rff_dim=rff_dim, seed=seed).fit(np.vstack([text, image]))
-    phi_t, phi_i = fmap.transform(text), fmap.transform(image)
-    method = choose_method(method, n, phi_t.shape[1])
+    fmap = make_feature_map(kernel, sigma=sigma, rff_dim=rff_dim, seed=seed)
+    fmap.fit(text if kernel == "cosine" else np.vstack([text, image]))  # sigma is already resolved
+    D = fmap.n_output_features_
+    method = choose_method(method, n, D)
     if method == "primal":
-        return _Primal(phi_t, phi_i, ridge), (kernel, sigma, method, n)
+        dtype = np.float32 if text.dtype == image.dtype == np.float32 and kernel == "cosine" else np.float64
+        joint = np.empty((n, 2 * D), dtype=dtype)
+        joint[:, :D] = fmap.transform(text)
+        joint[:, D:] = fmap.transform(image)
+        return _Primal(joint, ridge), (kernel, sigma, method, n)
+    phi_t = fmap.transform(text).astype(np.float64, copy=False)
+    phi_i = fmap.transform(image).astype(np.float64, copy=False)
     return _Dual(phi_t @ phi_t.T, phi_i @ phi_i.T, ridge), (kernel, sigma, method, n)
 
 

@@ -240,3 +240,16 @@ def test_joint_permutation_of_pairs_changes_nothing(kernel):
     # Breaking the pairing (permuting one side only) does change the result.
     c = sc.sce_score(T, I[perm], kernel=kernel, rff_dim=60, ridge=RIDGE)
     assert abs(c.text_share - a.text_share) > 1e-3
+
+
+def test_float32_embeddings_give_the_float64_numbers():
+    """float32 input runs the n-sized products in single precision; results agree to ~1e-5."""
+    T, I = paired_data(n=3000, d=32, seed=12)
+    a = sc.sce_score(T, I, method="primal")
+    b = sc.sce_score(T.astype(np.float32), I.astype(np.float32), method="primal")
+    for field in ("image_diversity", "text_diversity", "image_share", "vendi", "rke"):
+        assert getattr(b, field) == pytest.approx(getattr(a, field), rel=1e-4), field
+    ga = sc.SchurCorrector(method="primal").fit(T, I).gamma_
+    gb = sc.SchurCorrector(method="primal").fit(T.astype(np.float32), I.astype(np.float32)).gamma_
+    assert gb.dtype == np.float64
+    np.testing.assert_allclose(gb, ga, atol=1e-3)
