@@ -212,8 +212,8 @@ class MiniLMTextTower:
         self._lock = threading.Lock()
 
     def _load(self):
-        os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+        # A local folder + local_files_only: transformers never reaches for the hub (and the
+        # process-wide HF_HUB_OFFLINE is left alone for other models in the same process).
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
