@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -82,3 +83,18 @@ def test_bad_input(tmp_path, t2i_outputs):
     (gen / "007_0.png").unlink()
     with pytest.raises(ValueError, match="at least 2"):
         evaluate(ToyEncoder(), load_pairs(prompts, gen), reference=lone)
+
+
+def test_default_encoder_gives_a_named_inception_style_score(tmp_path):
+    import indexing
+
+    sample = Path(__file__).resolve().parents[1] / "data" / "sample"
+    rows = ["image,prompt"] + [f"{sample}/images/{name}.png,{cap}" for name, cap in (
+        ("1f600", "grinning face"), ("1f603", "smiling face"), ("1f34e", "red apple"),
+        ("1f697", "automobile"), ("1f436", "dog face"), ("2764-fe0f", "red heart"))]
+    prompts = tmp_path / "p.csv"
+    prompts.write_text("\n".join(rows) + "\n")
+    rep = evaluate(indexing.load_encoder("default"), load_pairs(prompts))
+    assert rep.inception_score is not None and "EfficientNet-Lite0" in rep.inception_score.classifier
+    assert 1.0 <= rep.inception_score.mean <= 6.0  # bounded by the number of images per split
+    assert -1 <= rep.clip_score.mean <= 2.5 and rep.n_images == 6

@@ -123,6 +123,36 @@ class DefaultEncoder(Encoder):
                                                   num_workers=num_workers, progress=progress)
 
 
+    #: Named in evaluation output: an Inception-style score from this network is not
+    #: comparable with Inception-v3 numbers.
+    classifier_name = "EfficientNet-Lite0 (ImageNet-1k)"
+
+    def image_class_probabilities(self, images: Iterable[ImageInput], batch_size: int = 64,
+                                  num_workers: int = 2, progress: bool = False) -> tuple[np.ndarray, str]:
+        """ImageNet class probabilities of the image tower's own classifier, ``(n, 1000)``,
+        and the classifier's name (for an Inception-style score)."""
+        probs = _ClassProbabilities(self).encode_images(images, batch_size=batch_size,
+                                                        num_workers=num_workers, progress=progress)
+        probs = probs.astype(np.float64)
+        return probs / probs.sum(axis=1, keepdims=True), self.classifier_name
+
+
+class _ClassProbabilities(Encoder):
+    """Adapter: the image tower's ImageNet classifier output."""
+
+    dim = 1000
+
+    def __init__(self, parent: DefaultEncoder):
+        self.parent = parent
+        self.name = "default:imagenet-classifier"
+
+    def preprocess(self, image):
+        return self.parent.preprocess(image)
+
+    def encode_image_batch(self, batch):
+        return self.parent.image_tower.class_probabilities(batch).cpu().numpy().astype(np.float32, copy=False)
+
+
 class _TowerFeatures(Encoder):
     """Adapter: the default encoder's image pipeline stopped before the head."""
 

@@ -145,6 +145,15 @@ class EfficientNetLite0Tower:
                     self._model = self._load()
         return self._model
 
+    def class_probabilities(self, batch: "torch.Tensor") -> "torch.Tensor":
+        """ImageNet-1k class probabilities (softmax of the network's own classifier), ``(B, 1000)``."""
+        import torch
+
+        model = self.model
+        x = batch.to(self.device, dtype=torch.float32).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode():
+            return torch.softmax(model(x).float(), dim=1)
+
     def features(self, batch: "torch.Tensor") -> "torch.Tensor":
         """Pooled 1280-d features (float32, on the tower's device) of a preprocessed batch."""
         import torch
