@@ -355,8 +355,12 @@ class EmbeddingStore:
             np.split(rows, boundaries), shard_ids[np.r_[0, boundaries]].tolist()
         ):
             stored = np.load(self.directory / files[shard_id], mmap_mode="r")
-            parts.append(np.asarray(stored[shard_rows], dtype=np.float32))
-        return np.concatenate(parts)
+            first, last = int(shard_rows[0]), int(shard_rows[-1])
+            if last - first + 1 == len(shard_rows):  # a run of rows (a full scan): slice, no gather
+                parts.append(np.array(stored[first:last + 1], dtype=np.float32))
+            else:
+                parts.append(np.asarray(stored[shard_rows], dtype=np.float32))
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
 class IndexVersionWriter:

@@ -88,7 +88,9 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
 
 
 def _apply(collection, corrector, variant, P, source_kind, ids, raw) -> np.ndarray:
-    x = unit(raw).astype(np.float32)
+    x = np.asarray(raw, dtype=np.float32)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)  # float32 throughout: this is the hot loop
     if variant == "projection":
         return x @ P.T
     has_source = np.isin(ids, collection.embeddings.ids(source_kind))
