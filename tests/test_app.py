@@ -98,7 +98,8 @@ def expect_error(call, pattern: str) -> str:
 
 def test_named_endpoints_and_served_paths(site):
     endpoints = set(site["client"].view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/search", "/concept_report", "/fit_correction", "/reindex", "/clusters", "/report"} <= endpoints
+    assert {"/search", "/concept_report", "/fit_correction", "/reindex", "/clusters", "/report",
+            "/evaluate"} <= endpoints
     state = site["app"].sce_state
     assert str(site["root"] / "imgs") in state.allowed_paths
     assert not any(Path(p) == site["root"] / "coll" or (site["root"] / "coll").is_relative_to(p)
@@ -279,6 +280,75 @@ def test_report_for_uploaded_prompts_and_catalog_selection(site):
     assert "10 pairs" in score
     expect_error(lambda: client.predict("upload", "", 100, None, None, [], api_name="/report"),
                  "upload a prompts file")
+
+
+def test_evaluate_uploaded_outputs_matches_the_metrics(site):
+    from retrieval.metrics import clip_score
+
+    client, root, encoder = site["client"], site["root"], site["encoder"]
+    folder = root / "evaluate-upload"
+    images = [make_image(folder / f"gen{i}.png", seed=400 + i) for i in range(6)]
+    references = [make_image(folder / "ref" / f"gen{i}.png", seed=500 + i) for i in range(4)]
+    prompts = [f"a photo of thing {i % 3}" for i in range(6)]
+    # Paths in the table are ignored but for the file name: the server uses the uploads.
+    table = write_csv(folder / "outputs.csv", ["image", "prompt"],
+                      [[f"/elsewhere/gen{i}.png", prompts[i]] for i in range(6)])
+    rows, notes, files = client.predict(handle_file(str(table)), [handle_file(str(p)) for p in images], [],
+                                        api_name="/evaluate")
+    values = {row[0]: row[1] for row in rows["data"]}
+    assert rows["headers"] == ["metric", "value"]
+    expected = clip_score(encoder.encode_images(images), encoder.encode_texts(prompts))
+    assert values["CLIPScore (w=2.5, mean)"] == f"{expected.mean:.4f}"
+    assert values["images / distinct prompts"] == "6 / 3"
+    assert {"SCE score E(S)", "Vendi", "RKE"} <= set(values)
+    assert not any(name.startswith(("Frechet", "KID", "CMMD")) for name in values)
+    assert "6 pairs" in notes and "No reference images uploaded" in notes
+    assert sorted(Path(f).name for f in files) == ["evaluation.html", "evaluation.json"]
+    import json
+
+    html_file = next(Path(f) for f in files if f.endswith(".html"))
+    json_file = next(Path(f) for f in files if f.endswith(".json"))
+    assert "CLIPScore" in html_file.read_text()
+    assert json.loads(json_file.read_text())["clip_score"]["mean"] == pytest.approx(expected.mean, abs=1e-6)
+    # With reference images: the reference metrics join the table.
+    rows, notes, _ = client.predict(handle_file(str(table)), [handle_file(str(p)) for p in images],
+                                    [handle_file(str(p)) for p in references], api_name="/evaluate")
+    values = {row[0]: row[1] for row in rows["data"]}
+    assert "Frechet distance vs reference (4)" in values and "CMMD" in values
+    assert float(values["CMMD"]) >= 0 and values["KID (mean +- std)"]
+    assert "PSNR / SSIM (4 pairs)" in values
+    assert "No reference images uploaded" not in notes
+
+
+def test_bad_evaluation_uploads_are_messages(site):
+    client, root = site["client"], site["root"]
+    folder = root / "evaluate-bad"
+    images = [make_image(folder / f"g{i}.png", seed=600 + i) for i in range(3)]
+    table = write_csv(folder / "outputs.csv", ["image", "prompt"], [[f"g{i}.png", f"prompt {i}"] for i in range(3)])
+    uploads = [handle_file(str(p)) for p in images]
+    expect_error(lambda: client.predict(None, uploads, [], api_name="/evaluate"), "upload a prompts file")
+    expect_error(lambda: client.predict(handle_file(str(table)), [], [], api_name="/evaluate"),
+                 "upload the generated images")
+    # A table naming an image that was not uploaded: its line, and no server path.
+    message = expect_error(lambda: client.predict(handle_file(str(table)), uploads[:2], [], api_name="/evaluate"),
+                           r"outputs.csv, line 4: image 'g2.png' is not among the uploaded images")
+    assert "sce-ui-" not in message
+    # Text prompts whose images do not start with a line number.
+    prompts = folder / "prompts.txt"
+    prompts.write_text("first\nsecond\n")
+    message = expect_error(lambda: client.predict(handle_file(str(prompts)), uploads, [], api_name="/evaluate"),
+                           r"3 image\(s\) in the uploaded images do not start with a prompt line number")
+    assert "sce-ui-" not in message
+    # Too few pairs, too few reference images, a non-image reference.
+    single = write_csv(folder / "single.csv", ["image", "prompt"], [["g0.png", "prompt 0"]])
+    expect_error(lambda: client.predict(handle_file(str(single)), uploads[:1], [], api_name="/evaluate"),
+                 r"single.csv: 1 prompt/image pair\(s\) found, at least 2 needed")
+    expect_error(lambda: client.predict(handle_file(str(table)), uploads, uploads[:1], api_name="/evaluate"),
+                 r"1 reference image\(s\) uploaded; a reference set needs at least 2")
+    fake = folder / "fake.png"
+    fake.write_bytes(b"no png here")
+    expect_error(lambda: client.predict(handle_file(str(table)), uploads, [uploads[0], handle_file(str(fake))],
+                                        api_name="/evaluate"), "fake.png is not an image")
 
 
 def test_ui_modules_do_not_import_gradio_at_cli_start():

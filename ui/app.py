@@ -50,7 +50,8 @@ Search the collection, and see how a **concept correction** (for example one tha
 tone) changes the results: original on the left, corrected on the right.
 **Search** compares results, **Corrections** fits a correction from a small set of prompt/image
 pairs and re-indexes with it, **Clusters** shows the image modes before and after the prompts'
-part is removed, and **Report** gives the SCE score of a prompt/image set."""
+part is removed, and **Report** gives the SCE score of a prompt/image set and evaluates
+text-to-image outputs."""
 
 
 def _source_controls(gr, state, prefix: str):
@@ -108,6 +109,7 @@ def build_app(collection_dir: str | Path, db: str | None = None, encoder: Any = 
         SIZE_CHOICES,
         STRATEGY_CHOICES,
         UPLOAD_CHOICE,
+        EVALUATION_HEADERS,
         AppState,
         bind,
     )
@@ -116,7 +118,7 @@ def build_app(collection_dir: str | Path, db: str | None = None, encoder: Any = 
     state = AppState(collection_dir, db=db, encoder=encoder, concepts_dir=concepts_dir,
                      max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
     act = bind(state, ["search", "preview_query_image", "default_attribute", "concept_preview", "fit", "reindex",
-                       "clusters", "report", "refresh"])
+                       "clusters", "report", "evaluate", "refresh"])
     correction_choices = state.correction_choices()
     first_correction = correction_choices[1][1] if len(correction_choices) > 1 else NO_CORRECTION
     fields = state.metadata_fields()
@@ -283,8 +285,30 @@ def build_app(collection_dir: str | Path, db: str | None = None, encoder: Any = 
                 report_button.click(act["report"], list(report_inputs),
                                     [report_score, report_spectra, report_modes, report_json], api_name="report",
                                     concurrency_id="read")
-                # Issue 7 (`sce evaluate`) adds its evaluation section here, below the report, with its own
-                # button and a named endpoint ("evaluate").
+                # `sce evaluate` (issue 7): the usual text-to-image metrics, from the app's encoder.
+                gr.Markdown("### Evaluate text-to-image outputs\n"
+                            "CLIPScore, the SCE score, Vendi, RKE and, with reference images, the Frechet "
+                            "distance, KID, CMMD and PSNR/SSIM (same-named images), all from this collection's "
+                            "encoder. Upload a CSV or JSONL file with an `image` and a `prompt` column, or a text "
+                            "file with one prompt a line whose images are named `<line number>.png`; images are "
+                            "matched by file name.")
+                with gr.Row():
+                    evaluate_table = gr.File(label="Prompts file", file_types=[".csv", ".jsonl", ".txt"],
+                                             elem_id="evaluate-prompts")
+                    evaluate_images = gr.File(label="Generated images", file_count="multiple", file_types=["image"],
+                                              elem_id="evaluate-images")
+                    evaluate_reference = gr.File(label="Reference images (optional, at least 2)",
+                                                 file_count="multiple", file_types=["image"],
+                                                 elem_id="evaluate-reference")
+                evaluate_button = gr.Button("Evaluate", variant="primary", elem_id="evaluate-button")
+                evaluate_rows = gr.Dataframe(headers=EVALUATION_HEADERS, label="Evaluation", interactive=False,
+                                             elem_id="evaluate-table")
+                evaluate_notes = gr.Markdown(elem_id="evaluate-notes")
+                evaluate_files = gr.File(label="evaluation.html and evaluation.json", file_count="multiple",
+                                         interactive=False, elem_id="evaluate-files")
+                evaluate_button.click(act["evaluate"], [evaluate_table, evaluate_images, evaluate_reference],
+                                      [evaluate_rows, evaluate_notes, evaluate_files], api_name="evaluate",
+                                      concurrency_id="read")
 
         app.load(act["refresh"], None, [header, correction, reindex_choice, corrections_table],
                  api_visibility="private", show_progress="hidden")

@@ -28,7 +28,7 @@ import gradio as gr
 
 from indexing.collection import Collection, CollectionBusyError, SearchHit
 from indexing.correction_store import CorrectionInfo, CorrectionNotFoundError, list_corrections
-from ui.app_uploads import DEFAULT_MAX_PIXELS, check_image, stage_pairs
+from ui.app_uploads import DEFAULT_MAX_PIXELS, check_image, stage_pairs, stage_reference
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,7 @@ MOVES_HEADERS = ["item", "caption", "original rank", "corrected rank", "moved"]
 CORRECTIONS_HEADERS = ["name", "concept set", "direction", "kernel", "mode", "components",
                        "applies to", "re-indexed version", "status"]
 UPLOAD_CHOICE = "upload"
+EVALUATION_HEADERS = ["metric", "value"]
 
 #: Failures a user can cause and fix; their message is shown as it is.
 EXPECTED_ERRORS = (ValueError, LookupError, FileNotFoundError, NotADirectoryError, CollectionBusyError,
@@ -569,6 +570,54 @@ class AppState:
         title = f"SCE report: {report.source}"
         return (score_markdown(report.score, html.escape(title, quote=False)), str(paths["spectra"]),
                 str(paths["modes"]), str(paths["json"]))
+
+    # -- Report: `sce evaluate` -------------------------------------------------------------
+    def evaluate(self, table: Any, images: Any, reference: Any, progress=gr.Progress()):
+        """`sce evaluate` on an uploaded prompts file, its generated images and optional reference images.
+
+        Returns (summary rows [metric, value], notes markdown, [evaluation.html, evaluation.json]).
+        """
+        from retrieval.evaluate import evaluate, write_evaluation
+        from retrieval.pairs import load_pairs
+
+        tables = _files(table)
+        if not tables:
+            raise ValueError("upload a prompts file (CSV/JSONL with image and prompt columns, or a text file "
+                             "with one prompt a line) and its generated images")
+        generated = _files(images)
+        if not generated:
+            raise ValueError("upload the generated images of the prompts file (matched by file name)")
+        references = _files(reference)
+        scratch = self._scratch("evaluate")
+        table_name = Path(tables[0]).name
+        progress(0.05, desc="checking the uploads")
+        try:
+            staged, images_dir = stage_pairs(tables[0], generated, scratch / "pairs", max_pixels=self.max_pixels)
+            pairs = load_pairs(staged, images_dir if staged.suffix.lower() == ".txt" else None)
+            reference_dir = (stage_reference(references, scratch / "reference", max_pixels=self.max_pixels)
+                             if references else None)
+            progress(0.2, desc=f"encoding {len(pairs)} images and prompts"
+                               + (f" and {len(references)} reference images" if references else ""))
+            report = evaluate(self.encoder, pairs, reference=reference_dir)
+        except ValueError as error:
+            # Messages name the server's scratch copies; show the user's own names instead.
+            text = str(error)
+            for path, name in ((scratch / "pairs" / "images", "the uploaded images"),
+                               (scratch / "pairs" / table_name, table_name),
+                               (scratch / "reference", "the uploaded reference images")):
+                text = text.replace(str(path), name)
+            raise ValueError(text.replace(str(scratch) + os.sep, "")) from None
+        if reference_dir is not None:
+            report.reference = f"{len(references)} uploaded reference images"
+        progress(0.9, desc="writing evaluation.html and evaluation.json")
+        paths = write_evaluation(report, scratch / "out")
+        rows = [[metric, value] for metric, value in report.summary_rows()]
+        notes = [f"**{len(pairs)} pairs** (uploaded {html.escape(table_name, quote=False)}), encoder "
+                 f"`{report.encoder}`: numbers are comparable only with runs of the same encoder."]
+        if reference_dir is None:
+            notes.append("No reference images uploaded: no Frechet distance, KID, CMMD, PSNR or SSIM.")
+        notes += [html.escape(note, quote=False) for note in report.notes]
+        return rows, "\n".join(f"- {note}" for note in notes), [str(paths["html"]), str(paths["json"])]
 
 
 def bind(state: AppState, names: Sequence[str]) -> dict[str, Callable]:

@@ -138,3 +138,19 @@ def stage_pairs(table_file: str | Path, image_files: Sequence[str | Path], into:
         raise ValueError(f"{table.name} is not a readable CSV file: {error}") from None
     logger.info("staged %s with %d uploaded images in %s", table.name, len(staged), into)
     return target, images_dir
+
+
+def stage_reference(image_files: Sequence[str | Path], into: Path, *, min_images: int = 2,
+                    max_pixels: int = DEFAULT_MAX_PIXELS) -> Path:
+    """Stage uploaded reference images (checked, by file name) in ``into``; returns the folder.
+
+    A reference set needs at least ``min_images`` images (a covariance of one image is
+    meaningless), else ValueError.
+    """
+    files = list(image_files)
+    if len(files) < min_images:
+        raise ValueError(f"{len(files)} reference image(s) uploaded; a reference set needs at least {min_images} "
+                         "(or upload none to skip the reference metrics)")
+    stage_images(files, into, max_pixels=max_pixels)
+    logger.info("staged %d uploaded reference images in %s", len(files), into)
+    return into
