@@ -88,7 +88,8 @@ def family_key(unified: str) -> str:
 
 # --------------------------------------------------------------------------------------
 
-def skin_tone_set(rows: list[dict]) -> list[tuple[str, dict]]:
+def skin_tone_set(rows: list[dict], n_objects: int | None = N_SKIN_OBJECTS,
+                  one_per_family: bool = True) -> list[tuple[str, dict]]:
     by_object: dict[str, dict[str, dict]] = defaultdict(dict)
     for r in rows:
         if r["variant"] and r["skin_tone"] in TONE_ORDER:  # single-tone variants only
@@ -111,12 +112,13 @@ def skin_tone_set(rows: list[dict]) -> list[tuple[str, dict]]:
     for c in candidates:
         queues.setdefault(c[2], []).append(c)
     chosen, families = [], set()
-    while len(chosen) < N_SKIN_OBJECTS and any(queues.values()):
+    limit = n_objects if n_objects is not None else len(candidates)
+    while len(chosen) < limit and any(queues.values()):
         for sub in list(queues):
             q = queues[sub]
-            while q and family_key(q[0][1]) in families:
+            while one_per_family and q and family_key(q[0][1]) in families:
                 q.pop(0)
-            if q and len(chosen) < N_SKIN_OBJECTS:
+            if q and len(chosen) < limit:
                 c = q.pop(0)
                 chosen.append(c)
                 families.add(family_key(c[1]))
@@ -210,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     sets = {
         "skin_tone": skin_tone_set(rows),
+        # Every qualifying emoji in all five tones: a larger preliminary set removes the
+        # tone more thoroughly (see the README's measurements).
+        "skin_tone_large": skin_tone_set(rows, n_objects=None, one_per_family=False),
         "gender": gender_set(rows),
         "colour": colour_set(rows),
     }
