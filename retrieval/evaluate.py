@@ -13,14 +13,13 @@ import html
 import io
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 import sce_correct as sc
+from indexing.atomic import write_atomically
 from retrieval import metrics
 from retrieval.pairs import IMAGE_SUFFIXES, PairedSet
 
@@ -228,8 +227,5 @@ def write_evaluation(report: EvaluationReport, out_dir: str | Path) -> dict[str,
 <img alt="variety shares" src="data:image/png;base64,{bars}"></body></html>"""
     paths = {"json": out / "evaluation.json", "html": out / "evaluation.html"}
     for path, text in ((paths["json"], json.dumps(report.to_dict(), indent=2, default=float)), (paths["html"], page)):
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=path.name, suffix=".tmp")
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
+        write_atomically(path, lambda tmp, text=text: tmp.write_text(text, encoding="utf-8"))
     return paths

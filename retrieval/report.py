@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 
 import sce_correct as sc
+from indexing.atomic import write_atomically
 from retrieval.pairs import PairedSet
 
 logger = logging.getLogger(__name__)
@@ -118,18 +117,6 @@ def report_for_collection(collection, encoder, *, where: dict[str, str] | None =
 
 
 # -------------------------------------------------------------------------------- output files
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def plot_spectra(report: PairedReport, path: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -149,7 +136,7 @@ def plot_spectra(report: PairedReport, path: Path) -> Path:
                  f"text diversity {s.text_diversity:.2f}, Vendi {s.vendi:.1f}", fontsize=10)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
     return path
 
@@ -176,7 +163,7 @@ def modes_grid(modes: list[ModeView], path: Path, *, thumb: int = 72, title: str
             except (OSError, ValueError):
                 tile = Image.new("RGB", (thumb, thumb), "lightgray")
             sheet.paste(tile, (label_w + c * (thumb + pad), y))
-    _atomic_write(path, lambda tmp: sheet.save(tmp, format="PNG"))
+    write_atomically(path, lambda tmp: sheet.save(tmp, format="PNG"))
     return path
 
 
@@ -185,7 +172,7 @@ def write_report(report: PairedReport, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     paths = {"json": out / "report.json", "spectra": out / "spectra.png", "modes": out / "modes.png"}
     text = json.dumps(report.to_dict(), indent=2)
-    _atomic_write(paths["json"], lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    write_atomically(paths["json"], lambda tmp: tmp.write_text(text, encoding="utf-8"))
     plot_spectra(report, paths["spectra"])
     modes_grid(report.original_modes + report.schur_modes, paths["modes"],
                title="original modes (image covariance) above Schur modes (what the prompts leave unexplained)")
