@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from indexing.collection import Collection, IndexVersionInfo
 from indexing.correction_store import load_correction
+from indexing.vector_index import unit_rows
 from retrieval.corrections import unit
 
 logger = logging.getLogger(__name__)
@@ -28,7 +29,7 @@ VARIANTS = ("auto", "projection", "paired")
 SOURCE_KIND = {"t2i": "caption", "i2t": "image", "t2t": "caption"}
 
 
-def _paired_source_kind(direction: str, target_kind: str) -> str:
+def _paired_source_kind(direction: str) -> str:
     if direction == "t2t":
         raise ValueError("a t2t correction has no per-item paired source: re-index it with the projection variant")
     return SOURCE_KIND[direction]
@@ -53,12 +54,15 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
         P = corrector.projection(n_components=info.parameters.get("n_components"),
                                  mode=info.parameters.get("mode", "nullify")).astype(np.float32)
         dim = P.shape[0]
-        source_kind = None
+        source_kind, source_ids = None, None
     else:
-        source_kind = _paired_source_kind(info.direction, kind)
-        if collection.embeddings.count(source_kind) == 0:
+        P = None
+        source_kind = _paired_source_kind(info.direction)
+        source_ids = collection.embeddings.ids(source_kind)  # once per job, not per chunk
+        if not len(source_ids):
             raise ValueError(f"the paired variant needs stored {source_kind} embeddings; this collection has none")
         dim = corrector.feature_map_.n_output_features_
+    apply_args = (collection, corrector, P, source_kind, source_ids)
     parameters = {"variant": variant, "correction_parameters": {k: v for k, v in info.parameters.items()
                                                                 if k != "concept_vector"}}
     with collection.new_index_version(kind=kind, correction=correction, factory=factory, dim=dim,
@@ -72,12 +76,10 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
                 ids, raw = ids[keep], raw[keep]
             if not len(ids):
                 continue
-            vectors = _apply(collection, corrector, variant, P if variant == "projection" else None,
-                             source_kind, ids, raw)
+            vectors = _apply(*apply_args, ids, raw)
             if not trained:
                 sample_ids, sample_raw = collection.embeddings.sample(kind, 50_000)
-                writer.train(_apply(collection, corrector, variant, P if variant == "projection" else None,
-                                    source_kind, sample_ids, sample_raw))
+                writer.train(_apply(*apply_args, sample_ids, sample_raw))
                 trained = True
             writer.add(ids, vectors, check_new=False, normalize=(variant != "projection"))
             bar.update(len(ids))
@@ -87,13 +89,12 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
     return collection.version(version.name)
 
 
-def _apply(collection, corrector, variant, P, source_kind, ids, raw) -> np.ndarray:
-    x = np.asarray(raw, dtype=np.float32)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)  # float32 throughout: this is the hot loop
-    if variant == "projection":
+def _apply(collection, corrector, P, source_kind, source_ids, ids, raw) -> np.ndarray:
+    """Corrected vectors for one chunk: P x (projection, P given) or the paired correction."""
+    x = unit_rows(raw)  # float32 throughout: this is the hot loop
+    if P is not None:
         return x @ P.T
-    has_source = np.isin(ids, collection.embeddings.ids(source_kind))
+    has_source = np.isin(ids, source_ids)
     out = corrector.feature_map_.transform(x)
     if has_source.any():
         src = collection.embeddings.get(source_kind, ids[has_source])
