@@ -63,8 +63,8 @@ def report_from_embeddings(text_emb: np.ndarray, image_emb: np.ndarray, uris: li
                            rff_dim: int = 2500, ridge: float = 1e-4, seed: int = 0, n_modes: int = 6,
                            top: int = 8, spectrum_size: int = 50) -> PairedReport:
     kw = dict(kernel=kernel, sigma=sigma, rff_dim=rff_dim, seed=seed)
-    score = sc.sce_score(text_emb, image_emb, ridge=ridge, **kw)
     spectra = sc.schur_spectra(text_emb, image_emb, ridge=ridge, **kw)
+    score = sc.report_from_spectra(spectra, ridge=ridge)
     original = sc.kernel_modes(image_emb, n_modes=n_modes, top=top, **kw)
     schur = sc.schur_modes(text_emb, image_emb, n_modes=n_modes, top=top, ridge=ridge, **kw)
     cut = slice(0, spectrum_size)

@@ -11,10 +11,10 @@ from .corrector import SchurCorrector
 from .features import CosineFeatures, RandomFourierFeatures, gaussian_kernel, median_pairwise_distance
 from .modes import Mode, kernel_modes, schur_modes
 from .schur import SchurSpectra, schur_spectra
-from .scores import SCEReport, matrix_entropy_score, rke_score, sce_score, vendi_score
+from .scores import SCEReport, matrix_entropy_score, report_from_spectra, rke_score, sce_score, vendi_score
 
 __all__ = [
     "CosineFeatures", "RandomFourierFeatures", "gaussian_kernel", "median_pairwise_distance",
-    "SCEReport", "sce_score", "matrix_entropy_score", "vendi_score", "rke_score",
+    "SCEReport", "sce_score", "report_from_spectra", "matrix_entropy_score", "vendi_score", "rke_score",
     "SchurSpectra", "schur_spectra", "SchurCorrector", "Mode", "schur_modes", "kernel_modes",
 ]

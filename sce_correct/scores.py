@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .schur import schur_spectra
+from .schur import SchurSpectra, schur_spectra
 
 
 def _eigvals(eigvals) -> np.ndarray:
@@ -80,6 +80,11 @@ def sce_score(text_emb, image_emb, *, kernel: str = "cosine", sigma: float | Non
     """
     spectra = schur_spectra(text_emb, image_emb, kernel=kernel, sigma=sigma, rff_dim=rff_dim,
                             ridge=ridge, seed=seed, method=method)
+    return report_from_spectra(spectra, ridge=ridge)
+
+
+def report_from_spectra(spectra: SchurSpectra, *, ridge: float) -> SCEReport:
+    """The SCE report of already computed spectra (for callers that also need the spectra)."""
     return SCEReport(
         image_diversity=matrix_entropy_score(spectra.schur),
         text_diversity=matrix_entropy_score(spectra.explained),
