@@ -111,24 +111,26 @@ def read_csv(path: str | Path, image_root: str | Path | None = None) -> Iterator
         yield from records_from_rows(rows, image_root or path.parent, str(path))
 
 
+def read_jsonl_rows(path: str | Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one a line (blank lines skipped); errors name the line."""
+    path = Path(path)
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not valid JSON: {error}") from error
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object per line")
+            yield row
+
+
 def read_jsonl(path: str | Path, image_root: str | Path | None = None) -> Iterator[SourceRecord]:
     """One JSON object per line; blank lines are skipped."""
     path = Path(path)
-
-    def rows() -> Iterator[dict[str, Any]]:
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{path}:{number}: not valid JSON: {error}") from error
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path}:{number}: expected a JSON object per line")
-                yield row
-
-    yield from records_from_rows(rows(), image_root or path.parent, str(path))
+    yield from records_from_rows(read_jsonl_rows(path), image_root or path.parent, str(path))
 
 
 def read_parquet(

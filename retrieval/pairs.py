@@ -9,10 +9,11 @@ Accepted forms:
 from __future__ import annotations
 
 import csv
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from indexing.readers import read_jsonl_rows
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 _LEADING_INT = re.compile(r"^(\d+)(?:[_\-.].*)?$")
@@ -30,14 +31,7 @@ class PairedSet:
 
 def _rows(path: Path) -> list[dict]:
     if path.suffix.lower() in (".jsonl", ".ndjson"):
-        rows = []
-        for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}, line {line_no}: not valid JSON ({exc.msg})") from None
-        return rows
+        return list(read_jsonl_rows(path))
     with path.open(newline="", encoding="utf-8") as fh:
         return list(csv.DictReader(fh))
 

@@ -98,3 +98,16 @@ def test_default_encoder_gives_a_named_inception_style_score(tmp_path):
     assert rep.inception_score is not None and "EfficientNet-Lite0" in rep.inception_score.classifier
     assert 1.0 <= rep.inception_score.mean <= 6.0  # bounded by the number of images per split
     assert -1 <= rep.clip_score.mean <= 2.5 and rep.n_images == 6
+
+
+def test_jsonl_pairs_and_a_bad_line(tmp_path):
+    for i in range(2):
+        make_image(tmp_path / f"{i}.png", seed=i)
+    good = tmp_path / "p.jsonl"
+    good.write_text('{"image": "0.png", "prompt": "a"}\n\n{"file": "1.png", "caption": "b"}\n')
+    pairs = load_pairs(good)
+    assert pairs.prompts == ["a", "b"] and pairs.images[1].name == "1.png"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"image": "0.png", "prompt": "a"}\n[1, 2]\n')
+    with pytest.raises(ValueError, match="bad.jsonl:2: expected a JSON object"):
+        load_pairs(bad)
