@@ -112,9 +112,10 @@ class Retriever:
                 f"correction {correction!r} ({view.stored.info.direction}) applies to the {view.kind} index, "
                 f"not the {kind} index"
             )
+        version = (self.collection.current_version(kind, correction)
+                   if strategy in ("auto", "reindexed") else None)
         if strategy == "auto":
-            has_version = self.collection.current_version(kind, correction) is not None
-            strategy = "reindexed" if has_version else "query"
+            strategy = "reindexed" if version is not None else "query"
         if strategy == "negative":
             moved = unit(q) - float(negative_weight) * view.concept_vector
             return SearchResult(self._search(moved, k, kind), kind, correction, "negative")
@@ -125,12 +126,12 @@ class Retriever:
                     f"re-index first: sce index reindex --correction {correction}"
                 )
             return SearchResult(self._search(q @ view.projection.T, k, kind), kind, correction, "query")
-        if self.collection.current_version(kind, correction) is None:
+        if version is None:
             raise ValueError(f"correction {correction!r} has no re-indexed version yet: run "
                              f"`sce index reindex --correction {correction}` or use the query strategy")
         if not view.has_projection:
             q = view.stored.corrector.feature_map_.transform(q)
-        hits = self.collection.search(q, k, kind=kind, correction=correction, encoder=self.encoder.name)[0]
+        hits = self.collection.search(q, k, version=version, encoder=self.encoder.name)[0]
         return SearchResult(hits, kind, correction, "reindexed")
 
     def _search(self, q: np.ndarray, k: int, kind: str) -> list[SearchHit]:
