@@ -10,6 +10,7 @@ from indexing.collection import Collection
 from indexing.correction_store import CorrectionInfo, check_correction_name, save_correction
 from retrieval.concepts import ConceptSet
 from sce_correct import SchurCorrector, SCEReport, sce_score
+from sce_correct.corrector import DEFAULT_ENERGY
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,7 @@ def fit_concept_correction(collection: Collection, encoder, concept: ConceptSet,
     k = share = None
     if kernel == "cosine":
         k = int(n_components) if n_components is not None else corrector.n_components_for_energy(
-            energy if energy is not None else 0.95)
+            energy if energy is not None else DEFAULT_ENERGY)
         corrector.projection(n_components=k, mode=mode)  # validates k now, not at search time
         lam = corrector.explained_eigvals_
         share = float(lam[:k].sum() / lam.sum()) if lam.sum() > 0 else 0.0

@@ -202,7 +202,7 @@ def build_app(collection_dir: str | Path, db: str | None = None, encoder: Any = 
                             mode = gr.Radio(MODE_CHOICES, value="nullify", label="Mode")
                         size_by = gr.Radio(SIZE_CHOICES, value="energy", label="Projection size (cosine kernel)")
                         with gr.Row():
-                            energy = gr.Slider(0.5, 1.0, value=0.95, step=0.01, label="Energy share")
+                            energy = gr.Slider(0.5, 1.0, value=0.99, step=0.01, label="Energy share")
                             components = gr.Slider(1, 64, value=2, step=1, label="Components")
                         strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.1, label="Strength (gaussian kernel)",
                                              info="1 removes the concept; below 0 focuses on it.")

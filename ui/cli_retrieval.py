@@ -72,7 +72,7 @@ def fit_command(
     kernel: KernelOption = "cosine",
     mode: Annotated[str, typer.Option(help="nullify (remove the concept) or focus (keep only it).")] = "nullify",
     components: Annotated[Optional[int], typer.Option(min=1, help="Concept directions to project.")] = None,
-    energy: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Or: share of tr R to project (default 0.95).")] = None,
+    energy: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Or: share of tr R to project (default 0.99).")] = None,
     strength: Annotated[float, typer.Option(help="Paired correction strength s (1 nullifies, < 0 focuses).")] = 1.0,
     ridge: Annotated[float, typer.Option(min=0.0, help="Ridge added to the source covariance.")] = 1e-4,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite a correction of the same name.")] = False,
