@@ -16,7 +16,7 @@ DEMO_DIR = Path("demo-collection")
 
 #: (correction name, concept file, direction) fitted for the demo.
 DEMO_CORRECTIONS = (
-    ("no-skin-tone", "skin_tone.csv", "nullify"),
+    ("no-skin-tone", "skin_tone_large.csv", "nullify"),  # all in the sample corpus: stored embeddings reused
     ("no-gender", "gender.csv", "nullify"),
     ("no-colour", "colour.csv", "nullify"),
 )

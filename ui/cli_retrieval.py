@@ -76,11 +76,17 @@ def fit_command(
     strength: Annotated[float, typer.Option(help="Paired correction strength s (1 nullifies, < 0 focuses).")] = 1.0,
     ridge: Annotated[float, typer.Option(min=0.0, help="Ridge added to the source covariance.")] = 1e-4,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite a correction of the same name.")] = False,
+    reuse: Annotated[bool, typer.Option("--reuse/--no-reuse", help="Take the stored embedding of concept images already "
+                                        "in the collection (same file content); --no-reuse encodes every image.")] = True,
     collection: CollectionOption = DEFAULT_COLLECTION,
     db: DbOption = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Fit a Schur-complement correction from a preliminary concept set and store it."""
+    """Fit a Schur-complement correction from a preliminary concept set and store it.
+
+    Concept images already in the collection (same sha256) take their stored embeddings;
+    only the others are decoded and encoded.
+    """
     configure_logging(quiet)
     with reporting_errors():
         from retrieval.concepts import load_concept_set, read_text_lines, text_pairs
@@ -99,10 +105,13 @@ def fit_command(
             result = fit_concept_correction(
                 opened, _encoder(opened), concept_set, name=name, direction=direction, kernel=kernel, mode=mode,
                 n_components=components, energy=energy, strength=strength, ridge=ridge, replace=replace,
-                progress=not quiet)
+                reuse_stored=reuse, progress=not quiet)
         info = result.info
         typer.echo(f"stored correction {info.name!r}: {info.direction}, {info.kernel}, {mode}, "
                    f"{len(concept_set)} pairs from {concept_set.source}")
+        if concept_set.images is not None and direction != "t2t":
+            typer.echo(f"  concept images: {result.images_reused} stored embeddings reused, "
+                       f"{result.images_encoded} encoded")
         if result.n_components is not None:
             typer.echo(f"  projection: {result.n_components} concept direction(s) holding "
                        f"{result.explained_share:.1%} of what the prompts explain")
