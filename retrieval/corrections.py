@@ -147,12 +147,17 @@ def fit_concept_correction(collection: Collection, encoder, concept: ConceptSet,
                            direction: str = "t2i", kernel: str = "cosine", mode: str = "nullify",
                            n_components: int | None = None, energy: float | None = None,
                            strength: float = 1.0, ridge: float = 1e-4, sigma: float | None = None,
-                           rff_dim: int = 2500, seed: int = 0, replace: bool = False,
+                           rff_dim: int = 2500, seed: int = 0, center: bool = True, replace: bool = False,
                            reuse_stored: bool = True, progress: bool = False) -> FitResult:
     """Encode the concept set with the collection's encoder, fit a SchurCorrector and store it.
 
     Concept images already in the collection (same file content, by sha256) take their stored
     embeddings instead of being decoded and encoded again; ``reuse_stored=False`` encodes all.
+
+    ``center`` (default on, unlike the bare SchurCorrector) fits on mean-centred features, so
+    the correction removes what varies with the prompts (the concept) and keeps what every
+    concept image shares: fitted uncentred on skin_tone_large.csv, the no-skin-tone projection
+    also removed "hand" and a "waving hand" search returned water waves and flags.
 
     For the cosine kernel the projection size is fixed now (from `n_components` or `energy`)
     and stored with the correction, so every later search and re-index uses the same one.
@@ -167,7 +172,7 @@ def fit_concept_correction(collection: Collection, encoder, concept: ConceptSet,
     source, target, images = _encode_pairs(encoder, concept, direction,
                                            collection if reuse_stored else None, progress)
     corrector = SchurCorrector(direction=direction, kernel=kernel, ridge=ridge, strength=strength,
-                               sigma=sigma, rff_dim=rff_dim, seed=seed).fit(source, target)
+                               sigma=sigma, rff_dim=rff_dim, seed=seed, center=center).fit(source, target)
     k = share = None
     if kernel == "cosine":
         k = int(n_components) if n_components is not None else corrector.n_components_for_energy(
@@ -181,7 +186,7 @@ def fit_concept_correction(collection: Collection, encoder, concept: ConceptSet,
     concept_vec = unit(unit(prompt_side).mean(axis=0))
     parameters = {
         "mode": mode, "n_components": k, "energy": energy, "explained_share": share,
-        "strength": strength, "ridge": ridge, "sigma": sigma, "rff_dim": rff_dim, "seed": seed,
+        "strength": strength, "ridge": ridge, "center": center, "sigma": sigma, "rff_dim": rff_dim, "seed": seed,
         "n_pairs": len(concept), "distinct_prompts": len(set(concept.prompts)),
         "concept_vector": [round(float(x), 7) for x in concept_vec],
     }

@@ -25,7 +25,8 @@ FILE_FORMAT = "sce_correct.SchurCorrector"
 FILE_VERSION = 1
 # 0.99, not 0.95: a concept set with m distinct prompts gives R rank m, and its smallest
 # direction can hold ~1 % of tr R yet carry much of the concept (skin tone: the 5th of 5
-# directions holds 1.4 %; leaving it, a linear probe still reads the tone at 0.43 instead of 0.13).
+# directions of the uncentred R holds 1.4 %; leaving it, a linear probe still reads the tone at
+# 0.43 instead of 0.13).
 DEFAULT_ENERGY = 0.99
 
 
@@ -50,15 +51,24 @@ class SchurCorrector:
         and the seed of their one draw.
     method : "auto", "primal" or "dual"
         How Gamma is computed; "auto" uses the n x n dual when n < D.
+    center : bool
+        Centre both sides' features by their means over the preliminary pairs before the
+        covariances (default False: the uncentred covariances of the SCE contract). Centred,
+        R holds only what varies with the prompts: for prompts that differ only in the concept
+        ("light skin tone", ..., "dark skin tone") its directions span the differences between
+        the concept values' mean images, not the content all the concept images share, so a
+        projection removes the concept while keeping what the concept set has in common
+        (hands, faces). The paired correction then removes the explained variation around
+        the mean: target~ = phi(target) - strength * Gamma' (phi(source) - mean_source).
 
     Fitted attributes: feature_map_, gamma_ (D x D), n_samples_, n_features_in_,
     explained_eigvals_ and explained_eigvecs_ (cosine kernel: eigen-decomposition of R,
-    descending).
+    descending), source_mean_ and target_mean_ (feature means when centred, else None).
     """
 
     def __init__(self, direction: str = "t2i", kernel: str = "cosine", ridge: float = 1e-4,
                  strength: float = 1.0, sigma: float | None = None, rff_dim: int = 2500, seed: int = 0,
-                 method: str = "auto"):
+                 method: str = "auto", center: bool = False):
         self.direction = direction
         self.kernel = kernel
         self.ridge = ridge
@@ -67,6 +77,7 @@ class SchurCorrector:
         self.rff_dim = rff_dim
         self.seed = seed
         self.method = method
+        self.center = center
 
     # -- fitting -----------------------------------------------------------------------------
     def fit(self, source_emb, target_emb) -> "SchurCorrector":
@@ -85,6 +96,10 @@ class SchurCorrector:
         # One draw of random features, shared by both sides (sigma's median heuristic sees both).
         fmap.fit(source if self.kernel == "cosine" else np.vstack([source, target]))
         phi_s, phi_t = fmap.transform(source), fmap.transform(target)
+        source_mean = target_mean = None
+        if self.center:
+            source_mean, target_mean = phi_s.mean(axis=0), phi_t.mean(axis=0)
+            phi_s, phi_t = phi_s - source_mean, phi_t - target_mean
         n, D = phi_s.shape
         method = choose_method(self.method, n, D)
         if method == "primal":
@@ -105,6 +120,7 @@ class SchurCorrector:
         self.n_samples_ = n
         self.n_features_in_ = source.shape[1]
         self.method_ = method
+        self.source_mean_, self.target_mean_ = source_mean, target_mean
         if self.kernel == "cosine":
             lam, vec = linalg.eigh(R, check_finite=False)
             order = np.argsort(lam)[::-1]
@@ -119,6 +135,8 @@ class SchurCorrector:
     def correct(self, source_emb, target_emb) -> np.ndarray:
         """Corrected target features phi(target) - strength * Gamma' phi(source), row by row.
 
+        When centred, phi(source) - source_mean_ takes the place of phi(source).
+
         Not renormalised: with the cosine kernel, divide by the row norms before comparing
         with text queries.
         """
@@ -132,6 +150,8 @@ class SchurCorrector:
                 )
         phi_s = self.feature_map_.transform(source)
         phi_t = self.feature_map_.transform(target)
+        if self.source_mean_ is not None:
+            phi_s = phi_s - self.source_mean_
         return phi_t - float(self.strength) * (phi_s @ self.gamma_)
 
     def n_components_for_energy(self, energy: float) -> int:
@@ -187,6 +207,9 @@ class SchurCorrector:
         if self.explained_eigvecs_ is not None:
             arrays["explained_eigvals"] = self.explained_eigvals_
             arrays["explained_eigvecs"] = self.explained_eigvecs_
+        if self.source_mean_ is not None:
+            arrays["source_mean"] = self.source_mean_
+            arrays["target_mean"] = self.target_mean_
         if isinstance(self.feature_map_, RandomFourierFeatures):
             arrays["rff_frequencies"] = self.feature_map_.frequencies_
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,13 +257,17 @@ class SchurCorrector:
         obj.method_ = meta["method"]
         obj.explained_eigvals_ = arrays.get("explained_eigvals")
         obj.explained_eigvecs_ = arrays.get("explained_eigvecs")
+        obj.source_mean_ = arrays.get("source_mean")
+        obj.target_mean_ = arrays.get("target_mean")
+        if obj.center and obj.source_mean_ is None:
+            raise ValueError(f"{path} is a centred SchurCorrector without its means; fit the correction again")
         return obj
 
     def get_params(self) -> dict:
         return {
             "direction": self.direction, "kernel": self.kernel, "ridge": self.ridge,
             "strength": self.strength, "sigma": self.sigma, "rff_dim": self.rff_dim,
-            "seed": self.seed, "method": self.method,
+            "seed": self.seed, "method": self.method, "center": self.center,
         }
 
     def __repr__(self) -> str:

@@ -88,11 +88,61 @@ def test_query_side_projection_ranks_like_reindexed_collection():
     assert list(a) == list(b)
 
 
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_centred_fit_matches_brute_force(method):
+    """center=True: Gamma, R and the paired correction from mean-centred features."""
+    T, I = paired_data(n=40 if method == "dual" else 100, d=10, seed=8)
+    c = sc.SchurCorrector(ridge=RIDGE, method=method, center=True, strength=0.8).fit(T, I)
+    assert c.method_ == method
+    phi_t, phi_i = bf_cos(T), bf_cos(I)
+    mu_t, mu_i = phi_t.mean(axis=0), phi_i.mean(axis=0)
+    *_, gamma, R, _ = bf_blocks(phi_t - mu_t, phi_i - mu_i, RIDGE)
+    np.testing.assert_allclose(c.gamma_, gamma, atol=1e-9)
+    np.testing.assert_allclose(c.explained_eigvals_, np.sort(np.clip(np.linalg.eigvalsh(R), 0, None))[::-1],
+                               atol=1e-10)
+    T2, I2 = paired_data(n=5, d=10, seed=9)
+    expected = bf_cos(I2) - 0.8 * (bf_cos(T2) - mu_t) @ gamma
+    np.testing.assert_allclose(c.correct(T2, I2), expected, atol=1e-10)
+
+
+def test_centred_projection_removes_concept_differences_and_keeps_shared_content():
+    """Prompts that name only the concept value, images = shared content + concept + noise.
+
+    Centred, the m - 1 top directions of R span the differences between the concept values'
+    mean images: after projecting them out the fitted images' class means coincide (no linear
+    probe can beat chance on them) and the content every concept image shares is kept.
+    Uncentred, the top m directions also take that shared content away.
+    """
+    rng = np.random.default_rng(11)
+    d, m, n = 32, 5, 500
+    shared = np.zeros(d)
+    shared[0] = 3.0  # e.g. "a hand": in every concept image, strongly
+    concept_vecs = rng.normal(size=(m, d)) * 0.5
+    y = np.arange(n) % m
+    images = shared + concept_vecs[y] + 0.3 * rng.normal(size=(n, d))
+    prompts = (rng.normal(size=(m, d)) + 2.0)[y]  # m distinct prompt embeddings
+    phi = bf_cos(images)
+
+    centred = sc.SchurCorrector(ridge=1e-6, center=True).fit(prompts, images)
+    assert centred.n_components_for_energy(1.0 - 1e-9) == m - 1  # rank m - 1 once centred
+    P = centred.projection(n_components=m - 1)
+    means = np.array([(phi @ P)[y == c].mean(axis=0) for c in range(m)])
+    assert np.abs(means - means.mean(axis=0)).max() < 1e-8
+    raw_means = np.array([phi[y == c].mean(axis=0) for c in range(m)])
+    assert np.abs(raw_means - raw_means.mean(axis=0)).max() > 0.05  # there was a concept to remove
+
+    direction = phi.mean(axis=0) / np.linalg.norm(phi.mean(axis=0))  # the shared content
+    kept_centred = np.linalg.norm(P @ direction)
+    P_uncentred = sc.SchurCorrector(ridge=1e-6).fit(prompts, images).projection(n_components=m)
+    kept_uncentred = np.linalg.norm(P_uncentred @ direction)
+    assert kept_centred > 0.9 and kept_uncentred < 0.2
+
+
 # ---------------------------------------------------------------- persistence
-@pytest.mark.parametrize("kernel", ["cosine", "gaussian"])
-def test_save_load_round_trip(tmp_path, kernel):
+@pytest.mark.parametrize("kernel,center", [("cosine", False), ("gaussian", False), ("cosine", True)])
+def test_save_load_round_trip(tmp_path, kernel, center):
     T, I = paired_data(n=90, d=7)
-    c = sc.SchurCorrector(kernel=kernel, rff_dim=30, strength=0.7, ridge=RIDGE, seed=4).fit(T, I)
+    c = sc.SchurCorrector(kernel=kernel, rff_dim=30, strength=0.7, ridge=RIDGE, seed=4, center=center).fit(T, I)
     path = c.save(tmp_path / "sub" / "corr.npz")
     c2 = sc.SchurCorrector.load(path)
     assert c2.get_params() == c.get_params()

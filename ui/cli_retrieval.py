@@ -75,6 +75,8 @@ def fit_command(
     energy: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="Or: share of tr R to project (default 0.99).")] = None,
     strength: Annotated[float, typer.Option(help="Paired correction strength s (1 nullifies, < 0 focuses).")] = 1.0,
     ridge: Annotated[float, typer.Option(min=0.0, help="Ridge added to the source covariance.")] = 1e-4,
+    center: Annotated[bool, typer.Option("--center/--no-center", help="Fit on mean-centred features: remove what varies "
+                                         "with the prompts, keep what all concept images share.")] = True,
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite a correction of the same name.")] = False,
     reuse: Annotated[bool, typer.Option("--reuse/--no-reuse", help="Take the stored embedding of concept images already "
                                         "in the collection (same file content); --no-reuse encodes every image.")] = True,
@@ -104,7 +106,7 @@ def fit_command(
         with _open(collection, db) as opened:
             result = fit_concept_correction(
                 opened, _encoder(opened), concept_set, name=name, direction=direction, kernel=kernel, mode=mode,
-                n_components=components, energy=energy, strength=strength, ridge=ridge, replace=replace,
+                n_components=components, energy=energy, strength=strength, ridge=ridge, center=center, replace=replace,
                 reuse_stored=reuse, progress=not quiet)
         info = result.info
         typer.echo(f"stored correction {info.name!r}: {info.direction}, {info.kernel}, {mode}, "
