@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from indexing.collection import Collection
+from indexing.correction_store import load_correction
 from indexing.pipeline import build_collection
 from retrieval.concepts import load_concept_set, text_pairs
 from retrieval.corrections import fit_concept_correction
@@ -119,3 +120,46 @@ def test_reindexed_equals_query_side_on_the_sample(sample_collection):
         reindex(coll, "no-tone", progress=False)
         after = [[h.item_id for h in r.search(q, 10, correction="no-tone", strategy="reindexed").hits] for q in queries]
         assert before == after
+
+
+def test_centred_projection_equalises_tone_means_and_keeps_objects(sample_collection, tmp_path):
+    """Fitted on the sub-collection's own tone images (tone-only prompts, stored embeddings
+    reused): the centred projection makes the five tones' mean embeddings equal on those
+    images, and object-name searches find the object at least as often as before."""
+    root, encoder, objects = sample_collection
+    with Collection.open(root) as coll:
+        ids = coll.embeddings.ids("image")
+        records = coll.items(ids)
+        tone_of = {i: (records[i].metadata or {}).get("skin_tone") for i in ids.tolist()}
+        toned_ids = [i for i in ids.tolist() if tone_of[i] in TONES]
+        concept_csv = tmp_path / "tones.csv"
+        with concept_csv.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["prompt", "image"])
+            w.writerows([f"{tone_of[i]} skin tone", records[i].uri] for i in toned_ids)
+        result = fit_concept_correction(coll, encoder, load_concept_set(concept_csv), name="tones-centred")
+        assert result.images_reused == len(toned_ids) == 150 and result.images_encoded == 0
+        assert result.n_components == 4  # five distinct prompts: rank 4 once centred
+
+        P = load_correction(coll, "tones-centred").corrector.projection(n_components=result.n_components)
+        X = coll.embeddings.get("image", np.array(toned_ids))
+        X = X / np.linalg.norm(X, axis=1, keepdims=True)
+        labels = np.array([tone_of[i] for i in toned_ids])
+
+        def spread(E):
+            means = np.array([E[labels == t].mean(axis=0) for t in TONES])
+            return float(np.abs(means - means.mean(axis=0)).max())
+
+        assert spread(X) > 0.05  # the tones differ before
+        assert spread(X @ P) < 1e-5 * spread(X)
+
+        r = Retriever(coll, encoder)
+
+        def found(correction):
+            hits = 0
+            for obj in objects:
+                res = r.search(r.embed_text(obj), 10, correction=correction, strategy="query" if correction else "auto")
+                hits += any((records[h.item_id].metadata or {}).get("object") == obj for h in res.hits)
+            return hits / len(objects)
+
+        assert found("tones-centred") >= found(None) - 0.05
