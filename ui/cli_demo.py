@@ -23,7 +23,7 @@ DEMO_CORRECTIONS = (
 
 
 def ensure_demo_collection(root: Path, data_dir: Path = REPO_DATA, *, progress: bool = True):
-    """Build the sample collection and fit the demo corrections, each only when missing."""
+    """Build the sample collection and fit the demo corrections, each only when missing or stale."""
     from indexing.collection import Collection
     from indexing.correction_store import list_corrections
     from indexing.pipeline import build_collection
@@ -42,14 +42,16 @@ def ensure_demo_collection(root: Path, data_dir: Path = REPO_DATA, *, progress: 
         typer.echo(f"building the sample collection in {root} (first run only) ...")
         build_collection(captions, root, encoder="default", progress=progress)
     with Collection.open(root) as coll:
-        have = {c.name for c in list_corrections(coll)}
-        missing = [c for c in DEMO_CORRECTIONS if c[0] not in have]
-        if missing:
+        have = {c.name: c for c in list_corrections(coll)}
+        # Missing, or fitted by an older demo (another concept file, or uncentred): fit again.
+        todo = [c for c in DEMO_CORRECTIONS if c[0] not in have
+                or Path(have[c[0]].fitted_on or "").name != c[1] or not have[c[0]].parameters.get("center")]
+        if todo:
             encoder = indexing.load_encoder(coll.encoder_name)
-            for name, concept_file, mode in missing:
+            for name, concept_file, mode in todo:
                 typer.echo(f"fitting correction {name} from data/concepts/{concept_file} ...")
                 fit_concept_correction(coll, encoder, load_concept_set(data_dir / "concepts" / concept_file),
-                                       name=name, mode=mode)
+                                       name=name, mode=mode, replace=name in have)
     return root
 
 
