@@ -11,6 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def temporary_name(path: str | Path) -> Path:
+    """A hidden, unique sibling of ``path`` to write before renaming it into place."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     """Write ``path`` through ``write(temporary_path)``, then fsync and rename it into place.
 
@@ -19,23 +25,32 @@ def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    temporary = temporary_name(path)
     try:
         write(temporary)
-        descriptor = os.open(temporary, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
-        os.replace(temporary, path)
+        replace_durably(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _fsync_directory(path.parent)
 
 
-def _fsync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; not possible on every platform, which is harmless.
+def replace_durably(temporary: str | Path, path: str | Path) -> None:
+    """fsync the complete file ``temporary``, rename it to ``path`` and fsync the directory."""
+    fsync_file(temporary)
+    os.replace(temporary, path)
+    fsync_directory(Path(path).parent)
+
+
+def fsync_file(path: str | Path) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def fsync_directory(directory: str | Path) -> None:
+    """Make renames and new names in ``directory`` durable (harmless where unsupported)."""
     try:
         descriptor = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -46,3 +61,4 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+

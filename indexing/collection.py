@@ -11,6 +11,9 @@ Layout of a collection directory (the catalog may live elsewhere with ``db=URL``
         catalog.sqlite
         embeddings/<kind>/<uuid>.npy     raw encoder outputs, one file per written shard
         indexes/<version name>.faiss     unit-norm vectors under catalog ids
+        indexes/.<version name>.faiss.<hex>.partial, .progress
+                                         a version being built: its staged vectors and the
+                                         checkpoint record a killed job resumes from
 
 Typical use::
 
@@ -24,17 +27,19 @@ Typical use::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import faiss
 import numpy as np
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.orm import Session
 
 from indexing.catalog import (
@@ -50,7 +55,14 @@ from indexing.catalog import (
     open_catalog,
     utc_now,
 )
-from indexing.vector_index import DEFAULT_FACTORY, VectorIndex, write_atomically
+from indexing.vector_index import (
+    DEFAULT_FACTORY,
+    StagedVectors,
+    VectorIndex,
+    flat_layout_matches_faiss,
+    unit_rows,
+    write_atomically,
+)
 
 try:  # advisory write lock; not available on Windows, where writers are not guarded
     import fcntl
@@ -68,6 +80,7 @@ LOCK_FILENAME = ".write.lock"
 # instead of issuing many `IN (...)` queries (SQLite caps bound parameters).
 _BULK_LOOKUP = 5000
 _IN_CHUNK = 900
+_PUBLISH_CHUNK = 65536  # staged vectors moved at a time into a non-flat index
 
 
 class CollectionNotFoundError(FileNotFoundError):
@@ -248,11 +261,18 @@ class EmbeddingStore:
 
     def ids(self, kind: str = EmbeddingKind.IMAGE) -> np.ndarray:
         """Sorted ids that have a stored vector of this kind."""
-        with self.catalog.session() as session:
-            rows = session.scalars(
-                select(Embedding.item_id).where(Embedding.kind == kind).order_by(Embedding.item_id)
-            ).all()
-        return np.asarray(rows, dtype=np.int64)
+        statement = select(Embedding.item_id).where(Embedding.kind == kind).order_by(Embedding.item_id)
+        return self._int_table(statement, 1)[:, 0].copy()
+
+    def _int_table(self, statement: Any, columns: int) -> np.ndarray:
+        """An integer query result as an (n, columns) int64 array.
+
+        Through a Core connection and ``np.fromiter``: the ORM's per-row objects cost several
+        seconds for a million embedding rows.
+        """
+        with self.catalog.engine.connect() as connection:
+            values = itertools.chain.from_iterable(connection.execute(statement))
+            return np.fromiter(values, dtype=np.int64).reshape(-1, columns)
 
     def get(self, kind: str, ids: np.ndarray | Sequence[int]) -> np.ndarray:
         """Float32 vectors for ``ids``, in that order; KeyError names ids without one."""
@@ -271,19 +291,139 @@ class EmbeddingStore:
         kind: str = EmbeddingKind.IMAGE,
         chunk_size: int = 65536,
         ids: np.ndarray | Sequence[int] | None = None,
+        *,
+        exclude: np.ndarray | Sequence[int] | None = None,
+        into: Callable[[int, int], np.ndarray] | None = None,
+        fill: Callable[[np.ndarray, np.ndarray], object] | None = None,
     ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids, float32 vectors) chunks of the stored vectors (all, or only ``ids``).
 
-        Reads shard by shard through memory maps, so a re-index streams the store without
-        holding it in memory.
+        Ordered by shard and row. Without ``ids`` the catalog is read a few shards at a time
+        and the vectors through memory maps, so a re-index streams the store without holding
+        it (or its million-row location table) in memory. ``exclude``: ids to leave out (the
+        ones a resumed job already has). ``into(rows, dim)``: a float32 C-contiguous buffer
+        of ``chunk_size`` rows that each chunk is copied into (a reused buffer saves a fresh
+        allocation per chunk); a yielded chunk is a view of it, valid until the buffer is
+        reused. Without it each chunk is a new array. ``fill(target, source)``: how rows
+        are copied into that buffer (default ``np.copyto``; a re-index normalises on the way).
         """
         wanted = None if ids is None else np.asarray(ids, dtype=np.int64)
         if wanted is not None and not len(wanted):
             return
-        item_ids, shard_ids, rows = self._locate(kind, wanted)
-        for start in range(0, len(item_ids), chunk_size):
-            stop = start + chunk_size
-            yield item_ids[start:stop], self._read(shard_ids[start:stop], rows[start:stop])
+        skip = None if exclude is None or not len(exclude) else np.asarray(exclude, dtype=np.int64)
+        pending_ids: list[np.ndarray] = []
+        pending: list[np.ndarray] = []
+        buffer: np.ndarray | None = None
+        filled = 0
+        for piece_ids, piece in self._pieces(kind, wanted, skip, chunk_size):
+            while len(piece_ids):
+                take = min(chunk_size - filled, len(piece_ids))
+                if into is not None:
+                    if buffer is None:
+                        buffer = into(chunk_size, piece.shape[1])
+                    target, source = buffer[filled : filled + take], piece[:take]
+                    if fill is None:
+                        np.copyto(target, source, casting="same_kind")
+                    else:
+                        fill(target, source)
+                else:
+                    pending.append(piece[:take])
+                pending_ids.append(piece_ids[:take])
+                piece_ids, piece, filled = piece_ids[take:], piece[take:], filled + take
+                if filled == chunk_size:
+                    yield self._assemble(pending_ids, pending, buffer, filled)
+                    pending_ids, pending, buffer, filled = [], [], None, 0
+        if filled:
+            yield self._assemble(pending_ids, pending, buffer, filled)
+
+    @staticmethod
+    def _assemble(
+        pending_ids: list[np.ndarray], pending: list[np.ndarray], buffer: np.ndarray | None,
+        filled: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        chunk_ids = np.concatenate(pending_ids) if len(pending_ids) > 1 else pending_ids[0].copy()
+        if buffer is not None:
+            return chunk_ids, buffer[:filled]
+        if len(pending) == 1:
+            return chunk_ids, np.array(pending[0], dtype=np.float32)
+        return chunk_ids, np.concatenate(pending).astype(np.float32, copy=False)
+
+    def _pieces(
+        self, kind: str, wanted: np.ndarray | None, skip: np.ndarray | None, chunk_size: int,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, rows) pieces in shard and row order: memory-map slices where rows are a run."""
+        for item_ids, shard_ids, rows, files in self._location_batches(kind, wanted, chunk_size):
+            if skip is not None:
+                keep = ~np.isin(item_ids, skip)
+                item_ids, shard_ids, rows = item_ids[keep], shard_ids[keep], rows[keep]
+            if not len(item_ids):
+                continue
+            boundaries = np.flatnonzero(np.diff(shard_ids)) + 1
+            starts = np.r_[0, boundaries].tolist()
+            stops = np.r_[boundaries, len(item_ids)].tolist()
+            for start, stop in zip(starts, stops):
+                stored = np.load(self.directory / files[int(shard_ids[start])], mmap_mode="r")
+                shard_rows, shard_items = rows[start:stop], item_ids[start:stop]
+                first, last = int(shard_rows[0]), int(shard_rows[-1])
+                if last - first + 1 == len(shard_rows):  # a run of rows (a full scan): no gather
+                    yield shard_items, stored[first : last + 1]
+                else:
+                    yield shard_items, stored[shard_rows]
+
+    def _location_batches(
+        self, kind: str, wanted: np.ndarray | None, chunk_size: int,
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]]:
+        """(item ids, shard ids, rows, shard files) sorted by shard and row, a few shards at a time."""
+        with self.catalog.session() as session:
+            shards = session.execute(
+                select(EmbeddingShard.id, EmbeddingShard.file, EmbeddingShard.count)
+                .where(EmbeddingShard.kind == kind)
+                .order_by(EmbeddingShard.id)
+            ).all()
+        files = {shard_id: file for shard_id, file, _ in shards}
+        if wanted is not None:
+            item_ids, shard_ids, rows = self._locate(kind, wanted)
+            yield item_ids, shard_ids, rows, files
+            return
+        batch_rows = max(chunk_size, 65536)
+        group: list[int] = []
+        grouped = 0
+        for position, (shard_id, _, count) in enumerate(shards):
+            group.append(shard_id)
+            grouped += count
+            if grouped < batch_rows and len(group) < _IN_CHUNK and position < len(shards) - 1:
+                continue
+            table = self._shard_rows(group)
+            table = table[np.lexsort((table[:, 2], table[:, 1]))]
+            yield table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy(), files
+            group, grouped = [], 0
+
+    def _shard_rows(self, shard_ids: list[int]) -> np.ndarray:
+        """(item id, shard id, row) of every embedding stored in ``shard_ids``.
+
+        By shard id alone (a shard holds one kind), so the query uses the shard index.
+        """
+        if self.catalog.engine.dialect.name == "sqlite":
+            # One text per shard parsed by numpy: a third of the time of a million row tuples.
+            statement = text(
+                'SELECT shard_id, count(*), group_concat(item_id || \',\' || "row") FROM embeddings '
+                "WHERE shard_id IN ({}) GROUP BY shard_id".format(",".join(str(int(i)) for i in shard_ids))
+            )
+            parts = []
+            with self.catalog.engine.connect() as connection:
+                for shard_id, count, pairs in connection.execute(statement):
+                    values = np.fromstring(pairs, dtype=np.int64, sep=",")
+                    if len(values) != 2 * count:
+                        raise ValueError(f"unreadable embedding locations of shard {shard_id}")
+                    pairs = values.reshape(-1, 2)
+                    parts.append(np.column_stack([pairs[:, 0], np.full(count, shard_id), pairs[:, 1]]))
+            return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
+        return self._int_table(
+            select(Embedding.item_id, Embedding.shard_id, Embedding.row).where(
+                Embedding.shard_id.in_(shard_ids)
+            ),
+            3,
+        )
 
     def sample(
         self, kind: str, size: int, seed: int = 0
@@ -318,19 +458,15 @@ class EmbeddingStore:
         columns = select(Embedding.item_id, Embedding.shard_id, Embedding.row).where(
             Embedding.kind == kind
         )
-        with self.catalog.session() as session:
-            if wanted is None or len(wanted) > _BULK_LOOKUP:
-                result = session.execute(columns).all()
-            else:
-                result = []
-                unique = np.unique(wanted).tolist()
-                for start in range(0, len(unique), _IN_CHUNK):
-                    chunk = unique[start : start + _IN_CHUNK]
-                    result.extend(
-                        session.execute(columns.where(Embedding.item_id.in_(chunk))).all()
-                    )
-        # tuple() first: numpy probes each Row for array protocols, which is 10x slower.
-        table = np.array([tuple(row) for row in result], dtype=np.int64).reshape(-1, 3)
+        if wanted is None or len(wanted) > _BULK_LOOKUP:
+            table = self._int_table(columns, 3)
+        else:
+            unique = np.unique(wanted).tolist()
+            parts = [
+                self._int_table(columns.where(Embedding.item_id.in_(unique[start : start + _IN_CHUNK])), 3)
+                for start in range(0, len(unique), _IN_CHUNK)
+            ]
+            table = np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
         if wanted is not None and len(wanted) > _BULK_LOOKUP:
             table = table[np.isin(table[:, 0], wanted)]
         table = table[np.lexsort((table[:, 2], table[:, 1]))]
@@ -366,44 +502,83 @@ class EmbeddingStore:
 class IndexVersionWriter:
     """Fills one index version; obtained from :meth:`Collection.new_index_version`.
 
-    ``done_ids`` are already in the (possibly resumed) index: skip them. ``add`` saves a
-    checkpoint every ``checkpoint_every`` vectors so a killed job resumes from there.
+    Vectors go straight to a staging file on disk (:class:`~indexing.vector_index.StagedVectors`),
+    not into an in-memory index. ``done_ids`` are already staged (by this job, or by a killed
+    or failed one it resumes): skip them. Every ``checkpoint_every`` vectors ``add`` makes
+    the staged vectors durable and records how many there are, so a killed job resumes from
+    there; a checkpoint writes only what is new, never the whole index again.
     """
 
     def __init__(
-        self, collection: Collection, version: IndexVersionInfo, index: VectorIndex,
-        checkpoint_every: int,
+        self, collection: Collection, version: IndexVersionInfo, staged: StagedVectors,
+        index: VectorIndex | None, checkpoint_every: int,
     ) -> None:
         self.collection = collection
         self.version = version
+        self.staged = staged
+        # the in-memory index a non-flat version is trained and filled in when published;
+        # None for a flat version, whose staging file becomes the index file itself
         self.index = index
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every = max(int(checkpoint_every), 1)
+        self.checkpoints = 0  # how many checkpoints this job has made durable
+        self.resumed = staged.count  # vectors staged before this job started
         self._since_checkpoint = 0
 
     @property
     def done_ids(self) -> np.ndarray:
-        return self.index.ids()
+        return self.staged.ids()
+
+    @property
+    def count(self) -> int:
+        return self.staged.count
 
     @property
     def needs_training(self) -> bool:
-        return not self.index.is_trained
+        return self.index is not None and not self.index.is_trained
 
     def train(self, vectors: np.ndarray) -> None:
-        self.index.train(vectors)
+        if self.index is not None:
+            self.index.train(vectors)
 
     def add(
         self, ids: np.ndarray | Sequence[int], vectors: np.ndarray, check_new: bool = True,
         normalize: bool = True,
     ) -> None:
-        """Add vectors (unit-norm copies unless ``normalize=False``; see VectorIndex.add)."""
-        self.index.add(ids, vectors, check_new=check_new, normalize=normalize)
+        """Stage vectors (unit-norm copies unless ``normalize=False``; see VectorIndex.add)."""
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        rows = unit_rows(vectors) if normalize else np.ascontiguousarray(vectors, dtype=np.float32)
+        if ids.ndim != 1 or rows.ndim != 2:
+            raise ValueError(f"expected 1-d ids and 2-d vectors, got {ids.shape} and {rows.shape}")
+        if rows.shape[1] != self.staged.dim:
+            raise ValueError(
+                f"vectors have dimension {rows.shape[1]}, the index has dimension {self.staged.dim}"
+            )
+        if len(ids) != len(rows):
+            raise ValueError(f"{len(ids)} ids for {len(rows)} vectors")
+        if check_new:
+            if len(np.unique(ids)) != len(ids):
+                raise ValueError("ids passed to add() repeat")
+            present = np.isin(ids, self.staged.ids())
+            if present.any():
+                raise ValueError(f"ids already in the index: {ids[present][:10].tolist()}")
+        if not len(ids):
+            return
+        self.staged.append(ids, rows)
         self._since_checkpoint += len(ids)
         if self._since_checkpoint >= self.checkpoint_every:
             self.checkpoint()
 
     def checkpoint(self) -> None:
-        self.collection._save_version_file(self.version.name, self.index)
+        """Make everything staged durable and record it (what a killed job resumes from)."""
+        self.staged.checkpoint()
         self._since_checkpoint = 0
+        self.checkpoints += 1
+        with self.collection.catalog.sessions.begin() as session:
+            session.execute(
+                update(IndexVersion)
+                .where(IndexVersion.name == self.version.name)
+                .values(count=self.staged.count, updated_at=utc_now())
+            )
 
 
 class Collection:
@@ -795,15 +970,21 @@ class Collection:
         parameters: dict[str, Any] | None = None,
         resume: bool = True,
         checkpoint_every: int = 200_000,
+        expected_count: int | None = None,
     ) -> Iterator[IndexVersionWriter]:
         """Build a new index version and publish it atomically when the block ends.
 
         Inside the block the version is ``building`` and searches keep using the current
-        one. On success the file is saved, the version becomes ``ready`` and the previous
-        ready version of the same (kind, correction) is ``retired`` in one transaction. On
-        an exception it is ``failed``. With ``resume`` an unfinished version of the same
-        kind, correction, factory, encoder and dimension is continued from its last
-        checkpoint (``writer.done_ids``).
+        one; added vectors are staged on disk beside the index file (hidden ``.partial`` and
+        ``.progress`` files). On success the index file is completed (a flat index: the
+        staging file itself, fsync'ed and renamed; others: built from it and saved
+        atomically), the version becomes ``ready`` and the previous ready version of the
+        same (kind, correction) is ``retired`` in one transaction, and the staging files are
+        removed. On an exception it is ``failed``. With ``resume`` an unfinished version of
+        the same kind, correction, factory, encoder and dimension is continued from its last
+        checkpoint (``writer.done_ids``); staged ids that lost their stored embedding since
+        are dropped. ``expected_count``: how many vectors will be added (sizes the staging
+        file; it grows when more come).
         """
         encoder = self.encoder_name
         dim = dim if dim is not None else self.dim
@@ -814,18 +995,18 @@ class Collection:
             info = self._resume_or_create_version(
                 kind, correction, factory, encoder, int(dim), parameters or {}, resume
             )
-            if info.file.exists():
-                index = VectorIndex.load(info.file, factory)
-                logger.info("resuming index version %s at %d vectors", info.name, index.count)
-            else:
-                index = VectorIndex.create(info.dim, factory)
-            writer = IndexVersionWriter(self, info, index, checkpoint_every)
+            self._sweep_build_files(info.file.parent)
+            staged = self._open_staged(info, expected_count)
+            index = None if factory == DEFAULT_FACTORY else VectorIndex.create(info.dim, factory)
+            writer = IndexVersionWriter(self, info, staged, index, checkpoint_every)
             try:
                 yield writer
+                self._publish(info, writer)
             except Exception:
                 self._set_state(info.name, IndexState.FAILED)
                 raise
-            self._publish(info, index)
+            finally:
+                writer.staged.close()
 
     @contextlib.contextmanager
     def edit_index_version(self, name: str) -> Iterator[VectorIndex]:
@@ -875,12 +1056,14 @@ class Collection:
                     logger.info("added %d vectors to index version %s", len(missing), current.name)
                 return self.version(current.name)
             chosen_factory = factory or (current.factory if current else DEFAULT_FACTORY)
-            with self.new_index_version(kind=kind, factory=chosen_factory) as writer:
+            with self.new_index_version(
+                kind=kind, factory=chosen_factory, expected_count=len(stored_ids)
+            ) as writer:
                 if writer.needs_training:
                     _, sample = self.embeddings.sample(kind, train_size)
                     writer.train(sample)
-                missing = np.setdiff1d(stored_ids, writer.done_ids, assume_unique=True)
-                for ids, vectors in self.embeddings.iter_chunks(kind, chunk_size, ids=missing):
+                done = writer.done_ids
+                for ids, vectors in self.embeddings.iter_chunks(kind, chunk_size, exclude=done):
                     writer.add(ids, vectors, check_new=False)
             return self.current_version(kind)  # type: ignore[return-value]
 
@@ -979,8 +1162,17 @@ class Collection:
             session.flush()
             return self._version_info(row)
 
-    def _publish(self, info: IndexVersionInfo, index: VectorIndex) -> None:
-        index.save(info.file)
+    def _publish(self, info: IndexVersionInfo, writer: IndexVersionWriter) -> None:
+        staged, count = writer.staged, writer.staged.count
+        if writer.index is None and flat_layout_matches_faiss(info.dim):
+            staged.publish_flat(info.file)  # the staged vectors are the index file's
+        else:
+            index = writer.index or VectorIndex.create(info.dim, info.factory)
+            ids = staged.ids()
+            for start in range(0, count, _PUBLISH_CHUNK):
+                stop = start + _PUBLISH_CHUNK
+                index.add(ids[start:stop], staged.rows(start, stop), check_new=False, normalize=False)
+            index.save(info.file)
         with self.catalog.sessions.begin() as session:
             session.execute(
                 update(IndexVersion)
@@ -997,10 +1189,88 @@ class Collection:
             session.execute(
                 update(IndexVersion)
                 .where(IndexVersion.name == info.name)
-                .values(state=IndexState.READY, count=index.count, updated_at=utc_now())
+                .values(state=IndexState.READY, count=count, updated_at=utc_now())
             )
+        staged.remove()
+        _remove_build_files(info.file)
         self._index_cache.pop(info.name, None)
-        logger.info("published index version %s (%d vectors)", info.name, index.count)
+        logger.info("published index version %s (%d vectors)", info.name, count)
+
+    # -- staging files of versions being built ------------------------------------------------
+    @staticmethod
+    def _progress_path(info: IndexVersionInfo) -> Path:
+        return info.file.with_name(f".{info.file.name}.progress")
+
+    def _open_staged(self, info: IndexVersionInfo, expected_count: int | None) -> StagedVectors:
+        """The staged vectors of ``info``: resumed from its progress record, or new."""
+        progress = self._progress_path(info)
+        staged = StagedVectors.open(progress, info.dim)
+        if staged is None:
+            _remove_build_files(info.file)
+            staged = StagedVectors.create(progress, info.dim, capacity=expected_count or 1024)
+            if info.file.exists():
+                self._stage_index_file(info, staged)
+        else:
+            _remove_build_files(info.file, keep={staged.file.name, progress.name})
+        if staged.count:
+            stored = self.embeddings.ids(info.kind)
+            keep = np.isin(staged.ids(), stored)
+            if not keep.all():
+                logger.info("dropping %d staged vectors whose items are gone", int((~keep).sum()))
+                staged = self._restage(staged, keep)
+            logger.info("resuming index version %s at %d vectors", info.name, staged.count)
+        return staged
+
+    def _stage_index_file(self, info: IndexVersionInfo, staged: StagedVectors) -> None:
+        """Stage the vectors of an unpublished version's index file: a checkpoint in the
+        former format (the whole partial index), or a file published just before a kill."""
+        try:
+            index = VectorIndex.load(info.file, info.factory)
+            inner = faiss.downcast_index(index.index.index)
+            if not isinstance(inner, faiss.IndexFlat):
+                logger.info("index version %s restarts: its %s checkpoint cannot be read back",
+                            info.name, info.factory)
+                return
+            ids = index.ids()
+            for start in range(0, len(ids), _PUBLISH_CHUNK):
+                stop = min(start + _PUBLISH_CHUNK, len(ids))
+                staged.append(ids[start:stop], inner.reconstruct_n(start, stop - start))
+        except (RuntimeError, ValueError, OSError) as error:
+            logger.warning("index version %s restarts: cannot read %s: %s", info.name, info.file, error)
+            return
+        staged.checkpoint()
+
+    @staticmethod
+    def _restage(staged: StagedVectors, keep: np.ndarray) -> StagedVectors:
+        """New staged vectors holding only the ``keep`` rows; replaces ``staged`` atomically."""
+        fresh = StagedVectors.create(staged.progress_path, staged.dim, capacity=max(int(keep.sum()), 1))
+        ids = staged.ids()
+        for start in range(0, staged.count, _PUBLISH_CHUNK):
+            stop = min(start + _PUBLISH_CHUNK, staged.count)
+            mask = keep[start:stop]
+            if mask.any():
+                fresh.append(ids[start:stop][mask], np.ascontiguousarray(staged.rows(start, stop)[mask]))
+        fresh.checkpoint()  # the progress record now names the new file
+        staged.close()
+        staged.file.unlink(missing_ok=True)
+        return fresh
+
+    def _sweep_build_files(self, directory: Path) -> None:
+        """Delete staging files left by versions that are no longer being built (a kill
+        between publishing a version and removing its staging files)."""
+        if not directory.is_dir():
+            return
+        with self.catalog.session() as session:
+            unfinished = set(session.scalars(
+                select(IndexVersion.name).where(
+                    IndexVersion.state.in_([IndexState.BUILDING, IndexState.FAILED])
+                )
+            ))
+        for path in directory.iterdir():
+            name = path.name.lstrip(".")
+            if path.name.startswith(".") and ".faiss." in name and name.endswith((".partial", ".progress", ".tmp")):
+                if name.split(".faiss.", 1)[0] not in unfinished:
+                    path.unlink(missing_ok=True)
 
     def _save_version_file(self, name: str, index: VectorIndex) -> None:
         info = self.version(name)
@@ -1068,6 +1338,16 @@ class Collection:
             self._save_version_file(info.name, index)
             logger.info("removed %d ids from index version %s", len(doomed), info.name)
         return to_rebuild
+
+
+def _remove_build_files(index_file: Path, keep: set[str] = frozenset()) -> None:  # type: ignore[assignment]
+    """Delete the hidden staging, progress and temporary files of ``index_file`` (not ``keep``)."""
+    if not index_file.parent.is_dir():
+        return
+    prefix = f"{index_file.name}."
+    for path in index_file.parent.iterdir():
+        if path.name.startswith(".") and path.name.lstrip(".").startswith(prefix) and path.name not in keep:
+            path.unlink(missing_ok=True)
 
 
 def _item_record(row: Item) -> ItemRecord:

@@ -10,23 +10,47 @@ Variants:
 - "paired": x -> phi(x) - s * Gamma' phi(source), with each item's own caption as the source
   (t2i; images for i2t/t2t on captions), then renormalised. Items without a paired source are
   stored uncorrected.
+
+The job is a three-stage pipeline, so that disk and compute overlap (numpy, BLAS and file
+I/O release the GIL): a reader thread copies stored vectors into reused buffers,
+normalising them on the way, this thread applies the correction (one matmul per chunk for a
+projection, into a reused output buffer), and a writer thread appends the result to the
+version's staging file, which checkpoints every ``checkpoint_every`` vectors by fsync'ing it
+and recording the count. A flat version's staging file becomes its index file, so every
+corrected vector is written once and no index is held in memory.
+
+Environment (for tests and tuning; the Python arguments take precedence):
+- ``SCE_REINDEX_CHECKPOINT_EVERY``: the checkpoint interval in vectors (default 200,000);
+- ``SCE_REINDEX_PAUSE_AFTER_CHECKPOINT``: seconds to stop after each durable checkpoint.
+  A test hook: it makes "kill the job after its first checkpoint" deterministic.
 """
 from __future__ import annotations
 
+import contextvars
 import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from indexing.collection import Collection, IndexVersionInfo
+from indexing.collection import Collection, IndexVersionInfo, IndexVersionWriter
 from indexing.correction_store import load_correction
-from indexing.vector_index import unit_rows
+from indexing.vector_index import unit_rows, unit_rows_into
 from retrieval.corrections import unit
 
 logger = logging.getLogger(__name__)
 
 VARIANTS = ("auto", "projection", "paired")
 SOURCE_KIND = {"t2i": "caption", "i2t": "image", "t2t": "caption"}
+DEFAULT_CHECKPOINT_EVERY = 200_000
+CHECKPOINT_ENV = "SCE_REINDEX_CHECKPOINT_EVERY"
+PAUSE_ENV = "SCE_REINDEX_PAUSE_AFTER_CHECKPOINT"
+_QUEUE_DEPTH = 1  # chunks waiting between two stages (each stage also holds one)
 
 
 def _paired_source_kind(direction: str) -> str:
@@ -36,10 +60,15 @@ def _paired_source_kind(direction: str) -> str:
 
 
 def reindex(collection: Collection, correction: str, *, variant: str = "auto", chunk_size: int = 65536,
-            factory: str | None = None, progress: bool = True, checkpoint_every: int = 200_000) -> IndexVersionInfo:
+            factory: str | None = None, progress: bool = True,
+            checkpoint_every: int | None = None) -> IndexVersionInfo:
     """Build (or resume) the corrected index version for `correction`; returns it once published."""
     if variant not in VARIANTS:
         raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+    if checkpoint_every is None:
+        checkpoint_every = int(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT_EVERY)
+    if checkpoint_every < 1 or chunk_size < 1:
+        raise ValueError("chunk_size and checkpoint_every must be positive")
     stored = load_correction(collection, correction)
     corrector, info = stored.corrector, stored.info
     kind = info.target_kind
@@ -65,38 +94,204 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
     apply_args = (collection, corrector, P, source_kind, source_ids)
     parameters = {"variant": variant, "correction_parameters": {k: v for k, v in info.parameters.items()
                                                                 if k != "concept_vector"}}
+    started = time.perf_counter()
     with collection.new_index_version(kind=kind, correction=correction, factory=factory, dim=dim,
-                                      parameters=parameters, checkpoint_every=checkpoint_every) as writer:
-        done = writer.done_ids
-        bar = tqdm(total=total, desc=f"re-index {correction}", unit="vec", disable=not progress, initial=len(done))
-        trained = not writer.needs_training
-        for ids, raw in collection.embeddings.iter_chunks(kind, chunk_size=chunk_size):
-            if len(done):
-                keep = ~np.isin(ids, done)
-                ids, raw = ids[keep], raw[keep]
-            if not len(ids):
-                continue
-            vectors = _apply(*apply_args, ids, raw)
-            if not trained:
-                sample_ids, sample_raw = collection.embeddings.sample(kind, 50_000)
-                writer.train(_apply(*apply_args, sample_ids, sample_raw))
-                trained = True
-            writer.add(ids, vectors, check_new=False, normalize=(variant != "projection"))
-            bar.update(len(ids))
-        bar.close()
+                                      parameters=parameters, checkpoint_every=checkpoint_every,
+                                      expected_count=total) as writer:
+        resumed = writer.resumed
+        if writer.needs_training:  # before the loop: a resumed job may have nothing left to add
+            sample_ids, sample_raw = collection.embeddings.sample(kind, 50_000)
+            writer.train(_apply(*apply_args, sample_ids, sample_raw))
+        bar = tqdm(total=total, desc=f"re-index {correction}", unit="vec", disable=not progress, initial=resumed)
+        try:
+            computed = _run(collection, kind, chunk_size, writer, apply_args,
+                            normalize_output=(variant != "projection"), bar=bar)
+        finally:
+            bar.close()
         version = writer.version
+    logger.info("re-index %s: computed %d vectors, reused %d from checkpoints, %.1f s",
+                correction, computed, resumed, time.perf_counter() - started)
     logger.info("published index version %s for correction %s", version.name, correction)
     return collection.version(version.name)
 
 
-def _apply(collection, corrector, P, source_kind, source_ids, ids, raw) -> np.ndarray:
-    """Corrected vectors for one chunk: P x (projection, P given) or the paired correction."""
-    x = unit_rows(raw)  # float32 throughout: this is the hot loop
+def _apply(collection, corrector, P, source_kind, source_ids, ids, raw, out=None, is_unit=False) -> np.ndarray:
+    """Corrected vectors for one chunk: P x (projection, P given) or the paired correction.
+
+    ``is_unit``: the rows of ``raw`` are unit-norm already (the pipeline normalises them
+    while copying them); ``out``: where to write P x (a reused buffer).
+    """
+    x = raw if is_unit else unit_rows(raw)  # float32 throughout: this is the hot loop
     if P is not None:
-        return x @ P.T
+        return np.matmul(x, P.T, out=out)
     has_source = np.isin(ids, source_ids)
     out = corrector.feature_map_.transform(x)
     if has_source.any():
         src = collection.embeddings.get(source_kind, ids[has_source])
         out[has_source] = corrector.correct(src, x[has_source])
     return unit(out).astype(np.float32)
+
+
+# -- the pipeline ----------------------------------------------------------------------------
+_DONE = object()
+
+
+class _Stop(Exception):
+    """Another stage failed: this one stops."""
+
+
+class _Pool:
+    """At most `size` reused float32 (rows, dim) buffers; `take` blocks until one is free."""
+
+    def __init__(self, size: int, stop: threading.Event) -> None:
+        self._free: queue.Queue[np.ndarray] = queue.Queue()
+        self._left = size
+        self._stop = stop
+
+    def take(self, rows: int, dim: int) -> np.ndarray:
+        try:
+            return self._free.get_nowait()
+        except queue.Empty:
+            pass
+        if self._left > 0:
+            self._left -= 1
+            return np.empty((rows, dim), dtype=np.float32)
+        return _get(self._free, self._stop)
+
+    def give(self, buffer: np.ndarray) -> None:
+        self._free.put(buffer)
+
+
+def _put(channel: queue.Queue, item: Any, stop: threading.Event) -> None:
+    while True:
+        try:
+            channel.put(item, timeout=0.1)
+            return
+        except queue.Full:
+            if stop.is_set():
+                raise _Stop from None
+
+
+def _get(channel: queue.Queue, stop: threading.Event) -> Any:
+    while True:
+        try:
+            return channel.get(timeout=0.1)
+        except queue.Empty:
+            if stop.is_set():
+                raise _Stop from None
+
+
+def _run(collection: Collection, kind: str, chunk_size: int, writer: IndexVersionWriter,
+         apply_args: tuple, normalize_output: bool, bar: Any) -> int:
+    """Correct and stage every stored vector not yet staged; returns how many were computed.
+
+    reader thread (copy, normalising on the way) -> this thread (`_apply`) -> writer thread
+    (append to the staging file, checkpoints). Bounded queues and buffer pools keep at most
+    a few chunks in memory. An error in any stage stops the others; chunks already corrected
+    are still staged (and checkpointed) before it is raised, so a retry keeps them.
+    """
+    stop = threading.Event()        # every stage stops (a failure anywhere)
+    reader_stop = threading.Event()  # only the reader stops (this thread failed)
+    inputs: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+    outputs: queue.Queue = queue.Queue(maxsize=_QUEUE_DEPTH)
+    in_pool = _Pool(_QUEUE_DEPTH + 2, stop)
+    projection = apply_args[2] is not None
+    out_pool = _Pool(_QUEUE_DEPTH + 2, stop) if projection else None
+    errors: list[BaseException] = []
+    done = writer.done_ids
+    pause = float(os.environ.get(PAUSE_ENV) or 0)
+
+    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        return collection.embeddings.iter_chunks(kind, chunk_size, exclude=done, into=in_pool.take,
+                                                 fill=unit_rows_into)
+
+    def read() -> None:
+        either = _Either(stop, reader_stop)
+        try:
+            for ids, raw in chunks():  # unit rows already (normalised while copied)
+                _put(inputs, (ids, raw), either)
+            _put(inputs, _DONE, either)
+        except _Stop:
+            pass
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread
+            errors.append(error)
+            stop.set()
+
+    def write() -> None:
+        try:
+            while True:
+                item = _get(outputs, stop)
+                if item is _DONE:
+                    return
+                ids, vectors, buffer = item
+                checkpoints = writer.checkpoints
+                writer.add(ids, vectors, check_new=False, normalize=normalize_output)
+                if out_pool is not None:
+                    out_pool.give(buffer)
+                bar.update(len(ids))
+                if pause and writer.checkpoints > checkpoints:
+                    logger.info("checkpoint at %d vectors; pausing %.0f s (%s)", writer.count, pause, PAUSE_ENV)
+                    time.sleep(pause)
+        except _Stop:
+            pass
+        except BaseException as error:  # noqa: BLE001
+            errors.append(error)
+            stop.set()
+
+    # in copies of the caller's context: a progress bar hooked through contextvars (the web
+    # UI's) follows the writer's updates
+    reader = threading.Thread(target=contextvars.copy_context().run, args=(read,), name="reindex-reader",
+                              daemon=True)
+    sink = threading.Thread(target=contextvars.copy_context().run, args=(write,), name="reindex-writer",
+                            daemon=True)
+    reader.start()
+    sink.start()
+    out_dim = None if apply_args[2] is None else apply_args[2].shape[0]
+    computed = 0
+    failure: BaseException | None = None
+    try:
+        while True:
+            item = _get(inputs, stop)
+            if item is _DONE:
+                break
+            ids, raw = item
+            buffer = None if out_pool is None else out_pool.take(chunk_size, out_dim)
+            vectors = _apply(*apply_args, ids, raw, None if buffer is None else buffer[: len(raw)], True)
+            in_pool.give(raw.base if raw.base is not None else raw)
+            _put(outputs, (ids, vectors, buffer), stop)
+            computed += len(ids)
+    except _Stop:
+        pass
+    except BaseException as error:
+        failure = error
+    finally:
+        reader_stop.set()
+        try:  # the writer stages what is already corrected, then ends
+            _put(outputs, _DONE, stop)
+        except _Stop:
+            pass
+        sink.join()
+        stop.set()
+        reader.join()
+    try:
+        writer.checkpoint()  # what this job staged is kept, also when it failed
+    except Exception:  # noqa: BLE001 - the first error is the one to report
+        if failure is None and not errors:
+            raise
+        logger.warning("could not checkpoint after the failure", exc_info=True)
+    if failure is not None:
+        raise failure
+    if errors:
+        raise errors[0]
+    return computed
+
+
+class _Either:
+    """Looks like a threading.Event that is set when either of two events is."""
+
+    def __init__(self, first: threading.Event, second: threading.Event) -> None:
+        self._events = (first, second)
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self._events)
+

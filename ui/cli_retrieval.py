@@ -174,6 +174,8 @@ def reindex_command(
     variant: Annotated[str, typer.Option(help="auto, projection or paired (each item's own caption).")] = "auto",
     factory: FactoryOption = None,
     chunk_size: Annotated[int, typer.Option(min=1, help="Vectors read and written at a time.")] = 65536,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        min=1, help="Make the work durable every N vectors, so a killed job resumes there (default 200,000).")] = None,
     collection: CollectionOption = DEFAULT_COLLECTION,
     db: DbOption = None,
     quiet: QuietOption = False,
@@ -189,7 +191,7 @@ def reindex_command(
 
         with _open(collection, db) as opened:
             version = reindex(opened, correction, variant=variant, factory=factory, chunk_size=chunk_size,
-                              progress=not quiet)
+                              checkpoint_every=checkpoint_every, progress=not quiet)
         typer.echo(f"index {version.name}: {version.count} vectors, correction {correction!r}, "
                    f"{version.parameters.get('variant')}, {version.file}")
 

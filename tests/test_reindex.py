@@ -1,0 +1,320 @@
+"""Batch re-index: staged index files, checkpoints, resume after SIGKILL through the real CLI."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+import pytest
+from conftest import ToyEncoder, make_image
+
+import retrieval.reindex as rx
+from indexing.collection import Collection
+from indexing.pipeline import build_collection
+from indexing.vector_index import StagedVectors, VectorIndex, flat_layout_matches_faiss
+from retrieval.concepts import load_concept_set
+from retrieval.corrections import fit_concept_correction
+from retrieval.reindex import reindex
+from retrieval.search import Retriever
+
+REPO = Path(__file__).resolve().parents[1]
+TOTAL = 40
+
+
+@pytest.fixture
+def collection_dir(tmp_path: Path, toy_encoder: ToyEncoder) -> Path:
+    """40 toy-encoded images with captions and a fitted projection correction "c1"."""
+    rows = []
+    for i in range(TOTAL):
+        make_image(tmp_path / "imgs" / f"{i:03d}.png", seed=i)
+        rows.append({"file": f"imgs/{i:03d}.png", "caption": f"item {i}"})
+    listing = tmp_path / "list.csv"
+    with listing.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["file", "caption"])
+        writer.writeheader()
+        writer.writerows(rows)
+    build_collection(listing, tmp_path / "coll", encoder=toy_encoder, progress=False)
+    concept = tmp_path / "concept.csv"
+    concept.write_text("prompt,image\n" + "".join(f"tone {i % 3},imgs/{i:03d}.png\n" for i in range(12)))
+    with Collection.open(tmp_path / "coll") as collection:
+        fit_concept_correction(collection, toy_encoder, load_concept_set(concept), name="c1", n_components=2)
+    return tmp_path / "coll"
+
+
+def _vectors(collection: Collection, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(ids, vectors) of an index version, in the file's order."""
+    _, index = collection.open_index(name)
+    ids = index.ids()
+    return ids, faiss.downcast_index(index.index.index).reconstruct_n(0, len(ids))
+
+
+def _by_id(ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    return vectors[np.argsort(ids)]
+
+
+def _hidden_files(collection_dir: Path) -> list[str]:
+    return sorted(p.name for p in (collection_dir / "indexes").iterdir() if p.name.startswith("."))
+
+
+# -- the real CLI, killed after its first durable checkpoint, then resumed ---------------------
+def _reindex_command(collection_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "ui.cli", "index", "reindex", "--correction", "c1",
+            "-c", str(collection_dir), "--chunk-size", "4", "--checkpoint-every", "8"]
+
+
+def _recorded_count(indexes: Path) -> int:
+    for progress in indexes.glob(".*.progress"):
+        try:
+            return int(json.loads(progress.read_text())["count"])
+        except (OSError, ValueError, KeyError):  # replaced meanwhile: look again
+            return 0
+    return 0
+
+
+def test_cli_reindex_killed_after_a_checkpoint_resumes_from_it(collection_dir, toy_encoder):
+    env = {k: v for k, v in os.environ.items() if k != rx.PAUSE_ENV}
+    env.pop(rx.CHECKPOINT_ENV, None)  # the command's --checkpoint-every 8: every second chunk of 4
+    command = _reindex_command(collection_dir)
+
+    reference = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert reference.returncode == 0, reference.stderr
+    assert f"{TOTAL} vectors" in reference.stdout
+    with Collection.open(collection_dir) as collection:
+        old = collection.current_version("image", "c1")
+        ref_ids, ref_vectors = _vectors(collection, old.name)
+        retriever = Retriever(collection, toy_encoder)
+        query = retriever.embed_text("item 7")
+        old_hits = [h.item_id for h in retriever.search(query, 5, correction="c1", strategy="reindexed").hits]
+    assert sorted(ref_ids.tolist()) == list(range(1, TOTAL + 1))
+
+    # Second job: pauses after its first durable checkpoint (a test hook), and is killed there.
+    process = subprocess.Popen(command, cwd=REPO, env={**env, rx.PAUSE_ENV: "120"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while _recorded_count(collection_dir / "indexes") < 8:
+            assert process.poll() is None, process.stderr.read().decode()
+            assert time.monotonic() < deadline, "the re-index never recorded a checkpoint"
+            time.sleep(0.05)
+        with Collection.open(collection_dir) as collection:  # searches meanwhile: the old version
+            building = [v for v in collection.versions() if v.correction == "c1" and v.state == "building"]
+            assert len(building) == 1 and building[0].name != old.name
+            assert collection.current_version("image", "c1").name == old.name
+            retriever = Retriever(collection, toy_encoder)
+            hits = [h.item_id for h in retriever.search(query, 5, correction="c1", strategy="reindexed").hits]
+            assert hits == old_hits
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert process.returncode == -signal.SIGKILL
+    partial = building[0].name
+    assert _recorded_count(collection_dir / "indexes") == 8  # the kill landed on the paused job
+    leftovers = _hidden_files(collection_dir)
+    assert f".{partial}.faiss.progress" in leftovers and any(n.endswith(".partial") for n in leftovers)
+    with Collection.open(collection_dir) as collection:  # still searchable after the kill
+        assert collection.current_version("image", "c1").name == old.name
+        assert [h.item_id for h in Retriever(collection, toy_encoder).search(
+            query, 5, correction="c1", strategy="reindexed").hits] == old_hits
+
+    resumed = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming index version {partial} at 8 vectors" in resumed.stderr
+    assert f"computed {TOTAL - 8} vectors, reused 8 from checkpoints" in resumed.stderr
+    with Collection.open(collection_dir) as collection:
+        new = collection.current_version("image", "c1")
+        assert new.name == partial and new.count == TOTAL
+        assert collection.version(old.name).state == "retired"
+        ids, vectors = _vectors(collection, new.name)
+        assert len(ids) == len(np.unique(ids)) == TOTAL  # every id exactly once
+        assert np.array_equal(np.sort(ids), collection.embeddings.ids("image"))
+        np.testing.assert_allclose(_by_id(ids, vectors), _by_id(ref_ids, ref_vectors), rtol=1e-5, atol=1e-6)
+    assert _hidden_files(collection_dir) == []  # no staging, progress or temporary files
+    assert {p.suffix for p in (collection_dir / "indexes").iterdir()} == {".faiss"}
+
+
+# -- the staging file ---------------------------------------------------------------------------
+@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "page_cache"])
+@pytest.mark.parametrize("dim", [3, 16, 1000])
+def test_staged_vectors_survive_a_kill_grow_and_become_a_faiss_file(tmp_path, monkeypatch, direct, dim):
+    if not direct:
+        monkeypatch.setenv("SCE_NO_DIRECT_IO", "1")
+    rng = np.random.default_rng(dim)
+    total = 700
+    ids = rng.permutation(100_000)[:total].astype(np.int64)
+    vectors = rng.standard_normal((total, dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    progress = tmp_path / ".v.faiss.progress"
+    staged = StagedVectors.create(progress, dim, capacity=100)
+    staged.append(ids[:150], vectors[:150])  # grows past the first capacity
+    staged.checkpoint()
+    staged.append(ids[150:260], np.full((110, dim), 7.0, np.float32))  # never checkpointed
+    staged.close()  # killed here
+
+    staged = StagedVectors.open(progress, dim)
+    assert staged is not None and staged.count == 150
+    np.testing.assert_array_equal(staged.ids(), ids[:150])
+    np.testing.assert_array_equal(staged.rows(0, 150), vectors[:150])
+    for number, start in enumerate(range(150, total, 37)):
+        staged.append(ids[start : start + 37], vectors[start : start + 37])
+        if number % 3 == 0:
+            staged.checkpoint()
+    np.testing.assert_array_equal(staged.rows(140, 160), vectors[140:160])
+    staged.publish_flat(tmp_path / "v.faiss")
+    assert not staged.file.exists()
+    assert flat_layout_matches_faiss(dim)
+    index = VectorIndex.load(tmp_path / "v.faiss")
+    np.testing.assert_array_equal(index.ids(), ids)
+    np.testing.assert_array_equal(faiss.downcast_index(index.index.index).reconstruct_n(0, total), vectors)
+    _, found = index.search(vectors[5], k=1)
+    assert found[0, 0] == ids[5]
+
+
+def test_staged_vectors_publish_when_the_id_table_must_hop(tmp_path):
+    """Capacity slightly above the count: the packed id table overlaps the staged one."""
+    dim, capacity, count = 3, 1000, 990
+    rng = np.random.default_rng(1)
+    ids = np.arange(count, dtype=np.int64)[::-1].copy()
+    vectors = rng.standard_normal((count, dim)).astype(np.float32)
+    staged = StagedVectors.create(tmp_path / ".h.faiss.progress", dim, capacity=capacity)
+    staged.append(ids, vectors)
+    staged.publish_flat(tmp_path / "h.faiss")
+    index = VectorIndex.load(tmp_path / "h.faiss")
+    np.testing.assert_array_equal(index.ids(), ids)
+    np.testing.assert_array_equal(faiss.downcast_index(index.index.index).reconstruct_n(0, count), vectors)
+    assert json.loads((tmp_path / ".h.faiss.progress").read_text())["capacity"] == count
+
+
+def test_unusable_progress_records_are_ignored(tmp_path):
+    progress = tmp_path / ".x.faiss.progress"
+    assert StagedVectors.open(progress, 4) is None  # none yet
+    progress.write_text("{not json")
+    assert StagedVectors.open(progress, 4) is None
+    staged = StagedVectors.create(progress, 4)
+    staged.append(np.arange(3), np.ones((3, 4), np.float32))
+    staged.checkpoint()
+    staged.close()
+    assert StagedVectors.open(progress, 5) is None  # another dimension
+    os.truncate(staged.file, 20)  # shorter than recorded
+    assert StagedVectors.open(progress, 4) is None
+
+
+# -- re-index jobs through the Python API --------------------------------------------------------
+def _failing_on_call(monkeypatch, number: int) -> None:
+    real_apply, calls = rx._apply, {"n": 0}
+
+    def flaky(*args):
+        calls["n"] += 1
+        if calls["n"] == number:
+            raise RuntimeError("killed")
+        return real_apply(*args)
+
+    monkeypatch.setattr(rx, "_apply", flaky)
+
+
+def test_resume_drops_staged_items_deleted_meanwhile(collection_dir, monkeypatch, caplog):
+    caplog.set_level(logging.INFO)
+    with Collection.open(collection_dir) as collection:
+        _failing_on_call(monkeypatch, 3)
+        with pytest.raises(RuntimeError, match="killed"):
+            reindex(collection, "c1", chunk_size=10, checkpoint_every=10, progress=False)
+        monkeypatch.undo()
+        failed = [v for v in collection.versions() if v.correction == "c1"]
+        assert [v.state for v in failed] == ["failed"] and failed[0].count == 20
+        collection.delete(ids=[3])
+        version = reindex(collection, "c1", chunk_size=10, checkpoint_every=10, progress=False)
+        ids, _ = _vectors(collection, version.name)
+    assert version.name == failed[0].name
+    assert sorted(ids.tolist()) == [i for i in range(1, TOTAL + 1) if i != 3]
+    assert "dropping 1 staged vectors" in caplog.text
+    assert f"computed {TOTAL - 20} vectors, reused 19 from checkpoints" in caplog.text
+    assert _hidden_files(collection_dir) == []
+
+
+def test_ivf_version_resumes_and_searches_like_the_flat_one(collection_dir, monkeypatch):
+    with Collection.open(collection_dir) as collection:
+        flat = reindex(collection, "c1", progress=False)
+        _failing_on_call(monkeypatch, 3)  # the 1st call trains on a sample, chunks follow
+        with pytest.raises(RuntimeError, match="killed"):
+            reindex(collection, "c1", factory="IVF2,Flat", chunk_size=10, checkpoint_every=10, progress=False)
+        monkeypatch.undo()
+        ivf = reindex(collection, "c1", factory="IVF2,Flat", chunk_size=10, checkpoint_every=10, progress=False)
+        assert ivf.factory == "IVF2,Flat" and ivf.count == TOTAL
+        _, flat_index = collection.open_index(flat.name)
+        _, ivf_index = collection.open_index(ivf.name)
+        ivf_index.set_nprobe(2)  # every list: exact
+        queries = np.random.default_rng(0).standard_normal((5, ivf.dim)).astype(np.float32)
+        flat_scores, flat_ids = flat_index.search(queries, 10)
+        ivf_scores, ivf_ids = ivf_index.search(queries, 10)
+    np.testing.assert_array_equal(ivf_ids, flat_ids)
+    np.testing.assert_allclose(ivf_scores, flat_scores, rtol=1e-5, atol=1e-6)
+    assert _hidden_files(collection_dir) == []
+
+
+def test_a_checkpoint_in_the_former_format_is_resumed(collection_dir, caplog):
+    """Before staging files, a checkpoint was the partial index saved as the version's file."""
+    caplog.set_level(logging.INFO)
+    with Collection.open(collection_dir) as collection:
+        reference = reindex(collection, "c1", progress=False)
+        ref_ids, ref_vectors = _vectors(collection, reference.name)
+        with pytest.raises(RuntimeError):
+            with collection.new_index_version(correction="c1", dim=reference.dim):
+                raise RuntimeError("killed before any checkpoint")
+        failed = next(v for v in collection.versions() if v.state == "failed")
+        partial = VectorIndex.create(reference.dim)
+        partial.add(ref_ids[:10], ref_vectors[:10], normalize=False)
+        partial.save(failed.file)
+        version = reindex(collection, "c1", progress=False)
+        ids, vectors = _vectors(collection, version.name)
+    assert version.name == failed.name
+    assert f"resuming index version {failed.name} at 10 vectors" in caplog.text
+    np.testing.assert_allclose(_by_id(ids, vectors), _by_id(ref_ids, ref_vectors), rtol=1e-5, atol=1e-6)
+    assert _hidden_files(collection_dir) == []
+
+
+def test_leftover_staging_files_of_published_versions_are_swept(collection_dir):
+    with Collection.open(collection_dir) as collection:
+        first = reindex(collection, "c1", progress=False)
+        stray = [first.file.with_name(f".{first.file.name}.progress"),
+                 first.file.with_name(f".{first.file.name}.0a1b2c3d.partial")]
+        for path in stray:
+            path.write_text("left by a kill between publishing and cleaning up")
+        reindex(collection, "c1", progress=False)
+    assert not any(path.exists() for path in stray)
+    assert _hidden_files(collection_dir) == []
+
+
+# -- reading the store ------------------------------------------------------------------------
+def test_streamed_chunks_with_exclusions_and_reused_buffers(collection_dir, monkeypatch):
+    with Collection.open(collection_dir) as collection:
+        store = collection.embeddings
+        every = list(store.iter_chunks("image", chunk_size=7))
+        all_ids = np.concatenate([ids for ids, _ in every])
+        all_vectors = np.concatenate([v for _, v in every])
+        assert sorted(all_ids.tolist()) == list(range(1, TOTAL + 1))
+        np.testing.assert_array_equal(all_vectors, store.get("image", all_ids))
+
+        buffers = []
+
+        def into(rows, dim):
+            buffers.append(np.empty((rows, dim), np.float32))
+            return buffers[-1]
+
+        skip = all_ids[::3]
+        chunks = [(ids.copy(), v.copy()) for ids, v in store.iter_chunks("image", 6, exclude=skip, into=into)]
+        kept = ~np.isin(all_ids, skip)
+        np.testing.assert_array_equal(np.concatenate([ids for ids, _ in chunks]), all_ids[kept])
+        np.testing.assert_array_equal(np.concatenate([v for _, v in chunks]), all_vectors[kept])
+        assert all(b.shape == (6, all_vectors.shape[1]) for b in buffers)
+
+        # the portable query (any SQL database) reads the same locations as SQLite's fast one
+        monkeypatch.setattr(collection.catalog.engine.dialect, "name", "postgresql")
+        portable = list(store.iter_chunks("image", chunk_size=7))
+    np.testing.assert_array_equal(np.concatenate([ids for ids, _ in portable]), all_ids)
