@@ -35,6 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
+from sqlalchemy.pool import StaticPool
 
 logger = logging.getLogger(__name__)
 
@@ -254,8 +255,14 @@ def open_catalog(url_or_path: str | Path, *, create: bool = True) -> Catalog:
         if not create and not database.exists():
             raise FileNotFoundError(f"no catalog at {database}")
         database.parent.mkdir(parents=True, exist_ok=True)
-    connect_args = {"timeout": 30} if is_sqlite else {}
-    engine = create_engine(url, connect_args=connect_args)
+    connect_args: dict[str, Any] = {"timeout": 30} if is_sqlite else {}
+    engine_args: dict[str, Any] = {}
+    if is_sqlite and url.database in (None, "", ":memory:"):
+        # One database for every thread (the re-index reads and checkpoints from worker
+        # threads); SQLAlchemy's default gives each thread its own, empty, in-memory database.
+        connect_args["check_same_thread"] = False
+        engine_args["poolclass"] = StaticPool
+    engine = create_engine(url, connect_args=connect_args, **engine_args)
     if is_sqlite:
         event.listen(engine, "connect", _configure_sqlite)
     try:

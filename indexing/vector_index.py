@@ -267,6 +267,8 @@ def _pwrite_all(descriptor: int, data: np.ndarray | bytes, offset: int) -> None:
 
 
 def _pread_into(descriptor: int, array: np.ndarray, offset: int) -> np.ndarray:
+    if not array.size:
+        return array
     view = memoryview(array).cast("B")
     while len(view):
         read = os.preadv(descriptor, [view], offset)
@@ -310,7 +312,7 @@ class StagedVectors:
         self._fd = descriptor
         self._ids_offset = ids_offset
         self._ids = ids
-        self._recorded = count if progress_path.exists() else -1
+        self._recorded = count if progress_path.exists() else -1  # -1: no record yet
         self._unsynced = 0
         # O_DIRECT writes of the vectors: whole _BLOCK-aligned blocks from an aligned buffer
         self._direct = _open_direct(file)

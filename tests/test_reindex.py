@@ -17,7 +17,7 @@ import pytest
 from conftest import ToyEncoder, make_image
 
 import retrieval.reindex as rx
-from indexing.collection import Collection
+from indexing.collection import Collection, NewItem
 from indexing.pipeline import build_collection
 from indexing.vector_index import StagedVectors, VectorIndex, flat_layout_matches_faiss
 from retrieval.concepts import load_concept_set
@@ -318,3 +318,25 @@ def test_streamed_chunks_with_exclusions_and_reused_buffers(collection_dir, monk
         monkeypatch.setattr(collection.catalog.engine.dialect, "name", "postgresql")
         portable = list(store.iter_chunks("image", chunk_size=7))
     np.testing.assert_array_equal(np.concatenate([ids for ids, _ in portable]), all_ids)
+
+
+def test_reindex_with_an_in_memory_catalog(tmp_path: Path, toy_encoder: ToyEncoder):
+    """The pipeline's worker threads must see the same in-memory SQLite catalog as the caller."""
+    for i in range(12):
+        make_image(tmp_path / "imgs" / f"{i:03d}.png", seed=100 + i)
+    concept = tmp_path / "concept.csv"
+    concept.write_text("prompt,image\n" + "".join(f"tone {i % 3},imgs/{i:03d}.png\n" for i in range(12)))
+    with Collection.open(tmp_path / "coll", db="sqlite://", create=True) as collection:
+        collection.bind_encoder(toy_encoder.name, toy_encoder.dim)
+        rng = np.random.default_rng(0)
+        collection.add_items([NewItem(uri=f"x/{i}", sha256=f"{i:064x}", width=4, height=4, caption=f"c {i}")
+                              for i in range(50)], rng.standard_normal((50, toy_encoder.dim)).astype(np.float32))
+        collection.sync_index()
+        fit_concept_correction(collection, toy_encoder, load_concept_set(concept), name="c1", n_components=2)
+        version = reindex(collection, "c1", chunk_size=4, checkpoint_every=4, progress=False)
+        assert version.count == 50
+        ids, vectors = _vectors(collection, version.name)
+        P = rx.load_correction(collection, "c1").corrector.projection(n_components=2)
+        raw = collection.embeddings.get("image", np.sort(ids))
+        expected = (raw / np.linalg.norm(raw, axis=1, keepdims=True)) @ P.T
+        np.testing.assert_allclose(_by_id(ids, vectors), expected, atol=1e-5)
