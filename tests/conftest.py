@@ -1,6 +1,8 @@
 """Shared test fixtures: a small deterministic encoder and image files to index."""
 from __future__ import annotations
 
+import csv
+
 import hashlib
 import struct
 import time
@@ -104,3 +106,13 @@ def image_folder(tmp_path: Path) -> Path:
     make_image(root / "photo.jpg", seed=101)
     (root / "notes.txt").write_text("not indexed: no image extension")
     return root
+
+
+def write_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None) -> Path:
+    """A CSV listing (header + rows), e.g. file,caption for build_collection."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fieldnames or list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

@@ -1,12 +1,11 @@
 """`sce correct`, `sce search --ab`, `sce index reindex`, `sce report`, `sce evaluate` through CliRunner."""
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
-from conftest import ToyEncoder, make_image
+from conftest import ToyEncoder, make_image, write_csv
 from typer.testing import CliRunner
 
 import indexing
@@ -27,10 +26,7 @@ def setup(tmp_path, monkeypatch):
         make_image(tmp_path / "imgs" / f"{i:03d}.png", seed=i)
         rows.append({"file": f"imgs/{i:03d}.png", "caption": f"item {i}", "tone": "dark" if i % 3 == 0 else ""})
     listing = tmp_path / "list.csv"
-    with listing.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["file", "caption", "tone"])
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(listing, rows, ["file", "caption", "tone"])
     concept = tmp_path / "concept.csv"
     concept.write_text("prompt,image\n" + "".join(f"tone {i % 3},imgs/{i:03d}.png\n" for i in range(9)))
     coll = tmp_path / "coll"

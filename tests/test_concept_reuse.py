@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ToyEncoder, make_image
+from conftest import ToyEncoder, make_image, write_csv
 from sqlalchemy import delete
 from typer.testing import CliRunner
 
@@ -43,10 +43,7 @@ def setup(tmp_path: Path):
         make_image(tmp_path / "imgs" / f"{i:03d}.png", seed=i)
         rows.append({"file": f"imgs/{i:03d}.png", "caption": f"item {i}"})
     listing = tmp_path / "list.csv"
-    with listing.open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["file", "caption"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(listing, rows, ["file", "caption"])
     build_collection(listing, tmp_path / "coll", encoder=ToyEncoder(), progress=False)
 
     shutil.copy(tmp_path / "imgs" / "006.png", tmp_path / "elsewhere-a.png")   # same content, other path

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ToyEncoder, make_image
+from conftest import ToyEncoder, make_image, write_csv
 
 from indexing.captions import embed_captions
 from indexing.collection import Collection
@@ -25,10 +25,7 @@ def toy_collection(tmp_path: Path, toy_encoder: ToyEncoder) -> Path:
         make_image(tmp_path / "imgs" / f"{i:03d}.png", seed=i)
         rows.append({"file": f"imgs/{i:03d}.png", "caption": "" if i % 10 == 9 else f"thing {i} tone {i % 3}"})
     listing = tmp_path / "list.csv"
-    with listing.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["file", "caption"])
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(listing, rows, ["file", "caption"])
     build_collection(listing, tmp_path / "coll", encoder=toy_encoder, progress=False)
     with (tmp_path / "concept.csv").open("w", newline="") as fh:
         w = csv.writer(fh)

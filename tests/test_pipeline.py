@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ToyEncoder, make_image, make_png_header_only
+from conftest import ToyEncoder, make_image, make_png_header_only, write_csv
 
 from indexing.collection import Collection, EncoderMismatchError
 from indexing.pipeline import add_to_collection, build_collection
@@ -56,10 +56,7 @@ def test_folder_reader_is_recursive_sorted_and_filters_extensions(image_folder: 
 
 
 def _write_rows_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(path, rows)
 
 
 def _table_rows(image_folder: Path, base: Path) -> list[dict]:

@@ -1,7 +1,6 @@
 """Batch re-index: staged index files, checkpoints, resume after SIGKILL through the real CLI."""
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import os
@@ -14,7 +13,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
-from conftest import ToyEncoder, make_image
+from conftest import ToyEncoder, make_image, write_csv
 
 import retrieval.reindex as rx
 from indexing.collection import Collection, NewItem
@@ -37,10 +36,7 @@ def collection_dir(tmp_path: Path, toy_encoder: ToyEncoder) -> Path:
         make_image(tmp_path / "imgs" / f"{i:03d}.png", seed=i)
         rows.append({"file": f"imgs/{i:03d}.png", "caption": f"item {i}"})
     listing = tmp_path / "list.csv"
-    with listing.open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["file", "caption"])
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(listing, rows, ["file", "caption"])
     build_collection(listing, tmp_path / "coll", encoder=toy_encoder, progress=False)
     concept = tmp_path / "concept.csv"
     concept.write_text("prompt,image\n" + "".join(f"tone {i % 3},imgs/{i:03d}.png\n" for i in range(12)))

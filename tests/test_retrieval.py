@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ToyEncoder, make_image
+from conftest import ToyEncoder, make_image, write_csv
 
 from indexing.collection import Collection
 from indexing.correction_store import list_corrections, load_correction
@@ -26,10 +26,7 @@ def collection_dir(tmp_path: Path, toy_encoder: ToyEncoder) -> Path:
         make_image(images / f"{i:03d}.png", seed=i)
         rows.append({"file": f"imgs/{i:03d}.png", "caption": f"item {i}", "tone": "dark" if i % 2 else ""})
     listing = tmp_path / "list.csv"
-    with listing.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=["file", "caption", "tone"])
-        w.writeheader()
-        w.writerows(rows)
+    write_csv(listing, rows, ["file", "caption", "tone"])
     build_collection(listing, tmp_path / "coll", encoder=toy_encoder, progress=False)
     # A concept set: 3 prompts x 4 images each.
     concept = tmp_path / "concept.csv"

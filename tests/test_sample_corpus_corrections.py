@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_csv
 
 from indexing.collection import Collection
 from indexing.correction_store import load_correction
@@ -61,10 +62,7 @@ def sample_collection(tmp_path_factory):
     keep = [r for r in rows if r["object"] in objects and (r["skin_tone"] in TONES or not r["skin_tone"])]
     tmp = tmp_path_factory.mktemp("sample")
     listing = tmp / "list.csv"
-    with listing.open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(keep)
+    write_csv(listing, keep)
     encoder = CachingEncoder(indexing.load_encoder("default"))
     build_collection(listing, tmp / "coll", encoder=encoder, image_root=SAMPLE, progress=False)
     return tmp / "coll", encoder, objects
