@@ -380,3 +380,21 @@ def test_serve_command_options_and_a_missing_collection(tmp_path):
     except ValueError:  # older Click mixes stderr into output
         output = missing.output
     assert "no collection at" in output and "Traceback" not in output
+
+
+def test_default_attribute_follows_the_concept_file_name(site):
+    """tone.csv -> "tone"; tone_large.csv -> "tone" too (longest prefix that is a field)."""
+    from ui.app_handlers import AppState
+
+    concepts = site["root"] / "concepts"
+    (concepts / "tone_large.csv").write_text((concepts / "tone.csv").read_text())
+    state = AppState(site["root"] / "coll", encoder=site["encoder"], concepts_dir=concepts)
+    try:
+        fit_concept_correction(state.collection, site["encoder"], load_concept_set(concepts / "tone_large.csv"),
+                               name="c-large", n_components=2)
+        assert state.default_attribute("c1") == "tone"
+        assert state.default_attribute("c-large") == "tone"
+        assert state.default_attribute("captions-only") == "tone"
+        assert state.default_attribute("other-encoder") == ""  # fitted on no file
+    finally:
+        state.close()

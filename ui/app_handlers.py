@@ -335,13 +335,17 @@ class AppState:
         return gr.update(value=str(check_image(files[0], max_pixels=self.max_pixels)), visible=True)
 
     def default_attribute(self, correction: str | None) -> str:
-        """The metadata field named like the correction's concept file (skin_tone.csv -> skin_tone)."""
+        """The metadata field named like the correction's concept file: its stem, or the
+        longest "_"-separated prefix of it that is a field (skin_tone_large.csv -> skin_tone)."""
         if not correction:
             return ""
         for info in list_corrections(self.collection):
             if info.name == correction and info.fitted_on:
-                stem = Path(info.fitted_on).stem
-                return stem if stem in self.metadata_fields() else ""
+                parts = Path(info.fitted_on).stem.split("_")
+                fields = self.metadata_fields()
+                for end in range(len(parts), 0, -1):
+                    if "_".join(parts[:end]) in fields:
+                        return "_".join(parts[:end])
         return ""
 
     def search(self, text: str | None, image_file: Any, correction: str | None, strategy: str,
