@@ -233,7 +233,14 @@ def test_fit_with_a_shipped_set_and_bad_parameters(site):
     client = site["client"]
     status, *_ = client.predict("tone.csv", None, [], "tone-energy", "t2i", "cosine", "nullify", "energy", 2, 0.9,
                                 1.0, False, api_name="/fit_correction")
-    assert "Stored correction **tone-energy**" in status
+    assert "Stored correction **tone-energy**" in status and "centred" in status  # the default
+    status, *_ = client.predict("tone.csv", None, [], "tone-uncentred", "t2i", "cosine", "nullify", "energy", 2,
+                                0.9, 1.0, False, False, api_name="/fit_correction")
+    assert "uncentred" in status
+    with Collection.open(site["root"] / "coll") as coll:
+        stored = {c.name: c for c in list_corrections(coll)}
+    assert stored["tone-energy"].parameters["center"] is True
+    assert stored["tone-uncentred"].parameters["center"] is False
     expect_error(lambda: client.predict("tone.csv", None, [], "bad name!", "t2i", "cosine", "nullify", "energy", 2,
                                         0.9, 1.0, False, api_name="/fit_correction"), "invalid correction name")
     expect_error(lambda: client.predict("missing.csv", None, [], "x", "t2i", "cosine", "nullify", "energy", 2,

@@ -207,6 +207,9 @@ def build_app(collection_dir: str | Path, db: str | None = None, encoder: Any = 
                         strength = gr.Slider(-2.0, 2.0, value=1.0, step=0.1, label="Strength (gaussian kernel)",
                                              info="1 removes the concept; below 0 focuses on it.")
                         replace = gr.Checkbox(label="Replace a correction of the same name", value=False)
+                        center = gr.Checkbox(label="Centre the features", value=True,
+                                             info="Remove what varies with the prompts and keep what all the "
+                                                  "concept images share (off: the uncentred Schur correction).")
                         fit_button = gr.Button("Fit and save the correction", variant="primary", elem_id="fit-button")
                     with gr.Column(scale=3):
                         concept_report = gr.Markdown(elem_id="concept-report")
@@ -230,7 +233,7 @@ def build_app(collection_dir: str | Path, db: str | None = None, encoder: Any = 
                                      [concept_report, concept_plot, concept_gallery], api_name="concept_report",
                                      concurrency_id="read")
                 fit_button.click(act["fit"], [concept, concept_table, concept_images, name, direction, kernel, mode,
-                                              size_by, components, energy, strength, replace],
+                                              size_by, components, energy, strength, replace, center],
                                  [concept_report, corrections_table, correction, reindex_choice, header],
                                  api_name="fit_correction", concurrency_id="write")
                 reindex_button.click(act["reindex"], reindex_choice,

@@ -457,7 +457,7 @@ class AppState:
 
     def fit(self, choice: str | None, table: Any, images: Any, name: str | None, direction: str, kernel: str,
             mode: str, size_by: str, components: float | None, energy: float | None, strength: float,
-            replace: bool, progress=gr.Progress(track_tqdm=True)):
+            replace: bool, center: bool = True, progress=gr.Progress(track_tqdm=True)):
         """Fit and store a correction. Returns (report, table, search choices, re-index choices, header)."""
         from retrieval.corrections import fit_concept_correction
 
@@ -473,11 +473,12 @@ class AppState:
             result = fit_concept_correction(
                 self.collection, self.encoder, concept, name=name, direction=direction or "t2i",
                 kernel=kernel or "cosine", mode=mode or "nullify", n_components=n_components, energy=share,
-                strength=float(strength), replace=bool(replace), progress=True,
+                strength=float(strength), center=bool(center), replace=bool(replace), progress=True,
             )
         self._forget_corrections()
         info = result.info
-        lines = [f"Stored correction **{info.name}** ({info.direction}, {info.kernel}, {mode}) from "
+        lines = [f"Stored correction **{info.name}** ({info.direction}, {info.kernel}, {mode}, "
+                 f"{'centred' if center else 'uncentred'}) from "
                  f"{len(concept)} pairs of `{concept.source.name}`. It applies to the **{info.target_kind} index**."]
         if result.n_components is not None:
             lines.append(f"Projection: {result.n_components} concept direction(s) holding "
