@@ -1142,6 +1142,15 @@ class Collection:
                     .order_by(IndexVersion.id.desc())
                     .limit(1)
                 )
+                recorded = (row.parameters or {}) if row is not None else {}
+                if correction is not None and any(key in recorded and recorded[key] != value
+                                                  for key, value in parameters.items()):
+                    # Another fit of the correction (or other options) than the unfinished job's:
+                    # start afresh; retired, its staging files are swept below.
+                    logger.info("not resuming index version %s: it was started with other correction "
+                                "parameters", row.name)
+                    row.state = IndexState.RETIRED
+                    row = None
                 if row is not None:
                     row.state = IndexState.BUILDING
                     row.parameters = parameters or row.parameters

@@ -92,8 +92,10 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
             raise ValueError(f"the paired variant needs stored {source_kind} embeddings; this collection has none")
         dim = corrector.feature_map_.n_output_features_
     apply_args = (collection, corrector, P, source_kind, source_ids)
-    parameters = {"variant": variant, "correction_parameters": {k: v for k, v in info.parameters.items()
-                                                                if k != "concept_vector"}}
+    # The fit's time stamp: a job killed before the correction was fitted again (same name,
+    # --replace) must not be resumed with the new one, which would mix two corrections.
+    parameters = {"variant": variant, "correction_fitted_at": info.created_at.isoformat(),
+                  "correction_parameters": {k: v for k, v in info.parameters.items() if k != "concept_vector"}}
     started = time.perf_counter()
     with collection.new_index_version(kind=kind, correction=correction, factory=factory, dim=dim,
                                       parameters=parameters, checkpoint_every=checkpoint_every,

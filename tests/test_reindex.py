@@ -234,6 +234,33 @@ def test_resume_drops_staged_items_deleted_meanwhile(collection_dir, monkeypatch
     assert _hidden_files(collection_dir) == []
 
 
+def test_a_job_is_not_resumed_with_a_correction_fitted_again(collection_dir, monkeypatch, toy_encoder, caplog):
+    """Killed, then the correction is refitted under the same name: the next re-index starts
+    afresh with the new fit instead of mixing the two."""
+    caplog.set_level(logging.INFO)
+    concept = collection_dir.parent / "concept.csv"
+    with Collection.open(collection_dir) as collection:
+        _failing_on_call(monkeypatch, 3)
+        with pytest.raises(RuntimeError, match="killed"):
+            reindex(collection, "c1", chunk_size=10, checkpoint_every=10, progress=False)
+        monkeypatch.undo()
+        failed = next(v for v in collection.versions() if v.correction == "c1")
+        assert failed.state == "failed" and failed.count == 20
+        fit_concept_correction(collection, toy_encoder, load_concept_set(concept), name="c1", n_components=1,
+                               replace=True)
+        version = reindex(collection, "c1", chunk_size=10, checkpoint_every=10, progress=False)
+        assert version.name != failed.name
+        assert collection.version(failed.name).state == "retired"
+        ids, vectors = _vectors(collection, version.name)
+        P = rx.load_correction(collection, "c1").corrector.projection(n_components=1)
+        raw = collection.embeddings.get("image", np.sort(ids))
+    np.testing.assert_allclose(_by_id(ids, vectors), (raw / np.linalg.norm(raw, axis=1, keepdims=True)) @ P.T,
+                               atol=1e-5)
+    assert f"not resuming index version {failed.name}" in caplog.text
+    assert f"computed {TOTAL} vectors, reused 0 from checkpoints" in caplog.text
+    assert _hidden_files(collection_dir) == []
+
+
 def test_ivf_version_resumes_and_searches_like_the_flat_one(collection_dir, monkeypatch):
     with Collection.open(collection_dir) as collection:
         flat = reindex(collection, "c1", progress=False)
