@@ -41,7 +41,6 @@ from tqdm.auto import tqdm
 from indexing.collection import Collection, IndexVersionInfo, IndexVersionWriter
 from indexing.correction_store import load_correction
 from indexing.vector_index import unit_rows, unit_rows_into
-from retrieval.corrections import unit
 
 logger = logging.getLogger(__name__)
 
@@ -127,11 +126,10 @@ def _apply(collection, corrector, P, source_kind, source_ids, ids, raw, out=None
     if P is not None:
         return np.matmul(x, P.T, out=out)
     has_source = np.isin(ids, source_ids)
-    out = corrector.feature_map_.transform(x)
+    out = corrector.feature_map_.transform(x)  # phi(x), corrected below where a source exists
     if has_source.any():
-        src = collection.embeddings.get(source_kind, ids[has_source])
-        out[has_source] = corrector.correct(src, x[has_source])
-    return unit(out).astype(np.float32)
+        out[has_source] -= corrector.explained(collection.embeddings.get(source_kind, ids[has_source]))
+    return out.astype(np.float32, copy=False)  # renormalised by the writer (normalize=True)
 
 
 # -- the pipeline ----------------------------------------------------------------------------

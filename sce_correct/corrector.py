@@ -148,11 +148,17 @@ class SchurCorrector:
                 raise ValueError(
                     f"{name} has {arr.shape[1]} columns but the corrector was fitted on {self.n_features_in_}"
                 )
-        phi_s = self.feature_map_.transform(source)
-        phi_t = self.feature_map_.transform(target)
+        return self.feature_map_.transform(target) - self.explained(source)
+
+    def explained(self, source_emb) -> np.ndarray:
+        """strength * Gamma' phi(source), row by row: what `correct` subtracts from the target's
+        features (phi(source) - source_mean_ when centred). Any number of rows, one included."""
+        self._check_fitted()
+        self._check_strength()
+        phi_s = self.feature_map_.transform(source_emb)
         if self.source_mean_ is not None:
             phi_s = phi_s - self.source_mean_
-        return phi_t - float(self.strength) * (phi_s @ self.gamma_)
+        return float(self.strength) * (phi_s @ self.gamma_)
 
     def n_components_for_energy(self, energy: float) -> int:
         """Smallest k whose top-k eigenvalues of R hold at least `energy` of tr R."""

@@ -363,3 +363,22 @@ def test_reindex_with_an_in_memory_catalog(tmp_path: Path, toy_encoder: ToyEncod
         raw = collection.embeddings.get("image", np.sort(ids))
         expected = (raw / np.linalg.norm(raw, axis=1, keepdims=True)) @ P.T
         np.testing.assert_allclose(_by_id(ids, vectors), expected, atol=1e-5)
+
+
+def test_paired_reindex_with_a_one_item_chunk(collection_dir, toy_encoder):
+    """40 items in chunks of 3 end with a chunk of one item that has a caption."""
+    concept = collection_dir.parent / "concept.csv"
+    with Collection.open(collection_dir) as collection:
+        fit_concept_correction(collection, toy_encoder, load_concept_set(concept), name="g1", kernel="gaussian",
+                               rff_dim=16)
+        version = reindex(collection, "g1", chunk_size=3, progress=False)
+        ids, vectors = _vectors(collection, version.name)
+        corrector = rx.load_correction(collection, "g1").corrector
+        order = np.sort(ids)
+        images = collection.embeddings.get("image", order)
+        captions = collection.embeddings.get("caption", order)
+    x = images / np.linalg.norm(images, axis=1, keepdims=True)
+    expected = corrector.correct(captions, x)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert version.count == TOTAL
+    np.testing.assert_allclose(_by_id(ids, vectors), expected, atol=1e-5)
