@@ -12,6 +12,7 @@ import numpy as np
 from indexing.catalog import EmbeddingKind
 from indexing.collection import Collection
 from indexing.correction_store import CorrectionInfo, check_correction_name, save_correction
+from indexing.encoders.encoder import encode_texts_once
 from retrieval.concepts import ConceptSet
 from sce_correct import SchurCorrector, SCEReport, sce_score
 from sce_correct.corrector import DEFAULT_ENERGY
@@ -118,10 +119,10 @@ def _encode_pairs(encoder, concept: ConceptSet, direction: str, collection: Coll
     if direction == "t2t":
         if concept.targets is None:
             raise ValueError(f"a t2t correction needs text pairs (columns source,target); {concept.source} pairs images")
-        return encoder.encode_texts(concept.prompts), encoder.encode_texts(concept.targets), None
+        return encode_texts_once(encoder, concept.prompts), encode_texts_once(encoder, concept.targets), None
     if concept.images is None:
         raise ValueError(f"a {direction} correction needs prompt/image pairs; {concept.source} pairs texts")
-    texts = encoder.encode_texts(concept.prompts)
+    texts = encode_texts_once(encoder, concept.prompts)
     images = embed_images(encoder, concept.images, collection, progress=progress)
     if collection is not None:
         logger.info("%s: %d of %d concept images reused from the collection's stored embeddings, %d encoded",

@@ -20,6 +20,7 @@ import numpy as np
 
 import sce_correct as sc
 from indexing.atomic import write_atomically
+from indexing.encoders.encoder import encode_texts_once
 from retrieval import metrics
 from retrieval.pairs import IMAGE_SUFFIXES, PairedSet
 
@@ -119,7 +120,7 @@ def read_edit_pairs(path: str | Path) -> list[dict[str, str]]:
 def evaluate(encoder, pairs: PairedSet, *, reference: str | Path | None = None, edits: str | Path | None = None,
              kernel: str = "cosine", kid_subsets: int = 100, progress: bool = False) -> EvaluationReport:
     """Every metric that the inputs allow (reference metrics need `reference`, edit metrics `edits`)."""
-    text_emb = encoder.encode_texts(pairs.prompts)
+    text_emb = encode_texts_once(encoder, pairs.prompts)
     image_emb = encoder.encode_images(pairs.images, progress=progress)
     distinct = len(set(pairs.prompts))
     report = EvaluationReport(

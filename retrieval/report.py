@@ -10,6 +10,7 @@ import numpy as np
 
 import sce_correct as sc
 from indexing.atomic import write_atomically
+from indexing.encoders.encoder import encode_texts_once
 from retrieval.pairs import PairedSet
 
 logger = logging.getLogger(__name__)
@@ -79,7 +80,7 @@ def report_from_embeddings(text_emb: np.ndarray, image_emb: np.ndarray, uris: li
 
 def report_for_pairs(encoder, pairs: PairedSet, *, progress: bool = False, **kwargs) -> PairedReport:
     """Encode a paired set with `encoder` and report on it."""
-    text_emb = encoder.encode_texts(pairs.prompts)
+    text_emb = encode_texts_once(encoder, pairs.prompts)
     image_emb = encoder.encode_images(pairs.images, progress=progress)
     return report_from_embeddings(text_emb, image_emb, [str(p) for p in pairs.images], pairs.prompts,
                                   source=pairs.source, **kwargs)

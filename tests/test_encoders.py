@@ -272,3 +272,24 @@ def test_default_encoder_sees_skin_tone(default_encoder, sample_rows):
     within = np.stack([sims[f, :, f, :] for f in range(12)])  # (family, caption tone, image tone)
     hits = within.argmax(2) == np.arange(5)
     assert hits.mean() >= 0.4, f"tone top-1 {hits.mean():.2f} (chance 0.2)"
+
+
+def test_encode_texts_once_encodes_each_distinct_text_once():
+    from conftest import ToyEncoder
+
+    from indexing.encoders.encoder import encode_texts_once
+
+    class Counting(ToyEncoder):
+        calls: list[list[str]] = []
+
+        def encode_texts(self, texts, **kwargs):
+            self.calls.append(list(texts))
+            return super().encode_texts(texts, **kwargs)
+
+    enc = Counting()
+    texts = ["dark", "light", "dark", "medium", "light", "dark"]
+    out = encode_texts_once(enc, texts)
+    assert enc.calls == [["dark", "light", "medium"]]
+    np.testing.assert_array_equal(out, ToyEncoder().encode_texts(texts))
+    encode_texts_once(enc, ["a", "b"])  # nothing repeated: one plain call
+    assert enc.calls[-1] == ["a", "b"]

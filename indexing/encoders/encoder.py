@@ -26,6 +26,17 @@ logger = logging.getLogger(__name__)
 ImageInput = Union["Image.Image", str, "os.PathLike[str]"]
 
 
+def encode_texts_once(encoder, texts: Sequence[str]) -> np.ndarray:
+    """``encoder.encode_texts(texts)``, each distinct text encoded once: concept sets repeat a
+    few prompts over many rows (skin_tone_large.csv: 5 prompts, 1,550 rows)."""
+    texts = list(texts)
+    distinct = list(dict.fromkeys(texts))
+    if len(distinct) == len(texts):
+        return encoder.encode_texts(texts)
+    position = {text: i for i, text in enumerate(distinct)}
+    return encoder.encode_texts(distinct)[[position[text] for text in texts]]
+
+
 class UnreadableImageError(ValueError):
     """An image file could not be opened or decoded.
 
