@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 
-import indexing
 from indexing.collection import Collection
 from retrieval.concepts import load_concept_set
 from retrieval.corrections import unit
@@ -110,7 +109,7 @@ def main() -> None:
     args = ap.parse_args()
 
     with Collection.open(args.collection) as coll:
-        encoder = indexing.load_encoder(coll.encoder_name)
+        encoder = coll.load_encoder()
         ids = coll.embeddings.ids("image")
         records = coll.items(ids)
         X = unit(coll.embeddings.get("image", ids))

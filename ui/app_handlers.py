@@ -27,7 +27,7 @@ from typing import Any
 import gradio as gr
 
 from indexing.collection import Collection, CollectionBusyError, SearchHit
-from indexing.correction_store import CorrectionInfo, CorrectionNotFoundError, list_corrections
+from indexing.correction_store import CorrectionInfo, CorrectionNotFoundError, correction_info, list_corrections
 from ui.app_uploads import DEFAULT_MAX_PIXELS, check_image, stage_pairs, stage_reference
 
 logger = logging.getLogger(__name__)
@@ -186,6 +186,7 @@ class AppState:
             self.collection.check_encoder(encoder.name, encoder.dim)
         self._encoder = encoder
         self._retriever = None
+        self._metadata_fields: list[str] | None = None
         self.concepts_dir = Path(concepts_dir) if concepts_dir is not None else DEFAULT_CONCEPTS_DIR
         self.max_pixels = max_pixels
         self.work_dir = Path(tempfile.mkdtemp(prefix="sce-ui-"))
@@ -208,10 +209,8 @@ class AppState:
     def encoder(self):
         with self._encoder_lock:
             if self._encoder is None:
-                import indexing
-
                 logger.info("loading encoder %s", self.collection.encoder_name)
-                self._encoder = indexing.load_encoder(self.collection.encoder_name)
+                self._encoder = self.collection.load_encoder()
             return self._encoder
 
     @property
@@ -254,11 +253,15 @@ class AppState:
         return sorted(folders)
 
     def metadata_fields(self) -> list[str]:
-        ids = self.collection.item_ids()[:500]
-        fields: set[str] = set()
-        for record in self.collection.items(ids).values():
-            fields.update(key for key, value in (record.metadata or {}).items() if value not in (None, ""))
-        return sorted(fields)
+        """Metadata fields set on the first 500 items; read once (the app builds its field
+        choices from them, and every change of the correction asks again)."""
+        if self._metadata_fields is None:
+            ids = self.collection.item_ids()[:500]
+            fields: set[str] = set()
+            for record in self.collection.items(ids).values():
+                fields.update(key for key, value in (record.metadata or {}).items() if value not in (None, ""))
+            self._metadata_fields = sorted(fields)
+        return self._metadata_fields
 
     def collection_markdown(self) -> str:
         info = self.collection.info()
@@ -339,13 +342,15 @@ class AppState:
         longest "_"-separated prefix of it that is a field (skin_tone_large.csv -> skin_tone)."""
         if not correction:
             return ""
-        for info in list_corrections(self.collection):
-            if info.name == correction and info.fitted_on:
-                parts = Path(info.fitted_on).stem.split("_")
-                fields = self.metadata_fields()
-                for end in range(len(parts), 0, -1):
-                    if "_".join(parts[:end]) in fields:
-                        return "_".join(parts[:end])
+        try:
+            fitted_on = correction_info(self.collection, correction).fitted_on
+        except CorrectionNotFoundError:
+            return ""
+        parts = Path(fitted_on or "").stem.split("_")
+        fields = self.metadata_fields()
+        for end in range(len(parts), 0, -1):
+            if "_".join(parts[:end]) in fields:
+                return "_".join(parts[:end])
         return ""
 
     def search(self, text: str | None, image_file: Any, correction: str | None, strategy: str,
@@ -492,7 +497,6 @@ class AppState:
 
     def reindex(self, name: str | None, progress=gr.Progress(track_tqdm=True)):
         """Re-index the collection with a correction. Returns (status, table, search choices, header)."""
-        from indexing.correction_store import correction_info
         from retrieval.reindex import reindex
 
         if not name:

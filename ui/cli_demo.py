@@ -29,7 +29,6 @@ def ensure_demo_collection(root: Path, data_dir: Path = REPO_DATA, *, progress: 
     from indexing.pipeline import build_collection
     from retrieval.concepts import load_concept_set
     from retrieval.corrections import fit_concept_correction
-    import indexing
 
     captions = data_dir / "sample" / "captions.csv"
     if not captions.is_file():
@@ -47,7 +46,7 @@ def ensure_demo_collection(root: Path, data_dir: Path = REPO_DATA, *, progress: 
         todo = [c for c in DEMO_CORRECTIONS if c[0] not in have
                 or Path(have[c[0]].fitted_on or "").name != c[1] or not have[c[0]].parameters.get("center")]
         if todo:
-            encoder = indexing.load_encoder(coll.encoder_name)
+            encoder = coll.load_encoder()
             for name, concept_file, mode in todo:
                 typer.echo(f"fitting correction {name} from data/concepts/{concept_file} ...")
                 fit_concept_correction(coll, encoder, load_concept_set(data_dir / "concepts" / concept_file),
@@ -65,7 +64,6 @@ def demo_command(
     """Build the sample collection and corrections (when missing), print what they show, open the UI."""
     configure_logging(quiet)
     with reporting_errors():
-        import indexing
         from indexing.collection import Collection
         from retrieval.compare import compare
         from retrieval.report import report_for_collection, write_report
@@ -74,7 +72,7 @@ def demo_command(
 
         ensure_demo_collection(collection, progress=not quiet)
         with Collection.open(collection) as coll:
-            encoder = indexing.load_encoder(coll.encoder_name)
+            encoder = coll.load_encoder()
             report = report_for_collection(coll, encoder, where={"category": "people & body"})
             paths = write_report(report, report_dir)
             typer.echo(f"\nSCE report of the sample corpus ({report.source}):")

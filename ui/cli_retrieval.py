@@ -35,12 +35,6 @@ def _open(collection: Path, db: str | None):
     return opened
 
 
-def _encoder(opened):
-    import indexing
-
-    return indexing.load_encoder(opened.encoder_name)
-
-
 def _parse_where(where: list[str] | None) -> dict[str, str]:
     out = {}
     for clause in where or []:
@@ -105,7 +99,7 @@ def fit_command(
             raise ValueError("give --concept FILE, or --source-texts and --target-texts for t2t")
         with _open(collection, db) as opened:
             result = fit_concept_correction(
-                opened, _encoder(opened), concept_set, name=name, direction=direction, kernel=kernel, mode=mode,
+                opened, opened.load_encoder(), concept_set, name=name, direction=direction, kernel=kernel, mode=mode,
                 n_components=components, energy=energy, strength=strength, ridge=ridge, center=center, replace=replace,
                 reuse_stored=reuse, progress=not quiet)
         info = result.info
@@ -234,7 +228,7 @@ def search_command(
         if ab and correction and ab != correction:
             raise ValueError("--ab already names the correction; drop --correction")
         with _open(collection, db) as opened:
-            retriever = Retriever(opened, _encoder(opened))
+            retriever = Retriever(opened, opened.load_encoder())
             vec = retriever.embed_text(query) if query is not None else retriever.embed_image(image)
             label = query if query is not None else str(image)
             if ab:
@@ -301,7 +295,7 @@ def report_command(
             report = report_for_pairs(indexing.load_encoder(encoder or "default"), pairs, progress=not quiet, **kw)
         else:
             with _open(collection, db) as opened:
-                report = report_for_collection(opened, _encoder(opened), where=_parse_where(where), limit=limit, **kw)
+                report = report_for_collection(opened, opened.load_encoder(), where=_parse_where(where), limit=limit, **kw)
         paths = write_report(report, out)
         typer.echo(f"SCE report of {report.source}:")
         _print_score(report.score)
