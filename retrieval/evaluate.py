@@ -13,7 +13,7 @@ import html
 import io
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -144,10 +144,9 @@ def evaluate(encoder, pairs: PairedSet, *, reference: str | Path | None = None, 
             report.notes.append(f"fewer images than embedding dimensions ({image_emb.shape[1]}): the Frechet "
                                 "distance is biased and unstable at this size")
         report.frechet_distance = metrics.frechet_distance_from_features(image_emb, ref_emb)
-        size = min(1000, len(ref_emb), len(image_emb))
-        report.kid = metrics.kernel_inception_distance(image_emb, ref_emb, n_subsets=kid_subsets, subset_size=size)
+        report.kid = metrics.kernel_inception_distance(image_emb, ref_emb, n_subsets=kid_subsets, subset_size=1000)
         report.cmmd = metrics.cmmd(image_emb, ref_emb)
-        _pixel_metrics(report, pairs, Path(reference))
+        _pixel_metrics(report, pairs, ref_files)
     if edits is not None:
         rows = read_edit_pairs(edits)
         src_img = encoder.encode_images([r["source_image"] for r in rows])
@@ -158,11 +157,11 @@ def evaluate(encoder, pairs: PairedSet, *, reference: str | Path | None = None, 
     return report
 
 
-def _pixel_metrics(report: EvaluationReport, pairs: PairedSet, reference: Path) -> None:
+def _pixel_metrics(report: EvaluationReport, pairs: PairedSet, ref_files: list[Path]) -> None:
     """PSNR/SSIM over generated images that have a reference file of the same name and size."""
     from PIL import Image
 
-    by_name = {p.name: p for p in reference.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES}
+    by_name = {p.name: p for p in ref_files}
     values_p, values_s, skipped = [], [], 0
     for img in pairs.images:
         ref = by_name.get(Path(img).name)
