@@ -35,7 +35,7 @@ from indexing.collection import (
     NewItem,
     Rejection,
 )
-from indexing.readers import SourceRecord, read_source
+from indexing.readers import DEFAULT_MAX_PIXELS, SourceRecord, read_source
 from indexing.vector_index import VectorIndex
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -46,8 +46,6 @@ if TYPE_CHECKING:  # pragma: no cover
 
 logger = logging.getLogger(__name__)
 
-#: Images with more pixels than this are rejected as decompression bombs before decoding.
-DEFAULT_MAX_PIXELS = 64_000_000
 T = TypeVar("T")
 R = TypeVar("R")
 

@@ -20,6 +20,10 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
+#: Images with more pixels than this are rejected as decompression bombs before decoding
+#: (here, a module with no heavy imports, so the CLI and the UI can share it cheaply).
+DEFAULT_MAX_PIXELS = 64_000_000
+
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".jfif", ".ppm"}
 )

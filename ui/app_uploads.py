@@ -15,15 +15,15 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
+from indexing.readers import DEFAULT_MAX_PIXELS
+
 logger = logging.getLogger(__name__)
 
 #: Image decoders that PIL must recognise for an upload to count as an image.
 IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".txt")
 #: Columns that may hold an image path (retrieval.pairs and retrieval.concepts read these).
 IMAGE_COLUMNS = ("image", "file", "path")
-DEFAULT_MAX_PIXELS = 64_000_000
 
 
 def check_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, label: str | None = None) -> Path:
@@ -50,10 +50,6 @@ def check_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, label
     return path
 
 
-def _original_name(path: Path) -> str:
-    return Path(path).name
-
-
 def stage_images(image_files: Sequence[str | Path], into: Path, *,
                  max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, Path]:
     """Copy checked uploaded images into ``into``; returns file name -> staged path."""
@@ -61,7 +57,7 @@ def stage_images(image_files: Sequence[str | Path], into: Path, *,
     staged: dict[str, Path] = {}
     for file in image_files:
         source = Path(file)
-        name = _original_name(source)
+        name = source.name
         if name in staged:
             raise ValueError(f"two uploaded images are both named {name!r}; rename one of them")
         check_image(source, max_pixels=max_pixels, label=name)

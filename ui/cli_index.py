@@ -13,6 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from indexing.readers import DEFAULT_MAX_PIXELS
+
 logger = logging.getLogger(__name__)
 
 index_app = typer.Typer(
@@ -22,7 +24,6 @@ index_app = typer.Typer(
 )
 
 DEFAULT_COLLECTION = Path("sce-collection")
-DEFAULT_MAX_PIXELS = 64_000_000  # the same as indexing.pipeline's; kept here to avoid importing it
 
 CollectionOption = Annotated[
     Path,
