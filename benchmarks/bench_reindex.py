@@ -27,6 +27,7 @@ import numpy as np
 
 from indexing.collection import Collection, NewItem
 from indexing.correction_store import save_correction
+from indexing.vector_index import unit_rows
 from retrieval.reindex import reindex
 from sce_correct import SchurCorrector
 
@@ -62,8 +63,8 @@ def main() -> None:
         t_reindex_1 = time.perf_counter() - t0
         assert v.count == v2.count == args.n
 
-        ids, X = coll.embeddings.ids("image"), coll.embeddings.get("image", coll.embeddings.ids("image"))
-        X /= np.linalg.norm(X, axis=1, keepdims=True)
+        ids = coll.embeddings.ids("image")
+        X = unit_rows(coll.embeddings.get("image", ids))
         P = corr.projection(n_components=16).astype(np.float32)
         t0 = time.perf_counter()
         Y = X @ P.T

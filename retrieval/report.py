@@ -111,8 +111,8 @@ def report_for_collection(collection, encoder, *, where: dict[str, str] | None =
     try:
         text_emb = collection.embeddings.get("caption", chosen_ids)
     except KeyError:
-        text_emb = encoder.encode_texts(captions)
-    desc = "collection" + (f" where {where}" if where else "") + (f", {len(chosen)} items" if chosen else "")
+        text_emb = encode_texts_once(encoder, captions)
+    desc = "collection" + (f" where {where}" if where else "") + f", {len(chosen)} items"
     return report_from_embeddings(text_emb, image_emb, [r.uri for r in chosen], captions, source=desc,
                                   seed=seed, **kwargs)
 
