@@ -1,10 +1,11 @@
 """Atomic file writes: write a temporary file, fsync it, rename it into place.
 
 Kept apart from the FAISS code so that report and evaluation writers use the same mechanism
-without importing faiss.
+without importing faiss. Also :func:`file_sha256`, the content hash of a file.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import uuid
 from collections.abc import Callable
@@ -62,3 +63,11 @@ def fsync_directory(directory: str | Path) -> None:
     finally:
         os.close(descriptor)
 
+
+def file_sha256(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes (read block-wise): the content hash stored per item."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -16,6 +16,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from indexing.atomic import replace_durably
 from indexing.catalog import Correction
 from indexing.collection import Collection
 from sce_correct import SchurCorrector
@@ -101,7 +102,9 @@ def save_correction(collection: Collection, name: str, corrector: SchurCorrector
                 )
                 session.add(row)
                 session.flush()
-                staged.replace(final)  # inside the transaction: a failed rename rolls the row back
+                # inside the transaction: a failed rename rolls the row back, and the renamed
+                # file is durable (directory fsynced) before the row is committed
+                replace_durably(staged, final)
         except BaseException:
             staged.unlink(missing_ok=True)
             raise

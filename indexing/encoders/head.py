@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from indexing.atomic import write_atomically
 
 HEAD_FORMAT = "sce-retrieval/projection-head/v1"
 
@@ -124,18 +125,13 @@ class ProjectionHead:
             arrays[f"b{i}"] = b.astype(np.float32)
         if self.skip is not None:
             arrays["skip"] = self.skip.astype(dtype)
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(prefix=".head-", suffix=".npz", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
+
+        def write(temporary: Path) -> None:
+            with open(temporary, "wb") as fh:  # a file object: savez would append ".npz" to a name
                 np.savez_compressed(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            os.chmod(temporary, 0o644)
+
+        write_atomically(path, write)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ProjectionHead":

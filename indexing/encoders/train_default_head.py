@@ -34,12 +34,13 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from indexing.atomic import file_sha256, write_atomically
 
 from .head import ProjectionHead
 from .towers import IMAGE_FEATURE_DIM, cache_root
@@ -134,16 +135,13 @@ class KeyedArrayCache:
         return self.values[[self.index[k] for k in keys]]
 
     def _save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         keys = np.asarray(sorted(self.index, key=self.index.get))
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, suffix=".npz")
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, keys=keys, values=self.values)
-        os.replace(tmp, self.path)
 
+        def write(temporary: Path) -> None:
+            with open(temporary, "wb") as fh:  # a file object: savez would append ".npz" to a name
+                np.savez(fh, keys=keys, values=self.values)
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+        write_atomically(self.path, write)
 
 
 def image_features(corpus: Corpus, encoder, cache_dir: Path) -> np.ndarray:
