@@ -28,6 +28,17 @@ def median_pairwise_distance(x: np.ndarray, *, seed: int = 0, max_rows: int = _M
     return float(np.median(d))
 
 
+def resolve_bandwidth(sigma, *data: np.ndarray, seed: int = 0) -> float:
+    """The Gaussian bandwidth: ``sigma`` as a positive float or, when None, the median pairwise
+    distance between the rows of ``data`` (the arrays stacked)."""
+    if sigma is None:
+        return median_pairwise_distance(data[0] if len(data) == 1 else np.vstack(data), seed=seed)
+    value = float(sigma)
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"sigma must be a positive number, got {sigma}")
+    return value
+
+
 def gaussian_kernel(a: np.ndarray, b: np.ndarray, sigma: float) -> np.ndarray:
     """Exact Gaussian kernel matrix exp(-||a_i - b_j||^2 / (2 sigma^2))."""
     sq = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * (a @ b.T)
@@ -95,12 +106,7 @@ class RandomFourierFeatures:
         X = as_matrix(X, "X")
         if int(self.n_components) < 1:
             raise ValueError(f"n_components must be >= 1, got {self.n_components}")
-        if self.sigma is None:
-            sigma = median_pairwise_distance(X, seed=self.seed)
-        else:
-            sigma = float(self.sigma)
-            if not np.isfinite(sigma) or sigma <= 0:
-                raise ValueError(f"sigma must be a positive number, got {self.sigma}")
+        sigma = resolve_bandwidth(self.sigma, X, seed=self.seed)
         rng = np.random.default_rng(self.seed)
         self.sigma_ = sigma
         self.frequencies_ = rng.standard_normal((X.shape[1], int(self.n_components))) / sigma

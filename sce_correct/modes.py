@@ -14,7 +14,7 @@ from scipy import linalg
 
 from ._checks import as_matrix
 from .features import gaussian_kernel, make_feature_map
-from .schur import _Dual, _Primal, choose_method, decompose, resolve_sigma, symmetric_part
+from .schur import _Primal, choose_method, decompose, resolve_sigma, symmetric_part
 
 
 @dataclass(frozen=True)
@@ -95,7 +95,7 @@ def kernel_modes(image_emb, *, n_modes: int = 8, top: int = 16, kernel: str = "c
     """Top eigen-directions of the image covariance C_I alone (the "original" modes)."""
     _check_counts(n_modes, top)
     image = as_matrix(image_emb, "image_emb", min_rows=2)
-    sigma = resolve_sigma(kernel, sigma, image, image[:0], seed) if kernel != "cosine" else None
+    sigma = resolve_sigma(kernel, sigma, image, image[:0], seed)  # None for the cosine kernel
     n = image.shape[0]
     if kernel == "gaussian-exact":
         return _dual_modes(gaussian_kernel(image, image, sigma), None, n_modes, top)

@@ -7,12 +7,13 @@ absolute (added to the diagonal); nothing relies on a pseudo-inverse cut-off.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import linalg
 
 from ._checks import as_pair, check_choice, check_ridge
-from .features import gaussian_kernel, make_feature_map, median_pairwise_distance
+from .features import gaussian_kernel, make_feature_map, resolve_bandwidth
 
 KERNELS = ("cosine", "gaussian", "gaussian-exact")
 METHODS = ("auto", "primal", "dual")
@@ -101,8 +102,16 @@ class _Dual:
             h = lam / (lam + n * ridge)
         self.n = n
         self.K_I = symmetric_part(K_I)
-        self.sqrt_H = (Q * np.sqrt(h)) @ Q.T
-        self.sqrt_G = (Q * np.sqrt(np.clip(1.0 - h, 0.0, None))) @ Q.T
+        self._Q, self._h = Q, h
+
+    # Each n x n square root is built only when asked for (schur_modes needs sqrt_G alone).
+    @cached_property
+    def sqrt_H(self) -> np.ndarray:
+        return (self._Q * np.sqrt(self._h)) @ self._Q.T
+
+    @cached_property
+    def sqrt_G(self) -> np.ndarray:
+        return (self._Q * np.sqrt(np.clip(1.0 - self._h, 0.0, None))) @ self._Q.T
 
     def explained_matrix(self) -> np.ndarray:
         return symmetric_part(self.sqrt_H @ self.K_I @ self.sqrt_H) / self.n
@@ -115,14 +124,11 @@ class _Dual:
 
 
 def resolve_sigma(kernel: str, sigma: float | None, text: np.ndarray, image: np.ndarray, seed: int):
+    """None for the cosine kernel, else the bandwidth: ``sigma``, or the median heuristic on texts and images."""
     if kernel == "cosine":
         return None
-    if sigma is None:
-        return median_pairwise_distance(np.vstack([text, image]), seed=seed)
-    sigma = float(sigma)
-    if not np.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"sigma must be a positive number, got {sigma}")
-    return sigma
+    # float() first: an error message shows the converted value (e.g. "got 0.0")
+    return resolve_bandwidth(None if sigma is None else float(sigma), text, image, seed=seed)
 
 
 def decompose(text_emb, image_emb, *, kernel="cosine", sigma=None, rff_dim=2500, ridge=1e-4,
