@@ -1,7 +1,6 @@
 """Fit a concept correction from a preliminary concept set and store it with its SCE report."""
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from indexing.atomic import file_sha256
 from indexing.catalog import EmbeddingKind
 from indexing.collection import Collection
 from indexing.correction_store import CorrectionInfo, check_correction_name, save_correction
@@ -36,15 +36,6 @@ def unit(v: np.ndarray) -> np.ndarray:
     v = np.asarray(v, dtype=np.float64)
     norms = np.linalg.norm(v, axis=-1, keepdims=True)
     return np.divide(v, norms, out=np.zeros_like(v), where=norms > 0)
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes: the content hash the indexing pipeline stores per item."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
