@@ -59,8 +59,10 @@ from indexing.vector_index import (
     DEFAULT_FACTORY,
     StagedVectors,
     VectorIndex,
+    check_addition,
     flat_layout_matches_faiss,
     unit_rows,
+    unit_rows_into,
     write_atomically,
 )
 
@@ -235,10 +237,9 @@ class EmbeddingStore:
             )
             session.add(shard)
             session.flush()
-            for start in range(0, len(ids) if replace else 0, _IN_CHUNK):
-                chunk = ids[start : start + _IN_CHUNK].tolist()
+            for chunk in _in_chunks(ids) if replace else ():
                 session.execute(
-                    delete(Embedding).where(Embedding.kind == kind, Embedding.item_id.in_(chunk))
+                    delete(Embedding).where(Embedding.kind == kind, Embedding.item_id.in_(chunk.tolist()))
                 )
             if len(ids):
                 session.execute(
@@ -356,19 +357,26 @@ class EmbeddingStore:
             if skip is not None:
                 keep = ~np.isin(item_ids, skip)
                 item_ids, shard_ids, rows = item_ids[keep], shard_ids[keep], rows[keep]
-            if not len(item_ids):
-                continue
-            boundaries = np.flatnonzero(np.diff(shard_ids)) + 1
-            starts = np.r_[0, boundaries].tolist()
-            stops = np.r_[boundaries, len(item_ids)].tolist()
-            for start, stop in zip(starts, stops):
-                stored = np.load(self.directory / files[int(shard_ids[start])], mmap_mode="r")
-                shard_rows, shard_items = rows[start:stop], item_ids[start:stop]
-                first, last = int(shard_rows[0]), int(shard_rows[-1])
-                if last - first + 1 == len(shard_rows):  # a run of rows (a full scan): no gather
-                    yield shard_items, stored[first : last + 1]
-                else:
-                    yield shard_items, stored[shard_rows]
+            yield from self._shard_pieces(item_ids, shard_ids, rows, files)
+
+    def _shard_pieces(
+        self, item_ids: np.ndarray, shard_ids: np.ndarray, rows: np.ndarray, files: dict[int, str],
+    ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, stored rows) per shard of locations sorted by shard and row: a memory-map
+        slice where the rows are a run (a full scan), else the gathered rows."""
+        if not len(item_ids):
+            return
+        boundaries = np.flatnonzero(np.diff(shard_ids)) + 1
+        starts = np.r_[0, boundaries].tolist()
+        stops = np.r_[boundaries, len(item_ids)].tolist()
+        for start, stop in zip(starts, stops):
+            stored = np.load(self.directory / files[int(shard_ids[start])], mmap_mode="r")
+            shard_rows, shard_items = rows[start:stop], item_ids[start:stop]
+            first, last = int(shard_rows[0]), int(shard_rows[-1])
+            if last - first + 1 == len(shard_rows):  # a run of rows (a full scan): no gather
+                yield shard_items, stored[first : last + 1]
+            else:
+                yield shard_items, stored[shard_rows]
 
     def _location_batches(
         self, kind: str, wanted: np.ndarray | None, chunk_size: int,
@@ -452,23 +460,21 @@ class EmbeddingStore:
         return removed
 
     def _locate(
-        self, kind: str, wanted: np.ndarray | None
+        self, kind: str, wanted: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(item ids, shard ids, rows) sorted by shard and row, for ``wanted`` or all ids."""
+        """(item ids, shard ids, rows) sorted by shard and row, for the ``wanted`` ids."""
         columns = select(Embedding.item_id, Embedding.shard_id, Embedding.row).where(
             Embedding.kind == kind
         )
-        if wanted is None or len(wanted) > _BULK_LOOKUP:
+        if len(wanted) > _BULK_LOOKUP:
             table = self._int_table(columns, 3)
+            table = table[np.isin(table[:, 0], wanted)]
         else:
             unique = np.unique(wanted).tolist()
             parts = [
-                self._int_table(columns.where(Embedding.item_id.in_(unique[start : start + _IN_CHUNK])), 3)
-                for start in range(0, len(unique), _IN_CHUNK)
+                self._int_table(columns.where(Embedding.item_id.in_(chunk)), 3) for chunk in _in_chunks(unique)
             ]
             table = np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)
-        if wanted is not None and len(wanted) > _BULK_LOOKUP:
-            table = table[np.isin(table[:, 0], wanted)]
         table = table[np.lexsort((table[:, 2], table[:, 1]))]
         return table[:, 0].copy(), table[:, 1].copy(), table[:, 2].copy()
 
@@ -485,17 +491,12 @@ class EmbeddingStore:
                     )
                 ).all()
             )
-        parts = []
-        boundaries = np.flatnonzero(np.diff(shard_ids)) + 1
-        for shard_rows, shard_id in zip(
-            np.split(rows, boundaries), shard_ids[np.r_[0, boundaries]].tolist()
-        ):
-            stored = np.load(self.directory / files[shard_id], mmap_mode="r")
-            first, last = int(shard_rows[0]), int(shard_rows[-1])
-            if last - first + 1 == len(shard_rows):  # a run of rows (a full scan): slice, no gather
-                parts.append(np.array(stored[first:last + 1], dtype=np.float32))
-            else:
-                parts.append(np.asarray(stored[shard_rows], dtype=np.float32))
+        parts = [
+            # a memory-map slice is copied; gathered rows are a new array already
+            np.array(piece, dtype=np.float32) if isinstance(piece, np.memmap)
+            else np.asarray(piece, dtype=np.float32)
+            for _, piece in self._shard_pieces(shard_ids, shard_ids, rows, files)  # (no item ids here)
+        ]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
@@ -549,18 +550,7 @@ class IndexVersionWriter:
         rows = unit_rows(vectors) if normalize else np.ascontiguousarray(vectors, dtype=np.float32)
         if ids.ndim != 1 or rows.ndim != 2:
             raise ValueError(f"expected 1-d ids and 2-d vectors, got {ids.shape} and {rows.shape}")
-        if rows.shape[1] != self.staged.dim:
-            raise ValueError(
-                f"vectors have dimension {rows.shape[1]}, the index has dimension {self.staged.dim}"
-            )
-        if len(ids) != len(rows):
-            raise ValueError(f"{len(ids)} ids for {len(rows)} vectors")
-        if check_new:
-            if len(np.unique(ids)) != len(ids):
-                raise ValueError("ids passed to add() repeat")
-            present = np.isin(ids, self.staged.ids())
-            if present.any():
-                raise ValueError(f"ids already in the index: {ids[present][:10].tolist()}")
+        check_addition(ids, rows, self.staged.dim, self.staged.ids if check_new else None)
         if not len(ids):
             return
         self.staged.append(ids, rows)
@@ -747,8 +737,7 @@ class Collection:
                 )
                 uris = [item.uri for item in items]
                 id_by_uri: dict[str, int] = {}
-                for start in range(0, len(uris), _IN_CHUNK):
-                    chunk = uris[start : start + _IN_CHUNK]
+                for chunk in _in_chunks(uris):
                     rows = session.execute(select(Item.uri, Item.id).where(Item.uri.in_(chunk)))
                     id_by_uri.update((uri, item_id) for uri, item_id in rows)
                 new_ids = [id_by_uri[uri] for uri in uris]
@@ -784,8 +773,8 @@ class Collection:
 
     @staticmethod
     def _forget_failures(session: Session, uris: list[str]) -> None:
-        for start in range(0, len(uris), _IN_CHUNK):
-            session.execute(delete(Failure).where(Failure.uri.in_(uris[start : start + _IN_CHUNK])))
+        for chunk in _in_chunks(uris):
+            session.execute(delete(Failure).where(Failure.uri.in_(chunk)))
 
     def known_uris(self, include_failures: bool = True) -> set[str]:
         """URIs already in the catalog (and, by default, already rejected)."""
@@ -800,8 +789,7 @@ class Collection:
         found: dict[str, tuple[int, str]] = {}
         unique = list(dict.fromkeys(digests))
         with self.catalog.session() as session:
-            for start in range(0, len(unique), _IN_CHUNK):
-                chunk = unique[start : start + _IN_CHUNK]
+            for chunk in _in_chunks(unique):
                 for item_id, uri, digest in session.execute(
                     select(Item.id, Item.uri, Item.sha256).where(Item.sha256.in_(chunk))
                 ):
@@ -819,8 +807,7 @@ class Collection:
         wanted = list(dict.fromkeys(int(item_id) for item_id in ids))
         records: dict[int, ItemRecord] = {}
         with self.catalog.session() as session:
-            for start in range(0, len(wanted), _IN_CHUNK):
-                chunk = wanted[start : start + _IN_CHUNK]
+            for chunk in _in_chunks(wanted):
                 for row in session.scalars(select(Item).where(Item.id.in_(chunk))):
                     records[row.id] = _item_record(row)
         return records
@@ -849,19 +836,16 @@ class Collection:
             with self.catalog.sessions.begin() as session:
                 found: dict[int, str] = {}
                 wanted_ids = [int(item_id) for item_id in ids]
-                for start in range(0, len(wanted_ids), _IN_CHUNK):
-                    chunk = wanted_ids[start : start + _IN_CHUNK]
+                for chunk in _in_chunks(wanted_ids):
                     found.update(session.execute(select(Item.id, Item.uri).where(Item.id.in_(chunk))).all())
                 wanted_uris = list(uris)
-                for start in range(0, len(wanted_uris), _IN_CHUNK):
-                    chunk = wanted_uris[start : start + _IN_CHUNK]
+                for chunk in _in_chunks(wanted_uris):
                     found.update(session.execute(select(Item.id, Item.uri).where(Item.uri.in_(chunk))).all())
                 not_found: list[int | str] = [i for i in wanted_ids if i not in found]
                 found_uris = set(found.values())
                 not_found += [uri for uri in wanted_uris if uri not in found_uris]
                 doomed = sorted(found)
-                for start in range(0, len(doomed), _IN_CHUNK):
-                    chunk = doomed[start : start + _IN_CHUNK]
+                for chunk in _in_chunks(doomed):
                     session.execute(delete(Embedding).where(Embedding.item_id.in_(chunk)))
                     session.execute(delete(Item).where(Item.id.in_(chunk)))
             if doomed:
@@ -898,9 +882,7 @@ class Collection:
                 select(IndexVersion)
                 .where(
                     IndexVersion.kind == kind,
-                    IndexVersion.correction.is_(None)
-                    if correction is None
-                    else IndexVersion.correction == correction,
+                    _same_correction(correction),
                     IndexVersion.state == IndexState.READY,
                 )
                 .order_by(IndexVersion.id.desc())
@@ -1009,18 +991,22 @@ class Collection:
                 writer.staged.close()
 
     @contextlib.contextmanager
-    def edit_index_version(self, name: str) -> Iterator[VectorIndex]:
-        """Change an existing version in place (add or remove vectors); saved atomically on exit."""
+    def edit_index_version(self, name: str, index: VectorIndex | None = None) -> Iterator[VectorIndex]:
+        """Change an existing version in place (add or remove vectors); saved atomically on exit.
+
+        ``index``: the version's file already loaded (as it is on disk), so it is not read again.
+        """
         with self.writing():
             info = self.version(name)
-            if info.file.exists():
-                index = VectorIndex.load(info.file, info.factory)
-            else:
-                index = VectorIndex.create(info.dim, info.factory)
+            if index is None:
+                if info.file.exists():
+                    index = VectorIndex.load(info.file, info.factory)
+                else:
+                    index = VectorIndex.create(info.dim, info.factory)
             before = index.changes
             yield index
             if index.changes != before or not info.file.exists():
-                self._save_version_file(name, index)
+                self._save_version_file(info, index)
 
     def sync_index(
         self,
@@ -1038,7 +1024,8 @@ class Collection:
         """
         with self.writing():
             stored_ids = self.embeddings.ids(kind)
-            self._remove_from_versions(stored_ids, keep=True, kind=kind)
+            loaded: dict[str, VectorIndex] = {}
+            self._remove_from_versions(stored_ids, keep=True, kind=kind, loaded=loaded)
             current = self.current_version(kind)
             rebuild = (
                 current is None
@@ -1046,9 +1033,12 @@ class Collection:
                 or current.encoder != self.encoder_name
                 or not current.file.exists()
             )
+            # the current version's index as _remove_from_versions left it; the rest is dropped
+            reused = None if rebuild or current is None else loaded.get(current.name)
+            loaded.clear()
             if not rebuild:
                 assert current is not None
-                with self.edit_index_version(current.name) as index:
+                with self.edit_index_version(current.name, reused) as index:
                     missing = np.setdiff1d(stored_ids, index.ids(), assume_unique=True)
                     for ids, vectors in self.embeddings.iter_chunks(kind, chunk_size, ids=missing):
                         index.add(ids, vectors, check_new=False)
@@ -1063,8 +1053,18 @@ class Collection:
                     _, sample = self.embeddings.sample(kind, train_size)
                     writer.train(sample)
                 done = writer.done_ids
-                for ids, vectors in self.embeddings.iter_chunks(kind, chunk_size, exclude=done):
-                    writer.add(ids, vectors, check_new=False)
+                buffer: list[np.ndarray] = []  # one chunk buffer, reused: add() stages a chunk at once
+
+                def reuse(rows: int, dim: int) -> np.ndarray:
+                    if not buffer:
+                        buffer.append(np.empty((rows, dim), dtype=np.float32))
+                    return buffer[0]
+
+                # unit rows already (normalised while copied into the buffer, as a re-index does)
+                for ids, vectors in self.embeddings.iter_chunks(
+                    kind, chunk_size, exclude=done, into=reuse, fill=unit_rows_into
+                ):
+                    writer.add(ids, vectors, check_new=False, normalize=False)
             return self.current_version(kind)  # type: ignore[return-value]
 
     def remove_retired_files(self) -> int:
@@ -1131,9 +1131,7 @@ class Collection:
                     select(IndexVersion)
                     .where(
                         IndexVersion.kind == kind,
-                        IndexVersion.correction.is_(None)
-                        if correction is None
-                        else IndexVersion.correction == correction,
+                        _same_correction(correction),
                         IndexVersion.factory == factory,
                         IndexVersion.encoder == encoder,
                         IndexVersion.dim == dim,
@@ -1187,9 +1185,7 @@ class Collection:
                 update(IndexVersion)
                 .where(
                     IndexVersion.kind == info.kind,
-                    IndexVersion.correction.is_(None)
-                    if info.correction is None
-                    else IndexVersion.correction == info.correction,
+                    _same_correction(info.correction),
                     IndexVersion.state == IndexState.READY,
                     IndexVersion.name != info.name,
                 )
@@ -1281,16 +1277,15 @@ class Collection:
                 if name.split(".faiss.", 1)[0] not in unfinished:
                     path.unlink(missing_ok=True)
 
-    def _save_version_file(self, name: str, index: VectorIndex) -> None:
-        info = self.version(name)
+    def _save_version_file(self, info: IndexVersionInfo, index: VectorIndex) -> None:
         index.save(info.file)
         with self.catalog.sessions.begin() as session:
             session.execute(
                 update(IndexVersion)
-                .where(IndexVersion.name == name)
+                .where(IndexVersion.name == info.name)
                 .values(count=index.count, updated_at=utc_now())
             )
-        self._index_cache.pop(name, None)
+        self._index_cache.pop(info.name, None)
 
     def _set_state(self, name: str, state: IndexState) -> None:
         with self.catalog.sessions.begin() as session:
@@ -1317,12 +1312,15 @@ class Collection:
         return index
 
     def _remove_from_versions(
-        self, ids: np.ndarray, keep: bool = False, kind: str | None = None
+        self, ids: np.ndarray, keep: bool = False, kind: str | None = None,
+        loaded: dict[str, VectorIndex] | None = None,
     ) -> list[tuple[str, str]]:
         """Remove ``ids`` (or, with ``keep``, every id not in ``ids``) from live versions.
 
         Returns (kind, factory) of original versions that cannot delete in place (HNSW):
         they are retired and must be rebuilt from the store with :meth:`sync_index`.
+        ``loaded``: if given, the index of each ready original version is recorded in it by
+        name, as it is on disk afterwards (for the caller to edit without reading it again).
         """
         to_rebuild: list[tuple[str, str]] = []
         for info in self.versions(kind=kind):
@@ -1333,20 +1331,32 @@ class Collection:
             doomed = (
                 np.setdiff1d(present, ids) if keep else np.intersect1d(present, ids)
             )
-            if not len(doomed):
-                continue
-            try:
-                index.remove(doomed)
-            except NotImplementedError:
-                if info.correction is None and info.state == IndexState.READY:
-                    logger.warning("%s cannot delete in place; rebuilding it", info.name)
-                    self._set_state(info.name, IndexState.RETIRED)
-                    to_rebuild.append((info.kind, info.factory))
-                    continue
-                raise
-            self._save_version_file(info.name, index)
-            logger.info("removed %d ids from index version %s", len(doomed), info.name)
+            if len(doomed):
+                try:
+                    index.remove(doomed)
+                except NotImplementedError:
+                    if info.correction is None and info.state == IndexState.READY:
+                        logger.warning("%s cannot delete in place; rebuilding it", info.name)
+                        self._set_state(info.name, IndexState.RETIRED)
+                        to_rebuild.append((info.kind, info.factory))
+                        continue
+                    raise
+                self._save_version_file(info, index)
+                logger.info("removed %d ids from index version %s", len(doomed), info.name)
+            if loaded is not None and info.correction is None and info.state == IndexState.READY:
+                loaded[info.name] = index
         return to_rebuild
+
+
+def _in_chunks(values: Sequence[Any] | np.ndarray) -> Iterator[Any]:
+    """``values`` in slices of at most ``_IN_CHUNK`` (SQLite caps a query's bound parameters)."""
+    for start in range(0, len(values), _IN_CHUNK):
+        yield values[start : start + _IN_CHUNK]
+
+
+def _same_correction(correction: str | None) -> Any:
+    """The condition that an index version has ``correction`` (None: an original version)."""
+    return IndexVersion.correction.is_(None) if correction is None else IndexVersion.correction == correction
 
 
 def _remove_build_files(index_file: Path, keep: set[str] = frozenset()) -> None:  # type: ignore[assignment]

@@ -14,6 +14,7 @@ import mmap
 import os
 import struct
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import faiss
@@ -71,6 +72,31 @@ def _as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
     if array.ndim != 1:
         raise ValueError(f"ids must be 1-d, got shape {array.shape}")
     return array
+
+
+def check_dim(rows: np.ndarray, dim: int) -> None:
+    """ValueError unless the 2-d ``rows`` have ``dim`` columns."""
+    if rows.shape[1] != dim:
+        raise ValueError(f"vectors have dimension {rows.shape[1]}, the index has dimension {dim}")
+
+
+def check_addition(
+    ids: np.ndarray, rows: np.ndarray, dim: int, present: Callable[[], np.ndarray] | None,
+) -> None:
+    """The checks before adding ``rows`` (2-d) under ``ids`` (1-d int64) to an index of ``dim``.
+
+    The dimension, one id per row and, unless ``present`` is None, ids that repeat or that
+    ``present()`` (the ids held already) holds.
+    """
+    check_dim(rows, dim)
+    if len(ids) != len(rows):
+        raise ValueError(f"{len(ids)} ids for {len(rows)} vectors")
+    if present is not None:
+        if len(np.unique(ids)) != len(ids):
+            raise ValueError("ids passed to add() repeat")
+        held = np.isin(ids, present())
+        if held.any():
+            raise ValueError(f"ids already in the index: {ids[held][:10].tolist()}")
 
 
 class VectorIndex:
@@ -157,15 +183,7 @@ class VectorIndex:
         """
         ids = _as_ids(ids)
         rows = unit_rows(vectors) if normalize else _float_rows(vectors)
-        self._check_dim(rows)
-        if len(ids) != len(rows):
-            raise ValueError(f"{len(ids)} ids for {len(rows)} vectors")
-        if check_new:
-            if len(np.unique(ids)) != len(ids):
-                raise ValueError("ids passed to add() repeat")
-            present = np.isin(ids, self.ids())
-            if present.any():
-                raise ValueError(f"ids already in the index: {ids[present][:10].tolist()}")
+        check_addition(ids, rows, self.dim, self.ids if check_new else None)
         if not self.is_trained:
             raise ValueError(f"faiss index {self.factory!r} must be trained before adding")
         if len(ids):
@@ -209,10 +227,7 @@ class VectorIndex:
         return scores, ids
 
     def _check_dim(self, rows: np.ndarray) -> None:
-        if rows.shape[1] != self.dim:
-            raise ValueError(
-                f"vectors have dimension {rows.shape[1]}, the index has dimension {self.dim}"
-            )
+        check_dim(rows, self.dim)
 
 
 # -- an index file built on disk, resumable ------------------------------------------------
