@@ -37,9 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
+from indexing.atomic import file_sha256
 from indexing.collection import Collection
+from indexing.encoders.encoder import encode_texts_once
 from retrieval.concepts import load_concept_set
-from retrieval.corrections import unit
+from retrieval.corrections import embed_images, unit
 from sce_correct import SchurCorrector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,26 +110,22 @@ def main() -> None:
     ap.add_argument("--json", default=None, help="also write the figures here")
     args = ap.parse_args()
 
+    concept = load_concept_set(args.concept)
     with Collection.open(args.collection) as coll:
         encoder = coll.load_encoder()
         ids = coll.embeddings.ids("image")
         records = coll.items(ids)
         X = unit(coll.embeddings.get("image", ids))
+        embedded = embed_images(encoder, concept.images, coll)  # stored vectors where the file is an item
     meta = [records[i].metadata or {} for i in ids.tolist()]
     objects = np.array([m.get("object") or records[i].caption for m, i in zip(meta, ids.tolist())])
     labels = np.array([m.get(args.label_field) or "" for m in meta])
-    row_of_path = {str(Path(records[i].uri).resolve()): r for r, i in enumerate(ids.tolist())}
-
-    concept = load_concept_set(args.concept)
-    text_emb = encoder.encode_texts(concept.prompts)
-    rows = [row_of_path.get(str(Path(p).resolve())) for p in concept.images]
-    missing = [j for j, r in enumerate(rows) if r is None]
-    image_emb = np.zeros((len(rows), X.shape[1]))
-    if missing:
-        image_emb[missing] = unit(encoder.encode_images([concept.images[j] for j in missing]))
-    present = [j for j, r in enumerate(rows) if r is not None]
-    image_emb[present] = X[[rows[j] for j in present]]
-    # The object of each concept row (for the held-out split): the item's object, else the file.
+    text_emb = encode_texts_once(encoder, concept.prompts)
+    image_emb = unit(embedded.vectors)
+    # The object of each concept row (for the held-out split): the object of the item with the
+    # same content (as embed_images matches them), else the file.
+    row_of_sha = {records[i].sha256: r for r, i in enumerate(ids.tolist())}
+    rows = [row_of_sha.get(file_sha256(p)) for p in concept.images]
     concept_objects = np.array([objects[r] if r is not None else str(concept.images[j])
                                 for j, r in enumerate(rows)])
     prompts = np.array(concept.prompts)
@@ -169,7 +167,7 @@ def main() -> None:
 
     print(f"collection {args.collection}: {len(ids)} images, {toned.sum()} with one {args.label_field}, "
           f"{len(toned_objects)} toned objects; concept set {concept.source.name}: {len(concept)} pairs "
-          f"({len(present)} from stored embeddings)")
+          f"({embedded.reused} from stored embeddings)")
     header = f"{'method':<38}{'probe acc':>10}{'R@10 toned objects':>20}{'R@10 all objects':>18}"
     sections = [
         (f"in-sample (fitted on all {len(concept)} pairs; chance {chance(toned):.3f})", in_sample),
