@@ -65,6 +65,7 @@ from indexing.vector_index import (
     unit_rows_into,
     write_atomically,
 )
+from sce_correct.errors import ConflictError, NotFoundError
 
 try:  # advisory write lock; not available on Windows, where writers are not guarded
     import fcntl
@@ -85,15 +86,15 @@ _IN_CHUNK = 900
 _PUBLISH_CHUNK = 65536  # staged vectors moved at a time into a non-flat index
 
 
-class CollectionNotFoundError(FileNotFoundError):
+class CollectionNotFoundError(NotFoundError, FileNotFoundError):
     """There is no collection catalog where one was expected."""
 
 
-class EncoderMismatchError(ValueError):
+class EncoderMismatchError(ConflictError, ValueError):
     """A collection or index version was opened with an encoder other than its own."""
 
 
-class CollectionBusyError(RuntimeError):
+class CollectionBusyError(ConflictError):
     """Another process is writing to the collection."""
 
 

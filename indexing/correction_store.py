@@ -20,6 +20,7 @@ from indexing.atomic import replace_durably
 from indexing.catalog import Correction
 from indexing.collection import Collection
 from sce_correct import SchurCorrector
+from sce_correct.errors import NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 TARGET_KIND = {"t2i": "image", "i2t": "caption", "t2t": "caption"}
 
 
-class CorrectionNotFoundError(KeyError):
+class CorrectionNotFoundError(NotFoundError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
 

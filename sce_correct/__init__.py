@@ -8,6 +8,7 @@ See DESIGN.md section 2. Public API:
 - modes: `schur_modes`, `kernel_modes` -> list of `Mode`
 """
 from .corrector import SchurCorrector
+from .errors import ConflictError, InputError, NotFoundError, SceError
 from .features import CosineFeatures, RandomFourierFeatures, gaussian_kernel, median_pairwise_distance
 from .modes import Mode, kernel_modes, schur_modes
 from .schur import SchurSpectra, schur_spectra
@@ -17,4 +18,5 @@ __all__ = [
     "CosineFeatures", "RandomFourierFeatures", "gaussian_kernel", "median_pairwise_distance",
     "SCEReport", "sce_score", "report_from_spectra", "matrix_entropy_score", "vendi_score", "rke_score",
     "SchurSpectra", "schur_spectra", "SchurCorrector", "Mode", "schur_modes", "kernel_modes",
+    "SceError", "InputError", "NotFoundError", "ConflictError",
 ]
