@@ -13,7 +13,7 @@ Brand-new tables need no migration: ``create_all`` adds them on open.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from enum import StrEnum
@@ -40,6 +40,8 @@ from sqlalchemy.pool import StaticPool
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
+#: At most this many values in one ``IN (...)`` (SQLite caps a query's bound parameters).
+IN_CHUNK = 900
 
 #: Upgrades keyed by the version they start from; each takes a connection inside the
 #: transaction that also bumps the stored version.
@@ -48,6 +50,12 @@ MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
 
 def utc_now() -> datetime:
     return datetime.now(timezone.utc)
+
+
+def in_chunks(values: Sequence[Any]) -> Iterator[Any]:
+    """``values`` in slices of at most ``IN_CHUNK`` (a list, tuple or numpy array)."""
+    for start in range(0, len(values), IN_CHUNK):
+        yield values[start : start + IN_CHUNK]
 
 
 class Base(DeclarativeBase):
