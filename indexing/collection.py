@@ -214,9 +214,12 @@ class Collection:
         """Record the collection's encoder on first use; afterwards check it."""
         self.check_encoder(name, dim)
         if self.encoder_name is None:
-            with self.catalog.sessions.begin() as session:
-                self.catalog.set_info(session, "encoder", name)
-                self.catalog.set_info(session, "dim", str(int(dim)))
+            with self.writing():  # one binder at a time; check again under the lock
+                self.check_encoder(name, dim)
+                if self.encoder_name is None:
+                    with self.catalog.sessions.begin() as session:
+                        self.catalog.set_info(session, "encoder", name)
+                        self.catalog.set_info(session, "dim", str(int(dim)))
 
     # -- write lock -------------------------------------------------------------------------
     @contextlib.contextmanager
