@@ -13,6 +13,7 @@ Brand-new tables need no migration: ``create_all`` adds them on open.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -252,9 +253,29 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # Foreign keys make a deleted item's embedding rows go with it; WAL lets searches read
     # while a build or re-index writes.
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _use_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _use_wal(cursor: Any, seconds: float = 30.0) -> None:
+    """Switch the database to WAL (a setting stored in the file, so once is enough).
+
+    Switching needs a moment alone with the file and SQLite does not wait for it (the busy
+    timeout does not apply): when other processes open the same new catalog at once, retry.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        mode = cursor.execute("PRAGMA journal_mode").fetchone()
+        if mode and str(mode[0]).lower() in ("wal", "memory"):
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def open_catalog(url_or_path: str | Path, *, create: bool = True) -> Catalog:

@@ -44,8 +44,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from filelock import FileLock, Timeout
+from sqlalchemy.exc import SQLAlchemyError
 
-from indexing.catalog import Catalog, EmbeddingKind, open_catalog
+from indexing.catalog import Catalog, CatalogInfo, EmbeddingKind, open_catalog
 from indexing.embedding_store import EmbeddingStore
 from indexing.index_build import IndexBuilder, IndexVersionWriter
 from indexing.index_versions import (
@@ -226,12 +227,15 @@ class Collection:
         """Record the collection's encoder on first use; afterwards check it."""
         self.check_encoder(name, dim)
         if self.encoder_name is None:
-            with self.writing():  # one binder at a time; check again under the lock
-                self.check_encoder(name, dim)
+            try:
+                with self.catalog.sessions.begin() as session:  # inserts: never overwrites
+                    session.add_all([CatalogInfo(key="encoder", value=name),
+                                     CatalogInfo(key="dim", value=str(int(dim)))])
+            except SQLAlchemyError:
                 if self.encoder_name is None:
-                    with self.catalog.sessions.begin() as session:
-                        self.catalog.set_info(session, "encoder", name)
-                        self.catalog.set_info(session, "dim", str(int(dim)))
+                    raise
+                # another process bound an encoder at the same moment: it must be this one
+            self.check_encoder(name, dim)
 
     # -- write lock -------------------------------------------------------------------------
     @contextlib.contextmanager

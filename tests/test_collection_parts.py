@@ -258,7 +258,7 @@ def _create_and_add(root: str, worker: int, barrier, results) -> None:
     try:
         barrier.wait(timeout=60)
         with Collection.open(root, create=True) as collection:
-            collection.bind_encoder("toy", 4)
+            collection.bind_encoder("toy", 4)  # all at once too: one binds, the others agree
             for attempt in range(200):  # writers take turns: retry while another one writes
                 try:
                     collection.add_items(
