@@ -423,8 +423,7 @@ class Collection:
         the same kind, correction, factory, encoder and dimension is continued from its last
         checkpoint (``writer.done_ids``); staged ids that lost their stored embedding since
         are dropped. ``expected_count``: how many vectors will be added (sizes the staging
-        file; it grows when more come). After publishing, the files of retired versions
-        beyond the newest few are removed (:meth:`collect_garbage`).
+        file; it grows when more come).
         """
         encoder = self.encoder_name
         dim = dim if dim is not None else self.dim
@@ -437,7 +436,7 @@ class Collection:
                 checkpoint_every=checkpoint_every, expected_count=expected_count,
             ) as writer:
                 yield writer
-            # published: apply the retention rule, so retired files do not pile up
+            # published: apply the retention rule (collect_garbage), so retired files do not pile up
             self.index_versions.collect_garbage()
 
     @contextlib.contextmanager
