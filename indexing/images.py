@@ -39,7 +39,7 @@ class ImageCheckError(InputError):
     """A file that is not a usable image; ``reason`` is a catalog reject reason, ``detail`` why."""
 
     def __init__(self, name: str, reason: str, detail: str) -> None:
-        super().__init__(f"{name}: {detail}")
+        super().__init__(f"{name} is not an image: {detail}" if reason == NOT_AN_IMAGE else f"{name}: {detail}")
         self.reason = reason
         self.detail = detail
 
@@ -77,12 +77,12 @@ def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageCheckError(name, BOMB, str(error)) from None
     except UnidentifiedImageError:
-        raise ImageCheckError(name, NOT_AN_IMAGE, "not an image format PIL recognises") from None
+        raise ImageCheckError(name, NOT_AN_IMAGE, "PIL does not recognise its format") from None
     except Exception as error:  # a recognised header that is malformed
         raise ImageCheckError(name, CORRUPT, f"{type(error).__name__}: {error}") from None
     if image.format not in IMAGE_FORMATS:
-        raise ImageCheckError(name, NOT_AN_IMAGE, f"a {image.format} file, not one of the accepted formats "
-                              f"({', '.join(sorted(IMAGE_FORMATS))})")
+        raise ImageCheckError(name, NOT_AN_IMAGE, f"it is a {image.format} file; accepted formats are "
+                              f"{', '.join(sorted(IMAGE_FORMATS))}")
     width, height = image.size
     if width * height > max_pixels:
         raise ImageCheckError(name, BOMB, f"{width}x{height} = {width * height} pixels exceeds the limit "
