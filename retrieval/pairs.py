@@ -35,6 +35,7 @@ class PairedSet:
     prompts: list[str]
     images: list[Path]
     source: str
+    pairing: str = ""  # how the pairs were made, for messages: "by table row", "by line number ..."
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -102,7 +103,7 @@ def load_pairs(prompts: str | Path, images_dir: str | Path | None = None, *, min
     """Read a paired set (see the module docstring); every failure names the file and line."""
     prompts = Path(prompts)
     if pair_by not in PAIR_BY:
-        raise InputError(f"pair_by must be one of {', '.join(PAIR_BY)}, not {pair_by!r}")
+        raise InputError(f"--pair-by takes {' or '.join(PAIR_BY)}, not {pair_by!r}")
     if not prompts.is_file():
         raise NotFoundError(f"prompts file not found: {prompts}")
     images_dir = Path(images_dir) if images_dir is not None else None
@@ -113,6 +114,7 @@ def load_pairs(prompts: str | Path, images_dir: str | Path | None = None, *, min
             raise InputError(f"--pair-by {pair_by} applies to a plain prompts file; each row of the table "
                              f"{prompts.name} names its own image")
         texts, paths = _table_pairs(prompts, images_dir or prompts.parent)
+        pairing = f"by table row ({prompts.name})"
     else:
         if images_dir is None:
             raise InputError("a plain prompts file needs an image folder whose file names start with the prompt's "
@@ -120,6 +122,9 @@ def load_pairs(prompts: str | Path, images_dir: str | Path | None = None, *, min
         lines = read_text_lines(prompts)
         pair = _pairs_by_number if pair_by == "number" else _pairs_by_order
         texts, paths = pair(prompts, lines, images_dir)
+        pairing = (f"by the line number that starts each image's name, counted from 0 (0.png is line 1 of "
+                   f"{prompts.name})" if pair_by == "number" else
+                   f"in order: line 1 of {prompts.name} with the first image of {images_dir.name} sorted by name")
     if len(texts) < min_pairs:
         raise InputError(f"{prompts}: {len(texts)} prompt/image pair(s) found, at least {min_pairs} needed")
-    return PairedSet(prompts=texts, images=paths, source=str(prompts))
+    return PairedSet(prompts=texts, images=paths, source=str(prompts), pairing=pairing)
