@@ -290,7 +290,7 @@ def test_no_other_module_keeps_its_own_suffix_or_format_list():
     assert offenders == []
 
 
-def test_one_image_check_for_the_pipeline_and_uploads(tmp_path, toy_encoder):
+def test_one_image_check_for_the_pipeline_and_uploads(tmp_path, toy_specs):
     folder = tmp_path / "bad"
     folder.mkdir()
     Image.new("RGB", (16, 16)).save(folder / "icon.png", format="ICO")
@@ -298,7 +298,9 @@ def test_one_image_check_for_the_pipeline_and_uploads(tmp_path, toy_encoder):
     (folder / "empty.png").write_bytes(b"")
     (folder / "text.png").write_text("not an image")
     make_image(folder / "good.png", seed=1)
-    build_collection(folder, tmp_path / "coll", encoder=toy_encoder, progress=False)
+    result = runner.invoke(app, ["index", "build", str(folder), "-c", str(tmp_path / "coll"), "--quiet"])
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    assert "rejected: decompression_bomb 1, empty 1, not_an_image 2" in result.output
     with Collection.open(tmp_path / "coll") as opened:
         recorded = {Path(f.uri).name: f.reason for f in opened.failures()}
     assert recorded == {"icon.png": "not_an_image", "bomb.png": "decompression_bomb", "empty.png": "empty",
