@@ -121,6 +121,8 @@ def read_table(path: str | Path) -> Table:
 def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
     """(line number from 1, text with its line ending) of a UTF-8 file; a BOM is dropped.
 
+    Lines end at ``\n``, ``\r\n`` or a lone ``\r``, as in Python's universal newlines.
+
     Bytes that are not UTF-8 are an InputError naming the file, the line and the column.
     """
     path = Path(path)
@@ -128,8 +130,10 @@ def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
         handle = path.open("rb")
     except OSError as error:
         raise InputError(f"cannot read {path}: {error.strerror or error}") from None
+    # \n, \r\n and a lone \r (old Mac exports) all end a line.
+    pieces = (piece for chunk in handle for piece in chunk.splitlines(keepends=True))
     with handle:
-        for number, raw in enumerate(handle, start=1):
+        for number, raw in enumerate(pieces, start=1):
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as error:

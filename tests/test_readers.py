@@ -129,6 +129,16 @@ def test_line_numbers_count_physical_lines_across_quoted_newlines(tmp_path):
         list(read_source(listing))
 
 
+@pytest.mark.parametrize("end", ["\n", "\r\n", "\r"], ids=["lf", "crlf", "cr"])
+def test_every_line_ending_counts_lines_the_same(tmp_path, end):
+    listing = tmp_path / "list.csv"
+    listing.write_bytes(end.join(["file,caption", 'a.png,"x, y"', "b.png,z", "c.png", ""]).encode())
+    with pytest.raises(InputError, match=r"list\.csv, line 4: 1 fields"):
+        list(read_source(listing))
+    listing.write_bytes(end.join(["file,caption", 'a.png,"x, y"', "b.png,z", ""]).encode())
+    assert [r.caption for r in read_source(listing)] == ["x, y", "z"]
+
+
 def test_a_header_that_names_a_column_twice(tmp_path):
     listing = tmp_path / "list.csv"
     listing.write_text("file,caption,File\na.png,x,y\n", encoding="utf-8")
