@@ -27,8 +27,8 @@ DEFAULT_MAX_PIXELS = 64_000_000
 IMAGE_SUFFIXES = frozenset(
     {".jpg", ".jpeg", ".jfif", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".ppm"}
 )
-#: PIL formats accepted as images (those of the suffixes above; MPO is a camera's JPEG).
-IMAGE_FORMATS = frozenset({"JPEG", "MPO", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM"})
+#: PIL decoders tried on an image (those of the suffixes above); JPEG also opens a camera's MPO.
+IMAGE_FORMATS = frozenset({"JPEG", "PNG", "GIF", "BMP", "WEBP", "TIFF", "PPM"})
 
 # The reasons, as the values of indexing.catalog.RejectReason (not imported: no SQLAlchemy here).
 MISSING, EMPTY, UNREADABLE = "missing", "empty", "unreadable"
@@ -71,18 +71,17 @@ def decode_image(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
     from PIL import Image, UnidentifiedImageError
 
     try:
+        # Only the accepted formats' decoders are tried (no other PIL plugin sees the data).
         # Over max_pixels is refused below; PIL's own bomb warning (raised as an error when the
         # caller's warning filter says so, as a build's does) and error count as bombs too.
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=sorted(IMAGE_FORMATS))
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise ImageCheckError(name, BOMB, str(error)) from None
     except UnidentifiedImageError:
-        raise ImageCheckError(name, NOT_AN_IMAGE, "PIL does not recognise its format") from None
+        raise ImageCheckError(name, NOT_AN_IMAGE, f"not data of an accepted format "
+                              f"({', '.join(sorted(IMAGE_FORMATS))})") from None
     except Exception as error:  # a recognised header that is malformed
         raise ImageCheckError(name, CORRUPT, f"{type(error).__name__}: {error}") from None
-    if image.format not in IMAGE_FORMATS:
-        raise ImageCheckError(name, NOT_AN_IMAGE, f"it is a {image.format} file; accepted formats are "
-                              f"{', '.join(sorted(IMAGE_FORMATS))}")
     width, height = image.size
     if width * height > max_pixels:
         raise ImageCheckError(name, BOMB, f"{width}x{height} = {width * height} pixels exceeds the limit "
