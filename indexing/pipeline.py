@@ -3,9 +3,11 @@
 Each stage is a plain function over records or batches, so another runner (Ray Data,
 Spark) can run the same stages on many machines; :func:`run_build` is the local runner.
 
-Faults never stop a build: every file that cannot become an item (missing, empty,
-truncated, not an image, a decompression bomb, a duplicate of an indexed file, ...) is
-recorded in the catalog's ``failures`` table with its reason. Work is committed in shards,
+Faults in files never stop a build: every file that cannot become an item (missing, empty,
+truncated, not an image, a decompression bomb, a duplicate of an indexed file, a subfolder
+that cannot be read, ...) is recorded in the catalog's ``failures`` table with its reason.
+A listing that cannot be read (not UTF-8, a malformed row) or lists nothing is refused
+before anything is written. Work is committed in shards,
 so a build that is killed and run again skips what is already in the catalog and re-encodes
 nothing; the index is then synced from the stored embeddings.
 """

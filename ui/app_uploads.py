@@ -60,7 +60,8 @@ def stage_pairs(table_file: str | Path, image_files: Sequence[str | Path], into:
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Path, Path]:
     """Stage an uploaded prompt table and its images in ``into``: returns (table, image folder).
 
-    CSV and JSONL tables have their image column rewritten to the staged copies; a plain
+    CSV/TSV and JSONL tables (read by indexing.tables) have their image column, by the one
+    column convention, rewritten to the staged copies; a plain
     text file (one prompt a line) is copied as it is, its images keep their names (which
     start with the prompt's line number, see retrieval.pairs).
     """
@@ -68,7 +69,7 @@ def stage_pairs(table_file: str | Path, image_files: Sequence[str | Path], into:
     suffix = table.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         kind = suffix or "a file without extension"
-        raise InputError(f"{table.name}: upload a .csv, .jsonl or .txt prompts file, not {kind}")
+        raise InputError(f"{table.name}: upload a .csv, .tsv, .jsonl or .txt prompts file, not {kind}")
     images_dir = into / "images"
     staged = stage_images(image_files, images_dir, max_pixels=max_pixels)
     target = into / table.name
