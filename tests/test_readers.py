@@ -337,11 +337,19 @@ def test_one_column_convention_for_listings_concepts_pairs_and_uploads(tmp_path)
     assert concept.prompts == [f"tone {i}" for i in range(4)] and concept.images[2].name == "2.png"
     pairs = load_pairs(jsonl)
     assert pairs.prompts == concept.prompts and [p.name for p in pairs.images] == [p.name for p in concept.images]
-    # The upload is staged by the same convention: the Image column, not 'file', is rewritten.
-    staged, _ = stage_pairs(jsonl, sorted((tmp_path / "imgs").iterdir()), tmp_path / "staged")
+    # An upload has every column that could name an image rewritten to the staged copies, so
+    # whichever one a reader picks, it reads only uploaded files.
+    uploads = [*sorted((tmp_path / "imgs").iterdir()), make_image(tmp_path / "ignored.png", seed=9)]
+    staged, _ = stage_pairs(jsonl, uploads, tmp_path / "staged")
     first = json.loads(staged.read_text().splitlines()[0])
-    assert first["Image"] == "images/0.png" and first["file"] == "ignored.png"
+    assert first["Image"] == "images/0.png" and first["file"] == "images/ignored.png"
     assert load_pairs(staged).images[0] == tmp_path / "staged" / "images" / "0.png"
+    secret = make_image(tmp_path / "secret.png", seed=10)
+    sneaky = tmp_path / "sneaky.jsonl"
+    sneaky.write_text(json.dumps({"file": "imgs/0.png", "prompt": "a"}) + "\n"
+                      + json.dumps({"image": "", "file": str(secret), "prompt": "b"}) + "\n")
+    with pytest.raises(InputError, match=r"sneaky\.jsonl, line 2: image '.*secret\.png' is not among the uploaded"):
+        stage_pairs(sneaky, uploads, tmp_path / "staged2")
 
 
 def test_uploaded_tables_name_the_upload_and_its_line(tmp_path):

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from indexing.images import DEFAULT_MAX_PIXELS, check_image
-from indexing.tables import pick_columns, read_table, read_text_lines, table_kind
+from indexing.tables import PATH_COLUMNS, read_table, read_text_lines, table_kind
 from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ def stage_pairs(table_file: str | Path, image_files: Sequence[str | Path], into:
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Path, Path]:
     """Stage an uploaded prompt table and its images in ``into``: returns (table, image folder).
 
-    CSV/TSV and JSONL tables (read by indexing.tables) have their image column, by the one
-    column convention, rewritten to the staged copies; a plain
+    CSV/TSV and JSONL tables (read by indexing.tables) have every column that can name an
+    image (indexing.tables.PATH_COLUMNS) rewritten to the staged copies; a plain
     text file (one prompt a line) is copied as it is, its images keep their names (which
     start with the prompt's line number, see retrieval.pairs).
     """
@@ -83,17 +83,20 @@ def stage_pairs(table_file: str | Path, image_files: Sequence[str | Path], into:
 
 
 def _stage_table(table: Path, target: Path, staged: dict[str, Path]) -> None:
-    """Copy a CSV/TSV/JSONL table to ``target`` with its image column (by the one column
-    convention of indexing.tables, per row) pointing at the staged uploads."""
+    """Copy a CSV/TSV/JSONL table to ``target`` with every image column (any of the one column
+    convention's PATH_COLUMNS, in every row) pointing at the staged uploads."""
     rows = []
     try:  # messages name the upload by its own name, not the server's temporary path
         read = read_table(table)
         for row in read.rows():
             values = dict(row.values)
-            column = pick_columns(values).path
-            value = values.get(column) if column else None
-            if isinstance(value, str) and value.strip():
-                values[column] = _staged_image(value.strip(), staged, row.where)
+            # Every column that could name an image (whichever one a reader picks) is rewritten.
+            for column in [key for key in values if str(key).strip().lower() in PATH_COLUMNS]:
+                value = values[column]
+                if isinstance(value, str) and value.strip():
+                    values[column] = _staged_image(value.strip(), staged, row.where)
+                elif not (value is None or isinstance(value, str)):
+                    raise InputError(f"{row.where}: {column} must name an image file, not {value!r}")
             rows.append(values)
     except InputError as error:
         raise InputError(str(error).replace(str(table), table.name)) from None
