@@ -184,8 +184,10 @@ def _csv_header(path: Path) -> list[str]:
 
 def _csv_rows(path: Path) -> Iterator[Row]:
     records = _csv_records(path)
-    _, header = next(records)
-    header = [name.strip() for name in header]
+    first = next(records, None)
+    if first is None:  # emptied since read_table read the header
+        return
+    header = [name.strip() for name in first[1]]
     for line, fields in records:
         if len(fields) != len(header):
             more = "more" if len(fields) > len(header) else "fewer"
