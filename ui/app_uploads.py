@@ -115,7 +115,7 @@ def stage_reference(image_files: Sequence[str | Path], into: Path, *, min_images
     """Stage uploaded reference images (checked, by file name) in ``into``; returns the folder.
 
     A reference set needs at least ``min_images`` images (a covariance of one image is
-    meaningless), else ValueError.
+    meaningless), else InputError.
     """
     files = list(image_files)
     if len(files) < min_images:
