@@ -157,7 +157,8 @@ def _csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
     """(first line, fields) of each non-blank CSV record (a quoted field may span lines)."""
     delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
     lines = utf8_lines(path)
-    reader = csv.reader((text for _, text in lines), delimiter=delimiter)
+    # strict: a stray quote is an error, not a field that silently runs to the end of the file
+    reader = csv.reader((text for _, text in lines), delimiter=delimiter, strict=True)
     start = 1
     try:
         for fields in reader:
@@ -165,7 +166,10 @@ def _csv_records(path: Path) -> Iterator[tuple[int, list[str]]]:
                 yield start, fields
             start = reader.line_num + 1
     except csv.Error as error:
-        raise InputError(f"{where(path, reader.line_num or 1)}: not a readable CSV row ({error})") from None
+        text = str(error)
+        quoting = "'\"'" in text or "end of data" in text
+        hint = "; a quoted field ends with a quote, and a quote inside it is doubled" if quoting else ""
+        raise InputError(f"{where(path, start)}: not a readable CSV row ({text}){hint}") from None
 
 
 def _csv_header(path: Path) -> list[str]:

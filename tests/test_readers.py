@@ -424,3 +424,69 @@ def test_cli_evaluate_and_report_pair_by_order(tmp_path, toy_specs):
     (tmp_path / "gen" / "img5.png").unlink()
     line = one_error_line("report", "--prompts", prompts, "--images", tmp_path / "gen", "--pair-by", "order", "-q")
     assert "has 6 prompt line(s) and" in line and "5 image(s)" in line
+
+
+# -- generated bad listings through the CLI: one line each, the collection unchanged --------------
+def _bad_listings(folder: Path) -> list[tuple[str, bytes, str]]:
+    """(file name, content, what the one line must say) for seeded variations of each defect."""
+    import random
+
+    rng = random.Random(12)
+    cases = []
+    for n in range(3):
+        good = [f"ok{i}.png,caption {i}" for i in range(rng.randint(1, 4))]
+        bad_line = len(good) + 2
+        cases += [
+            (f"latin{n}.csv", ("file,caption\n" + "".join(g + "\n" for g in good)).encode() + b"x.png,caf\xe9\n",
+             rf"latin{n}\.csv, line {bad_line}: not UTF-8"),
+            (f"extra{n}.csv", ("file,caption\n" + "".join(g + "\n" for g in good) + "x.png,a,b\n").encode(),
+             rf"extra{n}\.csv, line {bad_line}: 3 fields, more than the 2 columns"),
+            (f"short{n}.tsv", ("file\tcaption\n" + "".join(g.replace(",", "\t") + "\n" for g in good)
+                               + "x.png\n").encode(), rf"short{n}\.tsv, line {bad_line}: 1 fields, fewer"),
+            (f"quote{n}.csv", ("file,caption\n" + "".join(g + "\n" for g in good)).encode() + b'x.png,"a"b"\n',
+             rf"quote{n}\.csv, line {bad_line}: not a readable CSV row"),
+            (f"json{n}.jsonl", "".join(json.dumps({"file": g.split(",")[0]}) + "\n" for g in good).encode()
+             + b'{"file": "x.png",}\n', rf"json{n}\.jsonl, line {bad_line - 1}: not valid JSON"),
+            (f"array{n}.jsonl", "".join(json.dumps({"file": g.split(",")[0]}) + "\n" for g in good).encode()
+             + rng.choice([b"[1]\n", b"3\n", b'"x.png"\n', b"null\n"]),
+             rf"array{n}\.jsonl, line {bad_line - 1}: expected a JSON object per line"),
+            (f"nopath{n}.jsonl", "".join(json.dumps({"file": g.split(",")[0]}) + "\n" for g in good).encode()
+             + b'{"caption": "no file"}\n', rf"nopath{n}\.jsonl, line {bad_line - 1}: no image path column"),
+        ]
+    cases += [
+        ("open.csv", b'file,caption\na.png,"never closed\nb.png,x\nc.png,y\n',
+         r"open\.csv, line 2: not a readable CSV row \(unexpected end of data\)"),
+        ("dup.csv", b"file,caption,FILE\na.png,x,y\n", r"dup\.csv, line 1: the header names the column 'FILE' twice"),
+        ("huge.csv", b"file,caption\na.png," + b"x" * 200_000 + b"\n", r"huge\.csv, line 2: not a readable CSV row"),
+        ("zero.csv", b"", r"zero\.csv is empty: a CSV file needs a header line"),
+        ("header.csv", b"file,caption\n\n\n", r"header\.csv: nothing listed: it has a header line and no rows"),
+        ("blank.jsonl", b"\n \n", r"blank\.jsonl: nothing listed: it has no JSON lines"),
+        ("nocol.csv", b"name,caption\na,b\n", r"nocol\.csv: no image path column; expected one of image, file"),
+        ("broken.parquet", b"PAR1\x00\x01garbage", r"broken\.parquet is not a readable parquet file"),
+        ("list.xlsx", b"PK\x03\x04", r"cannot read .*list\.xlsx: expected a folder or a file ending in"),
+    ]
+    return cases
+
+
+def test_generated_bad_listings_are_one_line_and_change_nothing(tmp_path, toy_specs):
+    images(tmp_path / "photos", 3)
+    collection = tmp_path / "coll"
+    result = runner.invoke(app, ["index", "build", str(tmp_path / "photos"), "-c", str(collection), "--quiet"])
+    assert result.exit_code == 0, result.output
+
+    def state():
+        with Collection.open(collection) as opened:
+            return (opened.item_ids().tolist(), [f.uri for f in opened.failures()],
+                    [(v.name, v.state) for v in opened.versions(include_retired=True)])
+
+    before = state()
+    cases = _bad_listings(tmp_path)
+    assert len(cases) >= 25
+    lists = tmp_path / "lists"
+    lists.mkdir()
+    for name, content, expected in cases:
+        path = lists / name
+        path.write_bytes(content)
+        line = one_error_line("index", "add", path, "-c", collection, "--quiet")
+        assert re.search(expected, line), (name, line)
+        assert state() == before, name
