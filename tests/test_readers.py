@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
+import subprocess
+import sys
+import textwrap
 import zlib
 from pathlib import Path
 
@@ -248,16 +252,39 @@ def test_an_unreadable_subfolder_is_recorded_as_a_failure(tmp_path, toy_encoder,
         list(read_source(root))
 
 
-@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
-                    reason="running as root: chmod 000 does not stop root's reads (the scandir test covers it)")
+def _as_if_not_root(command: list[str]) -> list[str]:
+    """Run ``command`` so that file permissions apply: as root, without the capabilities that
+    let root read any folder (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), via util-linux setpriv."""
+    if os.geteuid() != 0:
+        return command
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: chmod 000 cannot stop root's reads here")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search", *command]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
 def test_a_chmod_000_subfolder_is_recorded_as_a_failure(tmp_path):
     root, locked = _tree(tmp_path)
+    script = textwrap.dedent(f"""
+        import json, sys
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        from conftest import ToyEncoder
+        from indexing.collection import Collection
+        from indexing.pipeline import build_collection
+        report = build_collection({str(root)!r}, {str(tmp_path / "coll")!r}, encoder=ToyEncoder(), progress=False)
+        with Collection.open({str(tmp_path / "coll")!r}) as opened:
+            print(json.dumps([report.added, [[f.uri, f.reason, f.detail] for f in opened.failures()]]))
+    """)
     locked.chmod(0)
     try:
-        records = list(read_source(root))
+        done = subprocess.run(_as_if_not_root([sys.executable, "-c", script]), capture_output=True, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO)}, timeout=120)
     finally:
         locked.chmod(0o755)
-    assert [r.uri for r in records if r.error] == [file_uri(locked)]
+    assert done.returncode == 0, done.stderr
+    added, failures = json.loads(done.stdout.splitlines()[-1])
+    assert added == 3 and failures == [[file_uri(locked), "unreadable", "folder cannot be read: Permission denied"]]
 
 
 def test_cli_build_reports_the_unreadable_folder(tmp_path, toy_specs, monkeypatch):
