@@ -3,9 +3,11 @@
 Each stage is a plain function over records or batches, so another runner (Ray Data,
 Spark) can run the same stages on many machines; :func:`run_build` is the local runner.
 
-Faults never stop a build: every file that cannot become an item (missing, empty,
-truncated, not an image, a decompression bomb, a duplicate of an indexed file, ...) is
-recorded in the catalog's ``failures`` table with its reason. Work is committed in shards,
+Faults in files never stop a build: every file that cannot become an item (missing, empty,
+truncated, not an image, a decompression bomb, a duplicate of an indexed file, a subfolder
+that cannot be read, ...) is recorded in the catalog's ``failures`` table with its reason.
+A listing that cannot be read (not UTF-8, a malformed row) or lists nothing is refused
+before anything is written. Work is committed in shards,
 so a build that is killed and run again skips what is already in the catalog and re-encodes
 nothing; the index is then synced from the stored embeddings.
 """
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import io
 import itertools
 import logging
 import time
@@ -35,8 +36,10 @@ from indexing.collection import (
     NewItem,
     Rejection,
 )
-from indexing.readers import DEFAULT_MAX_PIXELS, SourceRecord, read_source
+from indexing.images import DEFAULT_MAX_PIXELS, ImageCheckError, decode_image, read_image_file
+from indexing.readers import SourceRecord, read_source
 from indexing.vector_index import VectorIndex
+from sce_correct.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -97,46 +100,21 @@ def select_pending(
 
 # -- stage 2: decode and preprocess (runs in worker threads) --------------------------------
 def load_image(record: SourceRecord, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Image.Image, str] | Rejection:
-    """Read, hash and fully decode one file; a :class:`Rejection` says why it failed."""
-    from PIL import Image, UnidentifiedImageError
-
-    def reject(reason: RejectReason, detail: str, digest: str | None = None) -> Rejection:
-        return Rejection(record.uri, reason, detail, digest)
-
+    """Read, hash and fully decode one file (the one image check, indexing.images); a
+    :class:`Rejection` says why it failed."""
     if record.path is None:
-        return reject(RejectReason.MISSING, "the row names no image file")
+        return Rejection(record.uri, RejectReason.MISSING, "the row names no image file")
+    if record.error is not None:  # listed by the reader as unreadable (a folder)
+        return Rejection(record.uri, RejectReason.UNREADABLE, record.error)
     try:
-        data = record.path.read_bytes()
-    except FileNotFoundError:
-        return reject(RejectReason.MISSING, f"file not found: {record.path}")
-    except OSError as error:  # a folder, no permission, an I/O error
-        return reject(RejectReason.UNREADABLE, f"{type(error).__name__}: {error}")
-    if not data:
-        return reject(RejectReason.EMPTY, "file is empty (0 bytes)")
+        data = read_image_file(record.path)
+    except ImageCheckError as error:
+        return Rejection(record.uri, RejectReason(error.reason), error.detail)
     digest = hashlib.sha256(data).hexdigest()
     try:
-        image = Image.open(io.BytesIO(data))
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        return reject(RejectReason.DECOMPRESSION_BOMB, str(error), digest)
-    except UnidentifiedImageError:
-        return reject(RejectReason.NOT_AN_IMAGE, "not an image format PIL recognises", digest)
-    except Exception as error:  # a recognised header that is malformed
-        return reject(RejectReason.CORRUPT, f"{type(error).__name__}: {error}", digest)
-    width, height = image.size
-    if width * height > max_pixels:
-        return reject(
-            RejectReason.DECOMPRESSION_BOMB,
-            f"{width}x{height} = {width * height} pixels exceeds the limit of {max_pixels}",
-            digest,
-        )
-    try:
-        image.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        return reject(RejectReason.DECOMPRESSION_BOMB, str(error), digest)
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, EOFError...
-        message = f"{type(error).__name__}: {error}"
-        reason = RejectReason.TRUNCATED if "truncat" in message.lower() else RejectReason.CORRUPT
-        return reject(reason, message, digest)
+        image = decode_image(data, record.uri, max_pixels)
+    except ImageCheckError as error:
+        return Rejection(record.uri, RejectReason(error.reason), error.detail, digest)
     return image, digest
 
 
@@ -263,7 +241,7 @@ def resolve_encoder(encoder: str | Encoder | None, collection: Collection) -> En
     if encoder is None:
         encoder = collection.encoder_name
         if encoder is None:
-            raise ValueError("the collection has no encoder yet: pass one to build it")
+            raise InputError("the collection has no encoder yet: pass one to build it")
     if isinstance(encoder, str):
         import indexing
 
@@ -299,16 +277,19 @@ def run_build(
     with collection.writing():
         # Checks that need no encoding come first: a bad source, encoder or factory string
         # should fail before hours of work, and before the collection is bound to an encoder.
+        # The whole listing is read first, so a malformed or empty one changes nothing.
         records = read_source(source, image_root) if isinstance(source, (str, Path)) else source
+        pending = select_pending(
+            records, collection.known_uris(include_failures=not retry_failed), report
+        )
+        if not report.listed:
+            raise InputError(f"{report.source}: nothing listed")
         encoder = resolve_encoder(encoder, collection)
         collection.check_encoder(encoder.name, encoder.dim)
         if factory is not None:
             VectorIndex.create(encoder.dim, factory)
         collection.bind_encoder(encoder.name, encoder.dim)
         collection.embeddings.remove_unreferenced_files()
-        pending = select_pending(
-            records, collection.known_uris(include_failures=not retry_failed), report
-        )
         logger.info(
             "%s: %d listed, %d already in the catalog, %d to index",
             report.source, report.listed, report.already_known, len(pending),

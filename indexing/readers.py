@@ -2,13 +2,17 @@
 
 The first stage of the indexing pipeline. A reader only lists what to index; it never opens
 images, so a missing or broken file becomes a rejected record later, not a reader error.
-A table needs a column naming the image file (one of ``PATH_COLUMNS``); a ``caption`` (or
-``text``) column becomes the item's caption and every other column goes to its metadata.
+Tables are read by :mod:`indexing.tables` with its column convention: the image path is the
+first of ``PATH_COLUMNS`` (``image``, ``file``, ``path``, ...), the caption the first of
+``TEXT_COLUMNS`` (``caption``, ``prompt``, ``text``), every other column is metadata.
 Relative paths are resolved against ``image_root``, by default the table file's folder.
+A folder is listed recursively by :func:`walk_image_files` with the one list of image
+suffixes (:data:`indexing.images.IMAGE_SUFFIXES`); a subfolder that cannot be read becomes a
+record carrying the error, so the pipeline records it as a failure instead of skipping it.
+A listing that lists nothing is an :class:`~sce_correct.errors.InputError` saying so.
 """
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
@@ -18,32 +22,39 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from indexing.images import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, is_image_name
+from indexing.tables import (
+    PATH_COLUMNS,
+    TABLE_SUFFIXES,
+    TEXT_COLUMNS,
+    Columns,
+    Row,
+    no_path_column,
+    pick_columns,
+    read_table,
+)
+from sce_correct.errors import InputError, NotFoundError
+
 logger = logging.getLogger(__name__)
 
-#: Images with more pixels than this are rejected as decompression bombs before decoding
-#: (here, a module with no heavy imports, so the CLI and the UI can share it cheaply).
-DEFAULT_MAX_PIXELS = 64_000_000
-
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".jfif", ".ppm"}
-)
-PATH_COLUMNS = ("file", "path", "image", "image_path", "filepath", "filename", "uri")
-CAPTION_COLUMNS = ("caption", "text")
-TABLE_SUFFIXES = {".csv": "csv", ".tsv": "csv", ".jsonl": "jsonl", ".ndjson": "jsonl",
-                  ".parquet": "parquet", ".pq": "parquet"}
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "PATH_COLUMNS", "TEXT_COLUMNS", "TABLE_SUFFIXES",
+           "SourceRecord", "file_uri", "walk_image_files", "list_image_files", "read_folder", "read_table_source",
+           "read_source"]
 
 
 @dataclass(frozen=True)
 class SourceRecord:
     """One image to index: its URI (absolute path), caption and extra metadata.
 
-    ``path`` is None when a table row names no file; the pipeline rejects such a row.
+    ``path`` is None when a table row names no file; ``error`` says why a listed path (a
+    folder that cannot be read) cannot be indexed. The pipeline rejects both.
     """
 
     uri: str
     path: Path | None
     caption: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
 
 
 def file_uri(path: str | Path) -> str:
@@ -51,54 +62,83 @@ def file_uri(path: str | Path) -> str:
     return os.path.normpath(os.path.abspath(os.fspath(path)))
 
 
-def read_folder(
-    root: str | Path, extensions: frozenset[str] = IMAGE_EXTENSIONS
-) -> Iterator[SourceRecord]:
-    """Every file under ``root`` (recursively, sorted) whose extension names an image."""
+# -- folders -----------------------------------------------------------------------------------
+def walk_image_files(root: str | Path, *, recursive: bool = True) -> Iterator[tuple[Path, str | None]]:
+    """(path, None) for each image file under ``root``, sorted; (folder, why) for a folder that
+    cannot be read. ``root`` itself must be a readable folder (else InputError/NotFoundError)."""
     root = Path(root)
     if not root.is_dir():
-        raise NotADirectoryError(f"{root} is not a folder")
+        raise NotFoundError(f"{root} does not exist" if not root.exists() else f"{root} is not a folder")
+    errors: list[OSError] = []
     skipped = 0
-    for directory, subdirectories, files in os.walk(root):
-        subdirectories.sort()
+
+    def unreadable() -> Iterator[tuple[Path, str]]:
+        for error in errors:
+            folder = Path(error.filename) if error.filename else root
+            if folder == root:
+                raise InputError(f"cannot read the folder {root}: {error.strerror or error}")
+            yield folder, f"folder cannot be read: {error.strerror or error}"
+        errors.clear()
+
+    for directory, subdirectories, files in os.walk(root, onerror=errors.append):
+        yield from unreadable()
+        if recursive:
+            subdirectories.sort()
+        else:
+            subdirectories.clear()
         for name in sorted(files):
-            if Path(name).suffix.lower() not in extensions:
+            if is_image_name(name):
+                yield Path(directory) / name, None
+            else:
                 skipped += 1
-                continue
-            path = Path(directory) / name
-            yield SourceRecord(uri=file_uri(path), path=path)
+    yield from unreadable()
     if skipped:
-        logger.info("%s: ignored %d files without an image extension", root, skipped)
+        logger.info("%s: ignored %d files without an image suffix", root, skipped)
 
 
+def list_image_files(folder: str | Path, *, recursive: bool = True, what: str = "image folder") -> list[Path]:
+    """The image files of ``folder`` (sorted); a subfolder that cannot be read is an InputError."""
+    files = []
+    for path, error in walk_image_files(folder, recursive=recursive):
+        if error is not None:
+            raise InputError(f"{what} {folder}: {path} {error.removeprefix('folder ')}")
+        files.append(path)
+    return files
+
+
+def read_folder(root: str | Path) -> Iterator[SourceRecord]:
+    """Every image file under ``root`` (recursively, sorted), and each folder that cannot be read."""
+    listed = 0
+    others = 0
+    for path, error in walk_image_files(root):
+        listed += 1
+        yield SourceRecord(uri=file_uri(path), path=path, error=error)
+    if not listed:
+        others = sum(len(files) for _, _, files in os.walk(root))
+        raise InputError(
+            f"{root}: nothing listed: no image files (suffixes {', '.join(sorted(IMAGE_SUFFIXES))})"
+            + (f"; {others} other file(s) ignored" if others else "; the folder is empty")
+        )
+
+
+# -- tables ------------------------------------------------------------------------------------
 def records_from_rows(
-    rows: Iterable[dict[str, Any]], image_root: str | Path, source_name: str
+    rows: Iterable[Row], image_root: str | Path, source_name: str
 ) -> Iterator[SourceRecord]:
-    """Records from table rows (dicts); shared by the CSV, JSONL and parquet readers."""
+    """Records from table rows by the column convention of :mod:`indexing.tables`."""
     image_root = Path(image_root)
-    path_column: str | None = None
-    caption_column: str | None = None
-    for number, row in enumerate(rows, start=1):
-        if path_column is None:
-            path_column = _pick_column(row, PATH_COLUMNS)
-            if path_column is None:
-                raise ValueError(
-                    f"{source_name}: no image path column; expected one of "
-                    f"{', '.join(PATH_COLUMNS)}, found {', '.join(map(str, row)) or 'none'}"
-                )
-            caption_column = _pick_column(row, CAPTION_COLUMNS)
-        value = row.get(path_column)
-        caption = _clean(row.get(caption_column)) if caption_column else None
-        metadata = {
-            str(key): _clean(item)
-            for key, item in row.items()
-            if key not in (path_column, caption_column)
-        }
+    convention: dict[tuple[str, ...], Columns] = {}
+    for number, row in enumerate(rows, start=1):  # data rows, as in catalogs built before
+        keys = tuple(row.values)
+        columns = convention.get(keys) or convention.setdefault(keys, pick_columns(keys))
+        if columns.path is None:
+            raise no_path_column(row.where, keys)
+        value = row.values.get(columns.path)
+        caption = _clean(row.values.get(columns.text)) if columns.text else None
+        metadata = {str(key): _clean(item) for key, item in columns.metadata(row.values).items()}
         if value is None or str(value).strip() == "":
             # Keep the row visible as a rejected record rather than dropping it silently.
-            yield SourceRecord(
-                uri=f"{source_name}#row={number}", path=None, caption=caption, metadata=metadata
-            )
+            yield SourceRecord(uri=f"{source_name}#row={number}", path=None, caption=caption, metadata=metadata)
             continue
         path = Path(str(value).strip()).expanduser()
         if not path.is_absolute():
@@ -106,53 +146,21 @@ def records_from_rows(
         yield SourceRecord(uri=file_uri(path), path=path, caption=caption, metadata=metadata)
 
 
-def read_csv(path: str | Path, image_root: str | Path | None = None) -> Iterator[SourceRecord]:
-    """Rows of a CSV (or TSV, by extension) file with a header line."""
-    path = Path(path)
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(newline="", encoding="utf-8-sig") as handle:
-        rows = csv.DictReader(handle, delimiter=delimiter)
-        yield from records_from_rows(rows, image_root or path.parent, str(path))
+def read_table_source(path: str | Path, image_root: str | Path | None = None) -> Iterator[SourceRecord]:
+    """The records of a CSV/TSV, JSONL or parquet listing; an empty listing is an InputError."""
+    table = read_table(path)
+    if table.columns is not None and pick_columns(table.columns).path is None:
+        raise no_path_column(table.path, table.columns)
+    return _listing(table, image_root)
 
 
-def read_jsonl_rows(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The JSON objects of a JSONL file, one a line (blank lines skipped); errors name the line."""
-    path = Path(path)
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not valid JSON: {error}") from error
-            if not isinstance(row, dict):
-                raise ValueError(f"{path}:{number}: expected a JSON object per line")
-            yield row
-
-
-def read_jsonl(path: str | Path, image_root: str | Path | None = None) -> Iterator[SourceRecord]:
-    """One JSON object per line; blank lines are skipped."""
-    path = Path(path)
-    yield from records_from_rows(read_jsonl_rows(path), image_root or path.parent, str(path))
-
-
-def read_parquet(
-    path: str | Path, image_root: str | Path | None = None, batch_rows: int = 65536
-) -> Iterator[SourceRecord]:
-    """Rows of a parquet file, read in record batches (needs pyarrow)."""
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as error:  # pragma: no cover - pyarrow is a dependency
-        raise ImportError("reading parquet files needs pyarrow: pip install pyarrow") from error
-    path = Path(path)
-    parquet_file = pq.ParquetFile(path)
-
-    def rows() -> Iterator[dict[str, Any]]:
-        for batch in parquet_file.iter_batches(batch_size=batch_rows):
-            yield from batch.to_pylist()
-
-    yield from records_from_rows(rows(), image_root or path.parent, str(path))
+def _listing(table, image_root: str | Path | None) -> Iterator[SourceRecord]:
+    listed = 0
+    for record in records_from_rows(table.rows(), image_root or table.path.parent, str(table.path)):
+        listed += 1
+        yield record
+    if not listed:
+        raise InputError(f"{table.path}: nothing listed: {table.empty}")
 
 
 def read_source(
@@ -162,29 +170,15 @@ def read_source(
     source = Path(source)
     if source.is_dir():
         if image_root is not None:
-            raise ValueError("image_root applies to table sources, not to a folder")
+            raise InputError("image_root applies to table sources, not to a folder")
         return read_folder(source)
     if not source.exists():
-        raise FileNotFoundError(f"source {source} does not exist")
-    kind = TABLE_SUFFIXES.get(source.suffix.lower())
-    if kind == "csv":
-        return read_csv(source, image_root)
-    if kind == "jsonl":
-        return read_jsonl(source, image_root)
-    if kind == "parquet":
-        return read_parquet(source, image_root)
-    raise ValueError(
-        f"cannot read {source}: expected a folder or a file ending in "
-        f"{', '.join(sorted(TABLE_SUFFIXES))}"
-    )
-
-
-def _pick_column(row: dict[str, Any], candidates: tuple[str, ...]) -> str | None:
-    by_lower = {str(key).lower(): key for key in row}
-    for candidate in candidates:
-        if candidate in by_lower:
-            return by_lower[candidate]
-    return None
+        raise NotFoundError(f"source {source} does not exist")
+    if source.suffix.lower() not in TABLE_SUFFIXES:
+        raise InputError(
+            f"cannot read {source}: expected a folder or a file ending in {', '.join(sorted(TABLE_SUFFIXES))}"
+        )
+    return read_table_source(source, image_root)
 
 
 def _clean(value: Any) -> Any:

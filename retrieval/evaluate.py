@@ -8,7 +8,6 @@ published CLIP or Inception-v3 figures.
 from __future__ import annotations
 
 import base64
-import csv
 import html
 import io
 import json
@@ -22,7 +21,10 @@ import sce_correct as sc
 from indexing.atomic import write_atomically
 from indexing.encoders.encoder import encode_texts_once
 from retrieval import metrics
-from retrieval.pairs import IMAGE_SUFFIXES, PairedSet
+from indexing.readers import list_image_files
+from indexing.tables import read_table
+from retrieval.pairs import PairedSet
+from sce_correct.errors import InputError, NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -86,34 +88,37 @@ class EvaluationReport:
 
 def _list_images(folder: Path) -> list[Path]:
     if not folder.is_dir():
-        raise ValueError(f"reference folder not found: {folder}")
-    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        raise NotFoundError(f"reference folder not found: {folder}")
+    files = list_image_files(folder, what="reference folder")
     if len(files) < 2:
-        raise ValueError(f"{folder} has {len(files)} image(s); a reference set needs at least 2")
+        raise InputError(f"{folder} has {len(files)} image(s); a reference set needs at least 2")
     return files
 
 
 def read_edit_pairs(path: str | Path) -> list[dict[str, str]]:
-    """CSV with source_image, edited_image, source_caption, edited_caption (paths relative to the CSV)."""
+    """A table with source_image, edited_image, source_caption, edited_caption (paths relative to it)."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"edit pairs file not found: {path}")
+        raise NotFoundError(f"edit pairs file not found: {path}")
     need = ("source_image", "edited_image", "source_caption", "edited_caption")
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in need if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ValueError(f"{path} lacks column(s) {', '.join(missing)}")
-        rows = []
-        for line, row in enumerate(reader, start=2):
-            for key in ("source_image", "edited_image"):
-                p = Path(row[key]) if Path(row[key]).is_absolute() else path.parent / row[key]
-                if not p.is_file():
-                    raise ValueError(f"{path}, line {line}: image not found: {p}")
-                row[key] = str(p)
-            rows.append(row)
+    table = read_table(path)
+    missing = [c for c in need if table.columns is not None and c not in table.columns]
+    if missing:
+        raise InputError(f"{path} lacks column(s) {', '.join(missing)}")
+    rows = []
+    for row in table.rows():
+        values = {key: str(row.values.get(key) or "").strip() for key in need}
+        for key in need:
+            if not values[key]:
+                raise InputError(f"{row.where}: {key} is empty")
+        for key in ("source_image", "edited_image"):
+            p = Path(values[key]) if Path(values[key]).is_absolute() else path.parent / values[key]
+            if not p.is_file():
+                raise InputError(f"{row.where}: image not found: {p}")
+            values[key] = str(p)
+        rows.append(values)
     if not rows:
-        raise ValueError(f"{path} has no edit pairs")
+        raise InputError(f"{path} has no edit pairs")
     return rows
 
 

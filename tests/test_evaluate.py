@@ -109,5 +109,5 @@ def test_jsonl_pairs_and_a_bad_line(tmp_path):
     assert pairs.prompts == ["a", "b"] and pairs.images[1].name == "1.png"
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "0.png", "prompt": "a"}\n[1, 2]\n')
-    with pytest.raises(ValueError, match="bad.jsonl:2: expected a JSON object"):
+    with pytest.raises(ValueError, match="bad.jsonl, line 2: expected a JSON object"):
         load_pairs(bad)

@@ -20,6 +20,7 @@ from indexing.collection import Collection, EncoderMismatchError
 from indexing.pipeline import add_to_collection, build_collection
 from indexing.readers import file_uri, read_source
 from indexing.vector_index import unit_rows
+from sce_correct.errors import InputError, NotFoundError
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_CSV = REPO / "data" / "sample" / "captions.csv"
@@ -102,7 +103,7 @@ def test_unknown_source_type_is_a_clear_error(tmp_path):
     (tmp_path / "list.xlsx").write_text("x")
     with pytest.raises(ValueError, match="cannot read"):
         read_source(tmp_path / "list.xlsx")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(NotFoundError, match="missing.csv does not exist"):
         read_source(tmp_path / "missing.csv")
 
 

@@ -4,12 +4,13 @@ Fast and offline: reads the committed files only.
 """
 from __future__ import annotations
 
-import csv
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 from PIL import Image
+
+from indexing.tables import read_table
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 SAMPLE = DATA / "sample"
@@ -26,8 +27,8 @@ EXPECTED_PROMPTS = {
 
 
 def read_csv(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8", newline="") as f:
-        return list(csv.DictReader(f))
+    """Rows through the product's one table reader (so a malformed committed row fails here)."""
+    return [row.values for row in read_table(path).rows()]
 
 
 @pytest.fixture(scope="module")

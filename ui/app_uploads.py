@@ -15,39 +15,16 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from indexing.readers import DEFAULT_MAX_PIXELS
+from indexing.images import DEFAULT_MAX_PIXELS, check_image
+from indexing.tables import PATH_COLUMNS, read_table, read_text_lines, table_kind
+from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-#: Image decoders that PIL must recognise for an upload to count as an image.
-IMAGE_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "GIF", "TIFF", "MPO"})
-TABLE_SUFFIXES = (".csv", ".jsonl", ".ndjson", ".txt")
-#: Columns that may hold an image path (retrieval.pairs and retrieval.concepts read these).
-IMAGE_COLUMNS = ("image", "file", "path")
+#: Uploaded tables: those indexing.tables reads as text (CSV/TSV, JSONL), and plain prompt lists.
+TABLE_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson", ".txt")
 
-
-def check_image(path: str | Path, *, max_pixels: int = DEFAULT_MAX_PIXELS, label: str | None = None) -> Path:
-    """Return ``path`` when it is a readable image of at most ``max_pixels``; else ValueError."""
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    name = label or path.name
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            kind = image.format
-            if kind not in IMAGE_FORMATS:
-                raise ValueError(f"{name} is a {kind} file; upload a PNG, JPEG, WebP, BMP, GIF or TIFF image")
-            if width * height > max_pixels:
-                raise ValueError(
-                    f"{name} is {width}x{height} pixels, more than the {max_pixels:,} this server accepts"
-                )
-            image.verify()
-    except (UnidentifiedImageError, Image.DecompressionBombError) as error:
-        raise ValueError(f"{name} is not an image this server can read ({error.__class__.__name__})") from None
-    except OSError as error:
-        raise ValueError(f"{name} is not a readable image: {error}") from None
-    return path
+__all__ = ["DEFAULT_MAX_PIXELS", "check_image", "stage_images", "stage_pairs", "stage_reference"]
 
 
 def stage_images(image_files: Sequence[str | Path], into: Path, *,
@@ -59,7 +36,7 @@ def stage_images(image_files: Sequence[str | Path], into: Path, *,
         source = Path(file)
         name = source.name
         if name in staged:
-            raise ValueError(f"two uploaded images are both named {name!r}; rename one of them")
+            raise InputError(f"two uploaded images are both named {name!r}; rename one of them")
         check_image(source, max_pixels=max_pixels, label=name)
         target = into / name
         shutil.copyfile(source, target)
@@ -71,7 +48,7 @@ def _staged_image(value: str, staged: dict[str, Path], where: str) -> str:
     name = Path(value.replace("\\", "/")).name
     if name not in staged:
         listed = ", ".join(sorted(staged)[:5]) + (" ..." if len(staged) > 5 else "")
-        raise ValueError(
+        raise InputError(
             f"{where}: image {value!r} is not among the uploaded images"
             + (f" ({listed})" if staged else " (no images were uploaded)")
             + "; upload it too (images are matched by file name)"
@@ -83,7 +60,8 @@ def stage_pairs(table_file: str | Path, image_files: Sequence[str | Path], into:
                 max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[Path, Path]:
     """Stage an uploaded prompt table and its images in ``into``: returns (table, image folder).
 
-    CSV and JSONL tables have their image column rewritten to the staged copies; a plain
+    CSV/TSV and JSONL tables (read by indexing.tables) have every column that can name an
+    image (indexing.tables.PATH_COLUMNS) rewritten to the staged copies; a plain
     text file (one prompt a line) is copied as it is, its images keep their names (which
     start with the prompt's line number, see retrieval.pairs).
     """
@@ -91,49 +69,45 @@ def stage_pairs(table_file: str | Path, image_files: Sequence[str | Path], into:
     suffix = table.suffix.lower()
     if suffix not in TABLE_SUFFIXES:
         kind = suffix or "a file without extension"
-        raise ValueError(f"{table.name}: upload a .csv, .jsonl or .txt prompts file, not {kind}")
+        raise InputError(f"{table.name}: upload a .csv, .tsv, .jsonl or .txt prompts file, not {kind}")
     images_dir = into / "images"
     staged = stage_images(image_files, images_dir, max_pixels=max_pixels)
     target = into / table.name
-    try:
-        if suffix == ".csv":
-            with table.open(newline="", encoding="utf-8") as handle:
-                reader = csv.DictReader(handle)
-                columns = list(reader.fieldnames or [])
-                rows = list(reader)
-            image_columns = [c for c in columns if (c or "").strip() in IMAGE_COLUMNS]
-            for line, row in enumerate(rows, start=2):
-                for column in image_columns:
-                    if (row.get(column) or "").strip():
-                        row[column] = _staged_image(row[column].strip(), staged, f"{table.name}, line {line}")
-            with target.open("w", newline="", encoding="utf-8") as handle:
-                writer = csv.DictWriter(handle, fieldnames=columns)
-                writer.writeheader()
-                writer.writerows(rows)
-        elif suffix in (".jsonl", ".ndjson"):
-            lines = []
-            for line, text in enumerate(table.read_text(encoding="utf-8").splitlines(), start=1):
-                if not text.strip():
-                    continue
-                try:
-                    row = json.loads(text)
-                except json.JSONDecodeError as error:
-                    raise ValueError(f"{table.name}, line {line}: not valid JSON ({error.msg})") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{table.name}, line {line}: expected a JSON object")
-                for column in IMAGE_COLUMNS:
-                    if isinstance(row.get(column), str) and row[column].strip():
-                        row[column] = _staged_image(row[column].strip(), staged, f"{table.name}, line {line}")
-                lines.append(json.dumps(row))
-            target.write_text("\n".join(lines) + "\n", encoding="utf-8")
-        else:
-            target.write_text(table.read_text(encoding="utf-8"), encoding="utf-8")
-    except UnicodeDecodeError:
-        raise ValueError(f"{table.name} is not a UTF-8 text file") from None
-    except csv.Error as error:
-        raise ValueError(f"{table.name} is not a readable CSV file: {error}") from None
+    if table_kind(table) is None:  # a plain prompts file: checked as UTF-8 text, copied as it is
+        read_text_lines(table)
+        shutil.copyfile(table, target)
+    else:
+        _stage_table(table, target, staged)
     logger.info("staged %s with %d uploaded images in %s", table.name, len(staged), into)
     return target, images_dir
+
+
+def _stage_table(table: Path, target: Path, staged: dict[str, Path]) -> None:
+    """Copy a CSV/TSV/JSONL table to ``target`` with every image column (any of the one column
+    convention's PATH_COLUMNS, in every row) pointing at the staged uploads."""
+    rows = []
+    try:  # messages name the upload by its own name, not the server's temporary path
+        read = read_table(table)
+        for row in read.rows():
+            values = dict(row.values)
+            # Every column that could name an image (whichever one a reader picks) is rewritten.
+            for column in [key for key in values if str(key).strip().lower() in PATH_COLUMNS]:
+                value = values[column]
+                if isinstance(value, str) and value.strip():
+                    values[column] = _staged_image(value.strip(), staged, row.where)
+                elif not (value is None or isinstance(value, str)):
+                    raise InputError(f"{row.where}: {column} must name an image file, not {value!r}")
+            rows.append(values)
+    except InputError as error:
+        raise InputError(str(error).replace(str(table), table.name)) from None
+    if read.kind == "csv":
+        delimiter = "\t" if table.suffix.lower() == ".tsv" else ","
+        with target.open("w", newline="", encoding="utf-8") as handle:
+            writer = csv.DictWriter(handle, fieldnames=read.columns, delimiter=delimiter)
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        target.write_text("".join(json.dumps(values) + "\n" for values in rows), encoding="utf-8")
 
 
 def stage_reference(image_files: Sequence[str | Path], into: Path, *, min_images: int = 2,
@@ -141,11 +115,11 @@ def stage_reference(image_files: Sequence[str | Path], into: Path, *, min_images
     """Stage uploaded reference images (checked, by file name) in ``into``; returns the folder.
 
     A reference set needs at least ``min_images`` images (a covariance of one image is
-    meaningless), else ValueError.
+    meaningless), else InputError.
     """
     files = list(image_files)
     if len(files) < min_images:
-        raise ValueError(f"{len(files)} reference image(s) uploaded; a reference set needs at least {min_images} "
+        raise InputError(f"{len(files)} reference image(s) uploaded; a reference set needs at least {min_images} "
                          "(or upload none to skip the reference metrics)")
     stage_images(files, into, max_pixels=max_pixels)
     logger.info("staged %d uploaded reference images in %s", len(files), into)

@@ -254,9 +254,16 @@ def search_command(
 
 
 # ------------------------------------------------------------------------------------ report
+PairByOption = Annotated[str, typer.Option(
+    "--pair-by", help="How a prompts .txt pairs with --images: 'number' (file names start with the prompt's line "
+                      "number counted from 0: 0.png is the first line) or 'order' (the lines against the image files "
+                      "sorted by name; the counts must match).")]
+
+
 def report_command(
-    prompts: Annotated[Optional[Path], typer.Option(help="CSV/JSONL of image,prompt pairs, or a prompts .txt (with --images).")] = None,
-    images: Annotated[Optional[Path], typer.Option(help="Image folder (file names start with the prompt's line number for a .txt).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="CSV/JSONL/parquet of image,prompt pairs, or a prompts .txt (with --images).")] = None,
+    images: Annotated[Optional[Path], typer.Option(help="Image folder (for a .txt: see --pair-by).")] = None,
+    pair_by: PairByOption = "number",
     where: Annotated[Optional[list[str]], typer.Option(help="Without --prompts: report on the collection's captioned items whose metadata match key=value (repeatable).")] = None,
     limit: Annotated[Optional[int], typer.Option(min=2, help="At most this many items (a seeded sample).")] = None,
     out: Annotated[Path, typer.Option(help="Folder for report.json, spectra.png and modes.png.")] = Path("sce-report"),
@@ -280,7 +287,7 @@ def report_command(
 
         kw = dict(kernel=kernel, sigma=sigma, ridge=ridge, n_modes=modes, top=top)
         if prompts is not None:
-            pairs = load_pairs(prompts, images)
+            pairs = load_pairs(prompts, images, pair_by=pair_by)
             if limit is not None and len(pairs) > limit:
                 raise ValueError(f"{len(pairs)} pairs but --limit {limit}; --limit applies to collection reports")
             report = report_for_pairs(indexing.load_encoder(encoder or "default"), pairs, progress=not quiet, **kw)
@@ -289,6 +296,8 @@ def report_command(
             with _open(collection, db) as opened:
                 report = report_for_collection(opened, opened.load_encoder(), where=clauses, limit=limit, **kw)
         paths = write_report(report, out)
+        if prompts is not None:
+            typer.echo(f"{len(pairs)} pairs {pairs.pairing}")
         typer.echo(f"SCE report of {report.source}:")
         _print_score(report.score)
         typer.echo(f"wrote {paths['json']}, {paths['spectra']}, {paths['modes']}")
@@ -296,8 +305,9 @@ def report_command(
 
 # ---------------------------------------------------------------------------------- evaluate
 def evaluate_command(
-    prompts: Annotated[Path, typer.Option(help="CSV/JSONL of image,prompt pairs, or a prompts .txt (with --images).")],
-    images: Annotated[Optional[Path], typer.Option(help="Generated images (file names start with the prompt's line number for a .txt).")] = None,
+    prompts: Annotated[Path, typer.Option(help="CSV/JSONL/parquet of image,prompt pairs, or a prompts .txt (with --images).")],
+    images: Annotated[Optional[Path], typer.Option(help="Generated images (for a .txt: see --pair-by).")] = None,
+    pair_by: PairByOption = "number",
     reference: Annotated[Optional[Path], typer.Option(help="Reference images: Frechet distance, KID, CMMD; same-named files also PSNR/SSIM.")] = None,
     edits: Annotated[Optional[Path], typer.Option(help="CSV of source_image,edited_image,source_caption,edited_caption: directional similarity.")] = None,
     encoder: Annotated[str, typer.Option(help="Encoder spec for every embedding.")] = "default",
@@ -312,10 +322,11 @@ def evaluate_command(
         from retrieval.evaluate import evaluate, write_evaluation
         from retrieval.pairs import load_pairs
 
-        pairs = load_pairs(prompts, images)
+        pairs = load_pairs(prompts, images, pair_by=pair_by)
         report = evaluate(indexing.load_encoder(encoder), pairs, reference=reference, edits=edits, kernel=kernel,
                           progress=not quiet)
         width = max(len(k) for k, _ in report.summary_rows())
+        typer.echo(f"{len(pairs)} pairs {pairs.pairing}")
         typer.echo(f"evaluation of {pairs.source} with encoder {report.encoder}:")
         for key, value in report.summary_rows():
             typer.echo(f"  {key:<{width}}  {value}")

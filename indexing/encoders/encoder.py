@@ -63,22 +63,12 @@ def open_image(item: ImageInput) -> "Image.Image":
     if not isinstance(item, (str, os.PathLike)):
         raise TypeError(f"expected a PIL image or a path, got {type(item).__name__}")
     path = os.fspath(item)
+    from indexing.images import ImageCheckError, decode_image, read_image_file  # the one image check
+
     try:
-        if os.path.getsize(path) == 0:
-            raise UnreadableImageError(path, "empty file (0 bytes)")
-        with Image.open(path) as img:
-            img.load()  # decode now, inside the try, so truncation is reported here
-            return img.copy()  # closing the file would free the decoded data
-    except UnreadableImageError:
-        raise
-    except FileNotFoundError:
-        raise UnreadableImageError(path, "file not found") from None
-    except Image.DecompressionBombError as exc:
-        raise UnreadableImageError(path, f"decompression bomb: {exc}") from None
-    except Image.UnidentifiedImageError:
-        raise UnreadableImageError(path, "not an image (format not recognised)") from None
-    except (OSError, ValueError, SyntaxError) as exc:  # truncated/corrupt data, bad headers
-        raise UnreadableImageError(path, f"{type(exc).__name__}: {exc}") from None
+        return decode_image(read_image_file(path), path)
+    except ImageCheckError as error:
+        raise UnreadableImageError(path, error.detail) from None
 
 
 def to_rgb_on_white(image: "Image.Image") -> "Image.Image":
