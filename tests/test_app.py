@@ -96,20 +96,40 @@ def expect_error(call, pattern: str) -> str:
     return message
 
 
-def test_named_endpoints_and_served_paths(site):
+def test_named_endpoints(site):
+    from ui.app import ENDPOINTS
+
     endpoints = set(site["client"].view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/search", "/concept_report", "/fit_correction", "/reindex", "/clusters", "/report",
-            "/evaluate"} <= endpoints
-    state = site["app"].sce_state
-    assert str(site["root"] / "imgs") in state.allowed_paths
-    assert not any(Path(p) == site["root"] / "coll" or (site["root"] / "coll").is_relative_to(p)
-                   for p in state.allowed_paths)
+    assert {f"/{name}" for name in ENDPOINTS} <= endpoints
+
+
+def test_only_listed_images_are_served(site):
+    """The server shows the images the catalog or a concept set lists, and no other file of their folders."""
     import httpx
 
+    root = site["root"]
     base = site["url"].rstrip("/") + "/gradio_api/file="
-    assert httpx.get(base + str(site["root"] / "imgs" / "003.png")).status_code == 200
-    assert httpx.get(base + str(site["root"] / "coll" / "catalog.sqlite")).status_code == 403
-    assert httpx.get(base + "/etc/passwd").status_code == 403
+    # In the listed images' folder, but listed nowhere: an image and a text file.
+    unlisted_png = make_image(root / "imgs" / "unlisted.png", seed=999)
+    unlisted_txt = root / "imgs" / "notes.txt"
+    unlisted_txt.write_text("not listed")
+    # A listed image reaches the page: it is fetched from the URL the server gives for it.
+    links = Client(site["url"], verbose=False, analytics_enabled=False, download_files=False)
+    _, original, _, _ = links.predict("item 3", None, "", "auto", 1.0, 3, "image", "", api_name="/search")
+    listed = {item["image"]["url"]: root / "imgs" / f"{gallery_ids([item])[0] - 1:03d}.png" for item in original}
+    assert len(listed) == 3
+    for url, source in listed.items():
+        response = httpx.get(url)
+        assert response.status_code == 200 and response.content == source.read_bytes()
+    _, _, pairs = links.predict("tone.csv", None, [], api_name="/concept_report")
+    response = httpx.get(pairs[0]["image"]["url"])
+    assert response.status_code == 200 and response.content == (root / "imgs" / "000.png").read_bytes()
+    # Nothing is served from the folders themselves: not the unlisted files, not the listed ones by
+    # their own path, not the collection's catalog, not the rest of the disk.
+    for path in (unlisted_png, unlisted_txt, root / "imgs" / "003.png", root / "concepts" / "tone.csv",
+                 root / "coll" / "catalog.sqlite", Path("/etc/passwd")):
+        assert httpx.get(base + str(path)).status_code == 403, path
+    assert site["app"].allowed_paths == []
 
 
 def test_search_lists_match_the_retriever(site):
@@ -391,7 +411,8 @@ def test_serve_command_options_and_a_missing_collection(tmp_path):
 
 def test_default_attribute_follows_the_concept_file_name(site):
     """tone.csv -> "tone"; tone_large.csv -> "tone" too (longest prefix that is a field)."""
-    from ui.app_handlers import AppState
+    from ui.app_state import AppState
+    from ui.tab_search import SearchActions
 
     concepts = site["root"] / "concepts"
     (concepts / "tone_large.csv").write_text((concepts / "tone.csv").read_text())
@@ -399,9 +420,10 @@ def test_default_attribute_follows_the_concept_file_name(site):
     try:
         fit_concept_correction(state.collection, site["encoder"], load_concept_set(concepts / "tone_large.csv"),
                                name="c-large", n_components=2)
-        assert state.default_attribute("c1") == "tone"
-        assert state.default_attribute("c-large") == "tone"
-        assert state.default_attribute("captions-only") == "tone"
-        assert state.default_attribute("other-encoder") == ""  # fitted on no file
+        search = SearchActions(state)
+        assert search.default_attribute("c1") == "tone"
+        assert search.default_attribute("c-large") == "tone"
+        assert search.default_attribute("captions-only") == "tone"
+        assert search.default_attribute("other-encoder") == ""  # fitted on no file
     finally:
         state.close()
