@@ -62,7 +62,9 @@ class EvaluateActions:
                                (scratch / "reference", "the uploaded reference images")):
                 text = text.replace(str(path), name)
             text = text.replace(str(scratch) + os.sep, "")
-            raise (InputError(text) if isinstance(error, SceError) else ValueError(text)) from None
+            if isinstance(error, SceError):
+                raise InputError(text) from None
+            raise ValueError(text) from error  # not a user's mistake we know: the log keeps its traceback
         if reference_dir is not None:
             report.reference = f"{len(references)} uploaded reference images"
         progress(0.9, desc="writing evaluation.html and evaluation.json")
