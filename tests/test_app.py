@@ -359,6 +359,9 @@ def test_clusters_show_original_and_schur_modes(site):
     dark = {f"item {i}" for i in range(1, N_ITEMS, 2)}
     assert {item["caption"].split(" | ")[0] for g in original + schur for item in g["value"]} <= dark
     assert all(g["columns"] == 5 for g in galleries)
+    # A shipped concept set is named by its file, not by the server's folder.
+    summary = site["client"].predict("concept", "", 100, "tone.csv", None, [], 3, api_name="/clusters")[0]
+    assert "**12 pairs** (concept set tone.csv)" in summary and str(site["root"]) not in summary
     expect_error(lambda: site["client"].predict("collection", "tone", 100, None, None, [], 5, api_name="/clusters"),
                  "key=value")
     expect_error(lambda: site["client"].predict("collection", "tone=nobody", 100, None, None, [], 5,

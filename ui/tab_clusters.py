@@ -56,7 +56,8 @@ class PairedSetActions:
             concept_set = state.concept_set(concept, None, None)
             if concept_set.images is None:
                 raise InputError(f"{concept_set.source.name} pairs texts; clusters need prompt/image pairs")
-            pairs = PairedSet(concept_set.prompts, list(concept_set.images), str(concept_set.source))
+            # Named by its file name: the page does not show the server's folders.
+            pairs = PairedSet(concept_set.prompts, list(concept_set.images), f"concept set {concept_set.source.name}")
             return report_for_pairs(state.encoder, pairs, **kwargs)
         if source == UPLOAD_CHOICE:
             tables = uploaded_files(table)
