@@ -160,7 +160,8 @@ class AppState:
         return sorted(self.concepts_dir.glob("*.csv")) if self.concepts_dir.is_dir() else []
 
     def concept_choices(self) -> list[tuple[str, str]]:
-        choices = [(f"{path.stem} (data/concepts/{path.name})", path.name) for path in self.concept_files()]
+        folder = self.concepts_dir.name
+        choices = [(f"{path.stem} ({folder}/{path.name})", path.name) for path in self.concept_files()]
         return choices + [("an uploaded CSV and its images (below)", UPLOAD_CHOICE)]
 
     def concept_set(self, choice: str | None, table: Any, images: Any):
