@@ -210,6 +210,19 @@ def test_only_listed_images_are_served(site):
     assert site["app"].allowed_paths == []
 
 
+def test_a_missing_image_is_left_out_with_a_warning(site, caplog):
+    import gradio.utils
+
+    state, root = site["app"].sce_state, site["root"]
+    missing = root / "imgs" / "gone.png"
+    with caplog.at_level("WARNING"), pytest.warns(UserWarning, match="1 image\\(s\\) are missing"):
+        shown = state.gallery([(str(root / "imgs" / "001.png"), "one"), (str(missing), "gone")])
+    ((cached, caption),) = shown
+    assert caption == "one" and Path(cached).read_bytes() == (root / "imgs" / "001.png").read_bytes()
+    assert Path(cached).is_relative_to(gradio.utils.get_upload_folder())  # served from gradio's cache
+    assert any(str(missing) in record.getMessage() for record in caplog.records)
+
+
 def test_search_lists_match_the_retriever(site):
     summary, original, corrected, moves = search(site, "item 3", k=8)
     with Collection.open(site["root"] / "coll") as coll:

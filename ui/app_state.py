@@ -147,12 +147,13 @@ class AppState:
                 logger.warning("cannot show %s: %s", path, error)
                 cached = None
             if cached is None or not Path(cached).is_file():
+                if cached is not None:
+                    logger.warning("cannot show %s: no such file", path)
                 missing += 1
             else:
                 shown.append((cached, caption))
         if missing:
-            gr.Warning(f"{missing} image(s) are missing or unreadable (the server log names them); "
-                       "`sce index update` catches up with moved or deleted files.")
+            gr.Warning(f"{missing} image(s) are missing or unreadable and not shown; the server log names them.")
         return shown
 
     # -- concept sets -----------------------------------------------------------------------
