@@ -117,6 +117,9 @@ def launch_app(app: gr.Blocks, *, host: str = DEFAULT_HOST, port: int | None = D
     ``max_upload_mb`` are refused.
     """
     state = app.sce_state
+    if os.environ.get("GRADIO_ALLOWED_PATHS"):
+        logger.warning("GRADIO_ALLOWED_PATHS is set: gradio also serves every file in %s",
+                       os.environ["GRADIO_ALLOWED_PATHS"])
     app.queue(default_concurrency_limit=1)
     _, local_url, _ = app.launch(
         server_name=host, server_port=port, allowed_paths=[], blocked_paths=state.blocked_paths,
