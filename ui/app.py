@@ -11,7 +11,8 @@ Every main action is a named API endpoint, callable with ``gradio_client``::
     from gradio_client import Client, handle_file
     client = Client("http://127.0.0.1:7860/")
     summary, original, corrected, moves = client.predict(
-        "waving hand", None, "no-skin-tone", "auto", 1.0, 12, "image", "skin_tone", api_name="/search")
+        "raised fist dark skin tone", None, "no-skin-tone", "auto", 1.0, 12, "image", "skin_tone",
+        api_name="/search")
 
 Endpoints: /search, /concept_report, /fit_correction, /reindex, /clusters, /report, /evaluate.
 """
@@ -76,7 +77,9 @@ def build_app(collection_dir: str | Path, db: str | None = None, encoder: Any = 
 
     state = AppState(collection_dir, db=db, encoder=encoder, concepts_dir=concepts_dir,
                      max_pixels=max_pixels or DEFAULT_MAX_PIXELS)
-    with gr.Blocks(title="SCE retrieval", analytics_enabled=False) as app:
+    # Gradio's cache holds the copies of what the page showed and the uploads: checked daily,
+    # a file unused for a day is deleted (a copy shown again counts as used), all at shutdown.
+    with gr.Blocks(title="SCE retrieval", analytics_enabled=False, delete_cache=(86400, 86400)) as app:
         state.blocks = app  # galleries are served from this app's cache
         gr.Markdown(INTRO)
         header = gr.Markdown(state.collection_markdown(), elem_id="collection-info")
