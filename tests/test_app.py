@@ -17,12 +17,13 @@ from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
 from indexing.collection import Collection  # noqa: E402
-from indexing.correction_store import list_corrections, save_correction  # noqa: E402
+from indexing.correction_store import CorrectionNotFoundError, list_corrections, save_correction  # noqa: E402
 from indexing.pipeline import build_collection  # noqa: E402
 from retrieval.concepts import load_concept_set  # noqa: E402
 from retrieval.corrections import fit_concept_correction  # noqa: E402
 from retrieval.search import Retriever  # noqa: E402
 from sce_correct import SchurCorrector  # noqa: E402
+from sce_correct.errors import ConflictError, InputError, NotFoundError  # noqa: E402
 
 # gradio's queue uses pandas options that pandas 3 deprecates; not ours to fix.
 pytestmark = pytest.mark.filterwarnings(r"ignore::DeprecationWarning:gradio\..*")
@@ -87,29 +88,139 @@ def gallery_ids(gallery) -> list[int]:
     return [int(re.search(r"\bid (\d+)\b", item["caption"]).group(1)) for item in gallery]
 
 
-def expect_error(call, pattern: str) -> str:
+#: Users' mistakes that layers below the UI still raise as a plain ValueError, outside the
+#: sce_correct.errors hierarchy: the page shows their message but calls it a bug until they
+#: derive from SceError (ui/app_uploads.py, indexing/correction_store.py, retrieval/report.py,
+#: retrieval/search.py, retrieval/pairs.py).
+NOT_YET_SCE_ERRORS = ("is not an image this server can read", "was fitted with encoder", "already exists (choose",
+                      "invalid correction name", "captioned item(s) matching", "is not among the uploaded images",
+                      "index, not the", "do not start with a prompt line number", "pair(s) found, at least",
+                      "reference image(s) uploaded")
+
+
+def expect_error(call, pattern: str, *, bug: bool = False) -> str:
     with pytest.raises(AppError) as caught:
         call()
     message = str(caught.value)
     assert re.search(pattern, message), message
     assert "Traceback" not in message and 'File "' not in message
+    if bug:
+        assert "This is a bug" in message, message
+    elif not any(text in message for text in NOT_YET_SCE_ERRORS):
+        assert "This is a bug" not in message, message  # a user's mistake is not called a bug
     return message
 
 
-def test_named_endpoints_and_served_paths(site):
-    endpoints = set(site["client"].view_api(print_info=False, return_format="dict")["named_endpoints"])
-    assert {"/search", "/concept_report", "/fit_correction", "/reindex", "/clusters", "/report",
-            "/evaluate"} <= endpoints
+class BrokenRetriever:
+    """Stands in for the app's retriever: every query raises ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def embed_text(self, text):
+        raise self.error
+
+
+@pytest.mark.parametrize("error, shown", [
+    (InputError("k must be at most 1000"), "k must be at most 1000"),
+    (NotFoundError("no correction named 'x'"), "no correction named 'x'"),
+    (CorrectionNotFoundError("no correction named 'x'"), "no correction named 'x'"),
+    (ConflictError("another process is writing to the collection"), "another process is writing to the collection"),
+    (PermissionError(13, "Permission denied", "/data/a.png"), "[Errno 13] Permission denied: '/data/a.png'"),
+    (FileNotFoundError(2, "No such file or directory", "/data/b.png"), "[Errno 2] No such file or directory"),
+    (InputError("a message\non two lines <b>"), "a message on two lines &lt;b&gt;"),
+])
+def test_users_errors_are_their_one_line_message(error, shown, caplog):
+    from ui.app_errors import user_errors
+
+    def action():
+        raise error
+
+    with caplog.at_level("INFO", logger="ui.app_errors"), pytest.raises(gr.Error) as caught:
+        user_errors(action)()
+    assert caught.value.message.startswith(shown) and "\n" not in caught.value.message
+    assert "bug" not in caught.value.message
+    assert not any(record.exc_info for record in caplog.records)  # a user's mistake: no traceback in the log
+
+
+@pytest.mark.parametrize("error", [ZeroDivisionError("division by zero"), KeyError("item_id"),
+                                   ValueError("array must not contain infs or NaNs"), RuntimeError()])
+def test_anything_else_is_reported_as_a_bug(error, caplog):
+    from ui.app_errors import user_errors
+
+    def action():
+        raise error
+
+    with caplog.at_level("ERROR", logger="ui.app_errors"), pytest.raises(gr.Error) as caught:
+        user_errors(action)()
+    message = caught.value.message
+    assert message.startswith(f"Unexpected error ({type(error).__name__}")
+    assert message.endswith("This is a bug; the server log has the traceback.") and "\n" not in message
+    assert "Traceback" not in message
+    # The server log has the traceback.
+    (record,) = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert record.exc_info is not None and record.exc_info[1] is error
+
+
+def test_the_page_shows_a_bug_and_an_os_error_in_one_line(site, monkeypatch, caplog):
     state = site["app"].sce_state
-    assert str(site["root"] / "imgs") in state.allowed_paths
-    assert not any(Path(p) == site["root"] / "coll" or (site["root"] / "coll").is_relative_to(p)
-                   for p in state.allowed_paths)
+    monkeypatch.setattr(state, "_retriever", BrokenRetriever(RuntimeError("the index vanished")))
+    with caplog.at_level("ERROR", logger="ui.app_errors"):
+        message = expect_error(lambda: search(site, "item 3"), r"^Unexpected error \(RuntimeError: the index "
+                               r"vanished\)\. This is a bug; the server log has the traceback\.$", bug=True)
+    assert any(r.exc_info and "the index vanished" in str(r.exc_info[1]) for r in caplog.records)
+    monkeypatch.setattr(state, "_retriever", BrokenRetriever(PermissionError(13, "Permission denied", "/x.npy")))
+    message = expect_error(lambda: search(site, "item 3"), r"^\[Errno 13\] Permission denied: '/x.npy'$")
+    assert "bug" not in message
+
+
+def test_named_endpoints(site):
+    from ui.app import ENDPOINTS
+
+    endpoints = set(site["client"].view_api(print_info=False, return_format="dict")["named_endpoints"])
+    assert {f"/{name}" for name in ENDPOINTS} <= endpoints
+
+
+def test_only_listed_images_are_served(site):
+    """The server shows the images the catalog or a concept set lists, and no other file of their folders."""
     import httpx
 
+    root = site["root"]
     base = site["url"].rstrip("/") + "/gradio_api/file="
-    assert httpx.get(base + str(site["root"] / "imgs" / "003.png")).status_code == 200
-    assert httpx.get(base + str(site["root"] / "coll" / "catalog.sqlite")).status_code == 403
-    assert httpx.get(base + "/etc/passwd").status_code == 403
+    # In the listed images' folder, but listed nowhere: an image and a text file.
+    unlisted_png = make_image(root / "imgs" / "unlisted.png", seed=999)
+    unlisted_txt = root / "imgs" / "notes.txt"
+    unlisted_txt.write_text("not listed")
+    # A listed image reaches the page: it is fetched from the URL the server gives for it.
+    links = Client(site["url"], verbose=False, analytics_enabled=False, download_files=False)
+    _, original, _, _ = links.predict("item 3", None, "", "auto", 1.0, 3, "image", "", api_name="/search")
+    listed = {item["image"]["url"]: root / "imgs" / f"{gallery_ids([item])[0] - 1:03d}.png" for item in original}
+    assert len(listed) == 3
+    for url, source in listed.items():
+        response = httpx.get(url)
+        assert response.status_code == 200 and response.content == source.read_bytes()
+    _, _, pairs = links.predict("tone.csv", None, [], api_name="/concept_report")
+    response = httpx.get(pairs[0]["image"]["url"])
+    assert response.status_code == 200 and response.content == (root / "imgs" / "000.png").read_bytes()
+    # Nothing is served from the folders themselves: not the unlisted files, not the listed ones by
+    # their own path, not the collection's catalog, not the rest of the disk.
+    for path in (unlisted_png, unlisted_txt, root / "imgs" / "003.png", root / "concepts" / "tone.csv",
+                 root / "coll" / "catalog.sqlite", Path("/etc/passwd")):
+        assert httpx.get(base + str(path)).status_code == 403, path
+    assert site["app"].allowed_paths == []
+
+
+def test_a_missing_image_is_left_out_with_a_warning(site, caplog):
+    import gradio.utils
+
+    state, root = site["app"].sce_state, site["root"]
+    missing = root / "imgs" / "gone.png"
+    with caplog.at_level("WARNING"), pytest.warns(UserWarning, match="1 image\\(s\\) are missing"):
+        shown = state.gallery([(str(root / "imgs" / "001.png"), "one"), (str(missing), "gone")])
+    ((cached, caption),) = shown
+    assert caption == "one" and Path(cached).read_bytes() == (root / "imgs" / "001.png").read_bytes()
+    assert Path(cached).is_relative_to(gradio.utils.get_upload_folder())  # served from gradio's cache
+    assert any(str(missing) in record.getMessage() for record in caplog.records)
 
 
 def test_search_lists_match_the_retriever(site):
@@ -261,6 +372,9 @@ def test_clusters_show_original_and_schur_modes(site):
     dark = {f"item {i}" for i in range(1, N_ITEMS, 2)}
     assert {item["caption"].split(" | ")[0] for g in original + schur for item in g["value"]} <= dark
     assert all(g["columns"] == 5 for g in galleries)
+    # A shipped concept set is named by its file, not by the server's folder.
+    summary = site["client"].predict("concept", "", 100, "tone.csv", None, [], 3, api_name="/clusters")[0]
+    assert "**12 pairs** (concept set tone.csv)" in summary and str(site["root"]) not in summary
     expect_error(lambda: site["client"].predict("collection", "tone", 100, None, None, [], 5, api_name="/clusters"),
                  "key=value")
     expect_error(lambda: site["client"].predict("collection", "tone=nobody", 100, None, None, [], 5,
@@ -391,7 +505,8 @@ def test_serve_command_options_and_a_missing_collection(tmp_path):
 
 def test_default_attribute_follows_the_concept_file_name(site):
     """tone.csv -> "tone"; tone_large.csv -> "tone" too (longest prefix that is a field)."""
-    from ui.app_handlers import AppState
+    from ui.app_state import AppState
+    from ui.tab_search import SearchActions
 
     concepts = site["root"] / "concepts"
     (concepts / "tone_large.csv").write_text((concepts / "tone.csv").read_text())
@@ -399,9 +514,10 @@ def test_default_attribute_follows_the_concept_file_name(site):
     try:
         fit_concept_correction(state.collection, site["encoder"], load_concept_set(concepts / "tone_large.csv"),
                                name="c-large", n_components=2)
-        assert state.default_attribute("c1") == "tone"
-        assert state.default_attribute("c-large") == "tone"
-        assert state.default_attribute("captions-only") == "tone"
-        assert state.default_attribute("other-encoder") == ""  # fitted on no file
+        search = SearchActions(state)
+        assert search.default_attribute("c1") == "tone"
+        assert search.default_attribute("c-large") == "tone"
+        assert search.default_attribute("captions-only") == "tone"
+        assert search.default_attribute("other-encoder") == ""  # fitted on no file
     finally:
         state.close()
