@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from indexing.collection import Collection
+from indexing.shipped_data import shipped_data
+from sce_correct.errors import NotFoundError
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE_PACKAGES = ("sce_correct", "indexing", "retrieval", "ui")
@@ -143,3 +145,9 @@ def test_installed_wheel_runs_the_demo_in_an_empty_folder(wheel, tmp_path):
         distinct = {row["sha256"] for row in csv.DictReader(fh)}  # pixel-identical images are indexed once
     assert len(uris) == len(distinct)
     assert all(Path(uri).is_relative_to(env) for uri in uris)  # the images shipped in the wheel
+
+
+def test_shipped_data_names_what_is_missing():
+    assert (shipped_data("concepts") / "colour.csv").is_file()
+    with pytest.raises(NotFoundError, match="the shipped data has no sample/nothing-here"):
+        shipped_data("sample", "nothing-here")
