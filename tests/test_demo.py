@@ -1,7 +1,14 @@
-"""`sce demo`'s set-up on a tiny stand-in for the sample corpus (default encoder, 12 images)."""
+"""`sce demo`'s set-up and A/B examples (default encoder).
+
+The set-up runs on a tiny stand-in for the sample corpus (12 generated images). The A/B
+examples run on a slice of the real sample corpus: the emoji around the demo's queries and a
+part of each concept set, copied with the same layout (``sample/``, ``concepts/``).
+"""
 from __future__ import annotations
 
 import csv
+import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -9,9 +16,18 @@ from conftest import make_image
 
 from indexing.collection import Collection
 from indexing.correction_store import list_corrections
+from indexing.shipped_data import shipped_data
 from retrieval.concepts import load_concept_set
 from retrieval.corrections import fit_concept_correction
-from ui.cli_demo import DEMO_CORRECTIONS, ensure_demo_collection
+from ui.cli_demo import COLOURS, DEMO_CORRECTIONS, DEMO_QUERIES, ensure_demo_collection, show_ab_examples
+
+#: The emoji (caption without the tone) near the demo's queries: hands in every tone; people
+#: dancing, running, walking, playing with a ball (default tone) of each gender; books.
+HANDS = re.compile(r"thumbs (up|down) sign|pinching hand|call me hand|index pointing at the viewer|waving hand sign")
+PEOPLE = re.compile(r"dancer|(wo)?man dancing|runner|(wo)?man running|pedestrian|(wo)?man walking|handball"
+                    r"|(wo)?man playing handball|person with ball|(wo)?man bouncing ball|mer(man|maid|person)")
+BOOKS = re.compile(r"(green|blue|orange|closed|open) book|notebook|books")
+GENDER_TRIPLES = 8  # the first triples (man, woman, person) of concepts/gender.csv
 
 
 @pytest.fixture
@@ -34,6 +50,48 @@ def tiny_data(tmp_path) -> Path:
     return data
 
 
+def _read(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames or []), list(reader)
+
+
+def _write(path: Path, fields: list[str], rows: list[dict[str, str]]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=fields)
+        w.writeheader()
+        w.writerows(rows)
+
+
+@pytest.fixture(scope="module")
+def sample_slice(tmp_path_factory) -> Path:
+    return copy_sample_slice(tmp_path_factory.mktemp("demo") / "data")
+
+
+def copy_sample_slice(data: Path) -> Path:
+    """A slice of the shipped sample corpus and concept sets (about 140 images), same layout."""
+    source = shipped_data()
+    fields, rows = _read(source / "sample" / "captions.csv")
+    concepts = {name: _read(source / "concepts" / name) for _, name, _ in DEMO_CORRECTIONS}
+    # and every image of the colour set, and the first triples of the gender set
+    listed = {row["image"].removeprefix("../sample/")
+              for row in concepts["colour.csv"][1] + concepts["gender.csv"][1][:3 * GENDER_TRIPLES]}
+    chosen = [row for row in rows
+              if (HANDS.fullmatch(row["object"]) and "," not in row["skin_tone"])
+              or (PEOPLE.fullmatch(row["object"]) and not row["skin_tone"])
+              or BOOKS.fullmatch(row["object"]) or row["file"] in listed]
+    files = {row["file"] for row in chosen}
+    for file in files:
+        (data / "sample" / file).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / "sample" / file, data / "sample" / file)
+    _write(data / "sample" / "captions.csv", fields, chosen)
+    for name, (concept_fields, concept_rows) in concepts.items():
+        _write(data / "concepts" / name, concept_fields,
+               [row for row in concept_rows if row["image"].removeprefix("../sample/") in files])
+    return data
+
+
 def test_demo_setup_fits_missing_and_stale_corrections_only(tiny_data, tmp_path):
     root = tmp_path / "demo"
     ensure_demo_collection(root, tiny_data, progress=False)
@@ -53,3 +111,31 @@ def test_demo_setup_fits_missing_and_stale_corrections_only(tiny_data, tmp_path)
     assert after[name].parameters["center"] is True
     for other, *_ in DEMO_CORRECTIONS[1:]:
         assert after[other].created_at == first[other].created_at  # untouched
+
+
+SHARES = re.compile(r"^'(?P<query>[^']+)' with (?P<correction>\S+): .* (?P<value>\S+) (?P<before>\d+)% -> "
+                    r"(?P<after>\d+)% of the top (?P<k>\d+) \(overlap@(?P=k) (?P<overlap>[\d.]+)\)$", re.M)
+
+
+def test_demo_examples_show_the_dominant_value_drop(sample_slice, tmp_path, capsys):
+    root = tmp_path / "demo"
+    ensure_demo_collection(root, sample_slice, progress=False)
+    capsys.readouterr()
+    with Collection.open(root) as coll:
+        assert 100 < coll.info().items < 200
+        show_ab_examples(coll, coll.load_encoder())
+    printed = {m["correction"]: m for m in SHARES.finditer(capsys.readouterr().out)}
+    assert set(printed) == {q.correction for q in DEMO_QUERIES}, printed
+    expected_value = {"no-skin-tone": "dark", "no-gender": "woman", "no-colour": "green"}
+    for example in DEMO_QUERIES:
+        line = printed[example.correction]
+        assert line["query"] == example.query
+        assert line["value"] == expected_value[example.correction]  # the value the query names
+        before, after = int(line["before"]), int(line["after"])
+        assert before >= 50, line.group(0)  # the original results are dominated by it
+        assert after <= before - 25, line.group(0)  # and the correction removes most of it
+        assert float(line["overlap"]) < 1.0
+
+
+def test_colour_words_are_the_colour_concept_sets_prompts():
+    assert set(COLOURS) == set(load_concept_set(shipped_data("concepts", "colour.csv")).prompts)
