@@ -76,7 +76,8 @@ class DeleteResult:
 
 def parse_where(clauses: str | Iterable[str] | None) -> dict[str, str]:
     """``key=value`` filters as a dict: a list of clauses (``--where``, repeatable), or one text
-    of clauses separated by commas, semicolons or new lines (the web UI's textbox).
+    of clauses separated by semicolons or new lines (the web UI's textbox). A value may hold
+    commas in both ("name=waving hand, dark skin tone").
 
     Keys and values are stripped; an empty value selects items without that key. A clause
     without ``=`` or without a key is an :class:`InputError` naming it.
@@ -84,7 +85,7 @@ def parse_where(clauses: str | Iterable[str] | None) -> dict[str, str]:
     if clauses is None:
         return {}
     if isinstance(clauses, str):
-        pieces: Iterable[str] = clauses.replace(";", "\n").replace(",", "\n").splitlines()
+        pieces: Iterable[str] = clauses.replace(";", "\n").splitlines()
     else:
         pieces = clauses
     where: dict[str, str] = {}

@@ -111,14 +111,14 @@ def test_parse_where_takes_cli_lists_and_ui_text():
     assert parse_where(None) == {} and parse_where("") == {} and parse_where([]) == {}
     # the CLI: one clause per --where; a value may hold commas
     assert parse_where(["tone = dark", "place=a, b"]) == {"tone": "dark", "place": "a, b"}
-    # the UI textbox: commas, semicolons or new lines between clauses; blank ones skipped
-    assert parse_where("tone=dark, size = big\n\nkind=x;empty=") == {
-        "tone": "dark", "size": "big", "kind": "x", "empty": ""}
+    # the UI textbox: semicolons or new lines between clauses (values keep their commas)
+    assert parse_where("tone=dark; size = big\n\nkind=x, y;empty=") == {
+        "tone": "dark", "size": "big", "kind": "x, y", "empty": ""}
     assert parse_where(["a=b=c"]) == {"a": "b=c"}  # the first '=' separates
 
 
 @pytest.mark.parametrize("clauses, named", [
-    (["tone"], "'tone'"), (["=dark"], "'=dark'"), ("tone=dark, oops", "'oops'"), ([" =x"], "'=x'"),
+    (["tone"], "'tone'"), (["=dark"], "'=dark'"), ("tone=dark; oops", "'oops'"), ([" =x"], "'=x'"),
 ])
 def test_parse_where_names_the_bad_clause(clauses, named):
     with pytest.raises(InputError, match=named):

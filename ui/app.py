@@ -145,7 +145,7 @@ def serve_command(
     max_upload_mb: Annotated[float, typer.Option(
         min=0.01, help="Largest upload accepted, in megabytes.")] = DEFAULT_MAX_UPLOAD_MB,
     concepts: Annotated[Optional[Path], typer.Option(
-        help="Folder of concept-set CSVs offered in the UI. Default: the repository's data/concepts.")] = None,
+        help="Folder of concept-set CSVs offered in the UI. Default: the concept sets shipped with the package.")] = None,
 ) -> None:
     """Open the web UI over a collection: A/B search, corrections, clusters and SCE reports."""
     from sce_correct.errors import ConflictError

@@ -23,13 +23,12 @@ import gradio as gr
 
 from indexing.collection import Collection
 from indexing.correction_store import CorrectionInfo, list_corrections
+from indexing.shipped_data import shipped_data
 from sce_correct.errors import InputError, NotFoundError
 from ui.app_uploads import DEFAULT_MAX_PIXELS
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_CONCEPTS_DIR = REPO_ROOT / "data" / "concepts"
 UPLOAD_CHOICE = "upload"
 NO_CORRECTION = ""
 CORRECTIONS_HEADERS = ["name", "concept set", "direction", "kernel", "mode", "components",
@@ -87,7 +86,7 @@ class AppState:
         self._encoder = encoder
         self._retriever = None
         self._metadata_fields: list[str] | None = None
-        self.concepts_dir = Path(concepts_dir) if concepts_dir is not None else DEFAULT_CONCEPTS_DIR
+        self.concepts_dir = Path(concepts_dir) if concepts_dir is not None else shipped_data("concepts")
         self.max_pixels = max_pixels
         self.work_dir = Path(tempfile.mkdtemp(prefix="sce-ui-"))
         self.write_lock = threading.Lock()
@@ -174,12 +173,12 @@ class AppState:
             tables = uploaded_files(table)
             if not tables:
                 raise InputError("upload a concept CSV (columns prompt,image or source,target), "
-                                 "or pick a set from data/concepts")
+                                 "or pick one of the shipped concept sets")
             staged, _ = stage_pairs(tables[0], uploaded_files(images), self.scratch("concept"),
                                     max_pixels=self.max_pixels)
             return load_concept_set(staged)
         if not choice:
-            raise InputError("pick a concept set from data/concepts or upload one")
+            raise InputError("pick one of the shipped concept sets or upload one")
         known = {path.name: path for path in self.concept_files()}
         if choice not in known:
             raise NotFoundError(f"no concept set {choice!r} in {self.concepts_dir}; "

@@ -14,25 +14,13 @@ from typing import Any
 
 import gradio as gr
 
+from indexing.items import parse_where
 from sce_correct.errors import InputError
 from ui.app_errors import bind
 from ui.app_state import UPLOAD_CHOICE, AppState, score_markdown, uploaded_files
 from ui.app_uploads import stage_pairs
 
 MAX_MODES = 6
-
-
-def _parse_where(text: str | None) -> dict[str, str]:
-    """``key=value`` clauses, one a line (or separated by ';')."""
-    where: dict[str, str] = {}
-    for clause in (text or "").replace(";", "\n").splitlines():
-        if not clause.strip():
-            continue
-        key, sep, value = clause.partition("=")
-        if not sep or not key.strip():
-            raise InputError(f"a filter is written key=value (e.g. category=people & body), got {clause.strip()!r}")
-        where[key.strip()] = value.strip()
-    return where
 
 
 class PairedSetActions:
@@ -50,7 +38,7 @@ class PairedSetActions:
         kwargs = {"n_modes": n_modes, "top": top}
         if source == "collection":
             limit = int(limit) if limit else None
-            return report_for_collection(state.collection, state.encoder, where=_parse_where(where), limit=limit,
+            return report_for_collection(state.collection, state.encoder, where=parse_where(where), limit=limit,
                                          **kwargs)
         if source == "concept":
             concept_set = state.concept_set(concept, None, None)
@@ -127,7 +115,7 @@ def source_controls(state: AppState, prefix: str) -> tuple:
                           minimum=2, scale=1)
     concepts = [choice for choice in state.concept_choices() if choice[1] != UPLOAD_CHOICE]
     concept = gr.Dropdown(concepts, value=concepts[0][1] if concepts else None, allow_custom_value=True,
-                          label="Concept set (data/concepts)", visible=False)
+                          label="Concept set", visible=False)
     with gr.Column(visible=False) as upload_column:
         gr.Markdown("A CSV or JSONL file with an `image` and a `prompt` column, or a text file with one prompt "
                     "a line whose images are named `<line number>.png`. Images are matched by file name.")
