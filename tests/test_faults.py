@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -33,32 +34,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ToyEncoder, make_image, make_png_header_only
+import toy_cli
+from conftest import make_image, make_png_header_only
 from PIL import Image
 from typer.testing import CliRunner
 
 REPO = Path(__file__).resolve().parents[1]
 N_ITEMS = 12
-TOY_SPECS = ("toy", "default", ToyEncoder().name)
 runner = CliRunner()
-
-
-# -- the encoder hook and the shared collection ----------------------------------------------
-def _toy_load_encoder(real):
-    def load(spec, device=None):
-        if spec in TOY_SPECS:
-            return ToyEncoder()
-        return real(spec, device=device)  # bogus specs get the product's own error
-    return load
 
 
 @pytest.fixture(scope="module", autouse=True)
 def toy_encoder_specs():
+    """`indexing.load_encoder` resolves the test specs to the toy encoder (tests/toy_cli.py)."""
     import indexing
 
     with pytest.MonkeyPatch.context() as patch:
-        real = indexing.load_encoder
-        patch.setattr(indexing, "load_encoder", _toy_load_encoder(real))
+        patch.setattr(indexing, "load_encoder", toy_cli.toy_load_encoder(indexing.load_encoder))
         yield
 
 
@@ -81,6 +73,12 @@ class World:
     images: list[Path]  # the indexed images (captions "item i", metadata tone = i % 3)
     listing: Path
     concept: Path
+    pristine: dict  # its snapshot
+    backup: Path  # a copy of its folder, put back after a case changed it
+
+    def restore(self) -> None:
+        shutil.rmtree(self.coll)
+        shutil.copytree(self.backup, self.coll, symlinks=True)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +96,10 @@ def world(tmp_path_factory, toy_encoder_specs) -> World:
                  ["index", "reindex", "--correction", "c1", "-c", coll, "-q"]):
         result = invoke(*argv)
         assert result.exit_code == 0, result.output
-    return World(root, coll, images, listing, concept)
+    assert_consistent(coll)
+    backup = root / "coll-backup"
+    shutil.copytree(coll, backup, symlinks=True)
+    return World(root, coll, images, listing, concept, snapshot(coll), backup)
 
 
 # -- what a user can see: the snapshot -------------------------------------------------------
@@ -132,11 +133,10 @@ def _not_catalog(path: Path) -> bool:
 
 def snapshot(coll: Path) -> dict:
     info = invoke("index", "info", "-c", coll, "--failures", "1000")
-    plain = invoke("search", "item 3", "-k", "5", "--json", "-c", coll)
-    corrected = invoke("search", "item 3", "-k", "5", "--json", "--correction", "c1", "-c", coll)
-    assert info.exit_code == plain.exit_code == corrected.exit_code == 0, info.output + plain.output
-    return {"catalog": catalog_rows(coll), "files": folder_files(coll, _not_catalog),
-            "info": info.stdout, "search": plain.stdout, "corrected": corrected.stdout}
+    ab = invoke("search", "item 3", "-k", "5", "--ab", "c1", "--json", "-c", coll)  # original and corrected
+    assert info.exit_code == ab.exit_code == 0, info.output + ab.output
+    return {"catalog": catalog_rows(coll), "files": folder_files(coll, _not_catalog), "info": info.stdout,
+            "search": ab.stdout}
 
 
 def assert_consistent(coll: Path) -> None:
@@ -163,10 +163,8 @@ def error_line(stderr: str) -> str:
     assert "Traceback" not in stderr, stderr
     lines = [line.rstrip() for line in stderr.splitlines() if line.strip()]
     if lines and lines[0].startswith("Usage:"):
-        inner = [line.strip().strip("│").strip() for line in lines[1:]
-                 if not line.startswith("Try ") and not set(line.strip()) <= set("╭╮╰╯─ ")]
-        inner = [line.lstrip("╭─ ").rstrip("─╮") for line in inner if line]
-        lines = inner
+        lines = [line.strip().strip("│").strip() for line in lines[1:]
+                 if not line.startswith("Try ") and not line.lstrip().startswith(("╭", "╰"))]
     assert len(lines) == 1, f"expected one error line, got {len(lines)}:\n{stderr}"
     return lines[0]
 
@@ -552,7 +550,7 @@ for option, value in [("--kernel", "laplace"), ("--mode", "invert"), ("--directi
     refused(f"fit_unknown{option}", fit_opts(option, value), match=value)
 refused("add_unknown_factory", add_opts("--factory", "Nope99"), match=r"Nope99|factory")
 refused("add_other_encoder", add_opts("--encoder", "open_clip:no-such-model-xyz"), match=r"no-such-model-xyz")
-for i, spec in enumerate(["clip", "open_clip:", "open_clip:no-such-model-xyz", "default:extra", ""]):
+for i, spec in enumerate(["clip", "open_clip:", "open_clip:no-such-model-xyz", "default:extra"]):
     refused(f"build_unknown_encoder-{i}", lambda d, w, s=spec: ["index", "build", w.listing, "-c", d / "new",
                                                                "--encoder", s, "-q"], match=r"encoder|spec")
     refused(f"report_unknown_encoder-{i}", lambda d, w, s=spec: [
@@ -682,16 +680,73 @@ handled("folder_of_bad_images", bad_folder(["zero_byte.png", "truncated_png_45",
                                             "decompression_bomb", "truncated_jpg_70"]))
 
 
+# -- what today's code does with the cases it does not handle yet ----------------------------
+_MALFORMED_LISTING = "known: exit 0 'indexed 0 new images (4 already known)': the row with {} fields is read silently"
+_LISTING_ENCODING = "known: one line, but only Python's 'utf-8' codec message: names neither the file nor the line"
+_EMPTY_LISTING = "known: exit 0 'indexed 0 new images ... (0 already known, 0 listed twice)': nothing says it was empty"
+_PARQUET = "known: one line, pyarrow's own message ('Parquet magic bytes not found...'): does not name the file"
+_CONCEPT_EXTRA = "known: one line \"error: 'list' object has no attribute 'strip'\" (csv.DictReader's surplus fields)"
+_CONCEPT_ENCODING = "known: names the file ('is not a readable CSV file: utf-8 codec...') but not the line"
+_K_HUGE = "known: one line, numpy's allocation error ('Unable to allocate 3.64 TiB...'), not naming -k"
+_K_HUGER = "known: one line, numpy's '{}': does not name -k"
+_NEG_WEIGHT = "known: exit 0 and prints 'no results' (every score is NaN)"
+_AB_NEG_WEIGHT = ("known: prints the header and half the columns, then 'error: unsupported format string passed to "
+                  "NoneType.__format__'")
+_COMPONENTS = ("known: exit 0, correction stored 'projection: {} concept direction(s) holding 100.0%' "
+               "though the centred concept has 2")
+_LEFT_COLLECTION = "known: one line, but leaves new/catalog.sqlite and new/.write.lock (an empty collection) behind"
+_NOT_UTF8_TEXT = "known: one line, only Python's 'utf-8' codec message: names neither the file nor the line"
+KNOWN = {
+    **{f"listing_csv_more_fields-row{p}": _MALFORMED_LISTING.format("more") for p in (0, 2, 3)},
+    **{f"listing_csv_fewer_fields-row{p}": _MALFORMED_LISTING.format("fewer") for p in (0, 2, 3)},
+    "listing_tsv_more_fields": _MALFORMED_LISTING.format("more"),
+    "listing_parquet_zero_byte": "known: one line 'Parquet file size is 0 bytes': does not name the file",
+    "listing_parquet_is_csv_text": _PARQUET,
+    "listing_parquet_truncated-30": _PARQUET,
+    "listing_parquet_truncated-90": _PARQUET,
+    **{f"listing_csv_not_utf8-{i}": _LISTING_ENCODING for i in range(3)},
+    "listing_csv_utf16": _LISTING_ENCODING,
+    "listing_jsonl_not_utf8": _LISTING_ENCODING,
+    "listing_tsv_cp1252": _LISTING_ENCODING,
+    **{f"listing_empty-{n}": _EMPTY_LISTING for n in ("zero_byte.csv", "header_only.csv", "blank_lines.csv",
+                                                      "zero_byte.jsonl", "blank_lines.jsonl", "zero_rows.parquet",
+                                                      "folder")},
+    **{f"concept_more_fields-row{p}": _CONCEPT_EXTRA for p in (0, 4, 8)},
+    "concept_missing_column-2": _CONCEPT_EXTRA,
+    **{f"concept_not_utf8-{i}": _CONCEPT_ENCODING for i in range(3)},
+    "t2t_not_utf8": _NOT_UTF8_TEXT,
+    "fit_strength-1e308": "known: exit 0, the correction is stored with strength 1e+308 (see the paired re-index test)",
+    "fit_strength--1e308": "known: exit 0, the correction is stored with strength -1e+308",
+    **{f"fit_components_beyond_concept-{k}": _COMPONENTS.format(k) for k in (3, 8, 16)},
+    "fit_energy_with_components": ("known: exit 0, --energy 0.5 is ignored: 'projection: 1 concept direction(s) "
+                                   "holding 64.7%'"),
+    "search_k_huge-1000000000000": _K_HUGE,
+    "search_k_huge_corrected": _K_HUGE,
+    "search_k_huge_ab": _K_HUGE,
+    "search_k_huge-4611686018427387904": _K_HUGER.format("array is too big; arr.size * arr.dtype.itemsize ..."),
+    "search_k_huge-9223372036854775808": _K_HUGER.format("Maximum allowed dimension exceeded"),
+    "search_k_huge-1000000000000000000000000000000": _K_HUGER.format("Maximum allowed dimension exceeded"),
+    **{f"search_negative_weight-{v}": _NEG_WEIGHT for v in ("nan", "inf", "-inf")},
+    **{f"search_ab_negative_weight-{v}": _AB_NEG_WEIGHT for v in ("nan", "inf", "-inf")},
+    "reindex_unknown_factory": ("known: one line, but leaves a 'failed' index_versions row and a hidden "
+                                "indexes/.image-c1-*.faiss.*.partial staging file"),
+    **{f"build_unknown_encoder-{i}": _LEFT_COLLECTION for i in range(4)},
+    "build_unknown_factory": _LEFT_COLLECTION,
+    "report_prompts_not_utf8": _NOT_UTF8_TEXT,
+    "evaluate_prompts_not_utf8": _NOT_UTF8_TEXT,
+    "report_csv_more_fields": "known: exit 0, the surplus field is ignored and the report written",
+    "evaluate_csv_more_fields": "known: exit 0, the surplus field is ignored and the evaluation written",
+    "report_images_without_prompts": "known: exit 0, --images is ignored and a report of the collection is written",
+}
+for _case in REFUSED + HANDLED:
+    _case.known = _case.known or KNOWN.pop(_case.id, None)
+assert not KNOWN, f"known failures of no case: {sorted(KNOWN)}"
+
+
 # -- the tests --------------------------------------------------------------------------------
 def _params(cases: list[Case]):
     return [pytest.param(c, id=c.id, marks=[pytest.mark.xfail(strict=True, reason=c.known)] if c.known else [])
             for c in cases]
-
-
-def _case_dir(world: World, case: Case) -> Path:
-    d = world.root / "cases" / re.sub(r"[^\w.-]", "_", case.id)
-    d.mkdir(parents=True)
-    return d
 
 
 def test_the_corpus_is_large_and_unique():
@@ -700,36 +755,45 @@ def test_the_corpus_is_large_and_unique():
     assert len(REFUSED) >= 100
 
 
-@pytest.mark.parametrize("case", _params(REFUSED))
-def test_refused_with_one_line_and_nothing_changed(case: Case, world: World, monkeypatch):
-    d = _case_dir(world, case)
+@pytest.fixture
+def case_dir(world: World, request, monkeypatch) -> Path:
+    """A fresh folder for the case's inputs (also the working directory); the shared collection
+    is put back as it was if the case changed it, so that one bad case cannot spoil the next."""
+    d = world.root / "cases" / re.sub(r"[^\w.-]", "_", request.node.name)
+    d.mkdir(parents=True)
     monkeypatch.chdir(d)
-    argv = case.argv(d, world)
-    inputs = folder_files(d)
-    before = snapshot(world.coll)
-    result = invoke(*argv)
-    assert result.exit_code not in (0, None), f"accepted: {result.stdout}"
-    message = error_line(result.stderr)
-    assert result.stdout.strip() == "", f"printed before failing: {result.stdout}"
+    yield d
+    if (catalog_rows(world.coll) != world.pristine["catalog"]
+            or folder_files(world.coll, _not_catalog) != world.pristine["files"]):
+        world.restore()
+
+
+def assert_refused(case: Case, returncode: int, stdout: str, stderr: str, world: World) -> None:
+    assert returncode not in (0, None), f"accepted: {stdout}"
+    message = error_line(stderr)
+    assert stdout.strip() == "", f"printed before failing: {stdout}"
     if case.match:
         assert re.search(case.match, message, re.I), f"the line does not name the problem: {message}"
-    assert snapshot(world.coll) == before
-    assert folder_files(d) == inputs, "files were written next to the inputs"
-    assert_consistent(world.coll)
+    after = snapshot(world.coll)
+    changed = sorted(k for k in after if after[k] != world.pristine[k])
+    tables = sorted(t for t in after["catalog"] if after["catalog"][t] != world.pristine["catalog"].get(t))
+    files = sorted(set(after["files"].items()) ^ set(world.pristine["files"].items()))
+    assert not changed, f"the collection changed: {changed}, tables {tables}, files {files}"
 
 
-def _failure_count(coll: Path) -> int:
-    info = invoke("index", "info", "-c", coll).stdout
-    found = re.search(r"^rejected\s+(\d+)", info, re.M)
-    return int(found.group(1)) if found else 0
+@pytest.mark.parametrize("case", _params(REFUSED))
+def test_refused_with_one_line_and_nothing_changed(case: Case, world: World, case_dir: Path):
+    argv = case.argv(case_dir, world)
+    inputs = folder_files(case_dir)
+    result = invoke(*argv)
+    assert_refused(case, result.exit_code, result.stdout, result.stderr, world)
+    assert folder_files(case_dir) == inputs, "files were written next to the inputs"
 
 
 @pytest.mark.parametrize("case", _params(HANDLED))
-def test_rejected_files_are_recorded_and_nothing_else_changes(case: Case, world: World, monkeypatch):
-    d = _case_dir(world, case)
-    monkeypatch.chdir(d)
-    argv = case.argv(d, world)
-    before = snapshot(world.coll)
+def test_rejected_files_are_recorded_and_nothing_else_changes(case: Case, world: World, case_dir: Path):
+    argv = case.argv(case_dir, world)
+    before = world.pristine
     result = invoke(*argv)
     assert result.exit_code == 0, result.output
     assert "Traceback" not in result.output
@@ -738,7 +802,7 @@ def test_rejected_files_are_recorded_and_nothing_else_changes(case: Case, world:
         assert re.search(case.match, result.stdout, re.I), result.stdout
     after = snapshot(world.coll)
     assert after["files"] == before["files"]  # no vector, embedding or index file changed
-    assert after["search"] == before["search"] and after["corrected"] == before["corrected"]
+    assert after["search"] == before["search"]
     changed = {t for t in before["catalog"] if before["catalog"][t] != after["catalog"].get(t)}
     added = {t: set(after["catalog"][t]) - set(before["catalog"][t]) for t in changed}
     assert all(set(before["catalog"][t]) <= set(after["catalog"][t]) for t in changed), "rows were lost or edited"
@@ -753,40 +817,43 @@ def test_rejected_files_are_recorded_and_nothing_else_changes(case: Case, world:
 
 
 # -- a few through a real process: stderr is the terminal's, logging included ------------------
-LAUNCHER = (
-    "import sys; sys.path.insert(0, {tests!r}); import conftest, indexing;"
-    "real = indexing.load_encoder;"
-    "indexing.load_encoder = lambda s, device=None: conftest.ToyEncoder() if s in {specs!r} else real(s, device=device);"
-    "from ui.cli import main; sys.argv = ['sce'] + sys.argv[1:]; main()"
-)
-
-
 def sce_process(*args, cwd: Path) -> subprocess.CompletedProcess:
-    code = LAUNCHER.format(tests=str(Path(__file__).parent), specs=TOY_SPECS)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]),
            "COLUMNS": "400"}
-    return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=180)
+    return subprocess.run([sys.executable, str(Path(toy_cli.__file__)), *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=180)
 
 
 SUBPROCESS_CASES = [c for c in REFUSED if c.id in {
     "search_image-truncated_png_45", "concept_more_fields-row4", "listing_csv_not_utf8-0", "search_k_huge-1000000000000",
     "report_where_not_key_value-0", "reindex_unknown_correction", "listing_empty-header_only.csv",
-    "fit_components_beyond_concept-8",
+    "fit_components_beyond_concept-8", "search_k-0", "report_mismatch-one_based_names",
 }]
 
 
 @pytest.mark.parametrize("case", _params(SUBPROCESS_CASES))
-def test_refused_in_a_real_process(case: Case, world: World):
-    d = world.root / "cases" / f"process-{case.id}"
-    d.mkdir(parents=True)
-    argv = case.argv(d, world)
-    before = snapshot(world.coll)
-    completed = sce_process(*argv, cwd=d)
-    assert completed.returncode not in (0, None) and completed.returncode > 0, completed.stdout
-    message = error_line(completed.stderr)
-    assert "Traceback" not in completed.stdout and completed.stdout.strip() == ""
-    if case.match:
-        assert re.search(case.match, message, re.I), message
-    assert snapshot(world.coll) == before
-    assert_consistent(world.coll)
+def test_refused_in_a_real_process(case: Case, world: World, case_dir: Path):
+    argv = case.argv(case_dir, world)
+    completed = sce_process(*argv, cwd=case_dir)
+    assert completed.returncode > 0, completed.stdout
+    assert "Traceback" not in completed.stdout
+    assert_refused(case, completed.returncode, completed.stdout, completed.stderr, world)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "known: `correct fit --strength 1e308` exits 0; `index reindex --variant paired` then exits 0 and publishes a "
+    "version of NaN vectors (RuntimeWarning: overflow encountered in subtract); searching it prints 'no results'"))
+def test_an_overflowing_strength_never_reaches_a_published_index(world: World, case_dir: Path):
+    """Refused at the fit, or at the re-index: never a published index version holding NaN."""
+    fit = invoke("correct", "fit", "--name", "s308", "--concept", world.concept, "--strength", "1e308",
+                 "-c", world.coll, "-q")
+    if fit.exit_code != 0:
+        assert re.search("strength", error_line(fit.stderr), re.I)
+        return
+    built = invoke("index", "reindex", "--correction", "s308", "--variant", "paired", "-c", world.coll, "-q")
+    assert built.exit_code != 0, built.stdout
+    assert re.search(r"strength|finite|nan|overflow", error_line(built.stderr), re.I)
+    info = invoke("index", "info", "-c", world.coll).stdout
+    assert not re.search(r"ready\s+image\s+correction=s308", info), info
+    hits = invoke("search", "item 3", "--correction", "s308", "--strategy", "reindexed", "--json", "-c", world.coll)
+    assert hits.exit_code != 0 or all(np.isfinite(h["score"]) for h in json.loads(hits.stdout))
