@@ -1,14 +1,16 @@
 """Fault suite: generated bad inputs through the `sce` command line, as a user would give them.
 
-Black box: the tests depend on the public CLI (`ui.cli.app`, or `python -m ui.cli` in a
-subprocess) and on what a user can see on disk: the catalog file read with SQLAlchemy, the
-files of the collection folder, `sce index info` and `sce search` output. The only hook is the
-encoder: `indexing.load_encoder` resolves the test specs to the seeded toy encoder of
-conftest.py (as tests/test_cli_index.py does), so no model loads.
+Black box: the tests depend on the public CLI (`ui.cli.app` through typer's CliRunner, and a
+few cases in a real process through tests/toy_cli.py) and on what a user can see on disk: the
+catalog file read with SQLAlchemy (every table, by reflection), the files of the collection
+folder, `sce index info` and `sce search` output. The only hook is the encoder:
+`indexing.load_encoder` resolves the test specs to the seeded toy encoder of conftest.py (as
+tests/test_cli_index.py does), reading files through the product's own image check, so no
+model loads.
 
 Every REFUSED case must exit non-zero with one error line on stderr (no traceback, no dump,
 nothing on stdout), and leave the collection exactly as it was (every catalog row, every
-file under the collection folder, `index info`, a plain and a corrected search) and write
+file under the collection folder, `index info`, an original/corrected A/B search) and write
 nothing next to its inputs (no half-written collection or report). The HANDLED cases are
 bad files that the indexing pipeline is designed to record as rejected (missing files,
 non-images, paths outside the listing's folder, duplicates): they exit 0, add failure rows

@@ -37,8 +37,8 @@ pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
 SEED = 20261201
 KILLS = 10  # per command: 20 kills in all
-BUILD_IMAGES = 48
-REINDEX_ITEMS = 240
+BUILD_IMAGES = 32
+REINDEX_ITEMS = 160
 QUERIES = ("item 3", "item 17", "a red square")
 TEMPORARY = re.compile(r"\.(partial|progress|tmp|temp|staging)$|~$")
 runner = CliRunner()
@@ -103,7 +103,10 @@ def observe(coll: Path) -> dict:
         vectors[key] = {uri_of[int(i)]: row for i, row in zip(ids, rows)}
     searches = {q: [h["uri"] for h in __import__("json").loads(invoke("search", q, "-k", "8", "--json", "-c", coll))]
                 for q in QUERIES}
+    files = {"index files": len(list((coll / "indexes").glob("*.faiss"))),
+             "embedding file sizes": sorted(p.stat().st_size for p in (coll / "embeddings").rglob("*") if p.is_file())}
     return {"items": {uri: v[:-1] for uri, v in items.items()}, "vectors": vectors, "searches": searches,
+            "files": files,
             "states": sorted((v["kind"], v.get("correction") or "-", v["state"]) for v in versions
                              if v["state"] in ("ready", "building"))}
 
@@ -123,6 +126,7 @@ def assert_same(result: dict, reference: dict, what: str) -> None:
         np.testing.assert_allclose(np.stack([got[u] for u in ref]), np.stack(list(ref.values())),
                                    rtol=1e-5, atol=1e-6, err_msg=f"{what}: {key} vectors")
     assert result["searches"] == reference["searches"], f"{what}: search results differ"
+    assert result["files"] == reference["files"], f"{what}: other index or embedding files"
 
 
 # -- the harness ---------------------------------------------------------------------------------
