@@ -691,7 +691,7 @@ _CONCEPT_EXTRA = "known: one line \"error: 'list' object has no attribute 'strip
 _CONCEPT_ENCODING = "known: names the file ('is not a readable CSV file: utf-8 codec...') but not the line"
 _K_HUGE = "known: one line, numpy's allocation error ('Unable to allocate 3.64 TiB...'), not naming -k"
 _K_HUGER = "known: one line, numpy's '{}': does not name -k"
-_NEG_WEIGHT = "known: exit 0 and prints 'no results' (every score is NaN)"
+_NEG_WEIGHT = "known: exit 0 and prints 'no results'"
 _AB_NEG_WEIGHT = ("known: prints the header and half the columns, then 'error: unsupported format string passed to "
                   "NoneType.__format__'")
 _COMPONENTS = ("known: exit 0, correction stored 'projection: {} concept direction(s) holding 100.0%' "
@@ -730,8 +730,9 @@ KNOWN = {
     "search_k_huge-1000000000000000000000000000000": _K_HUGER.format("Maximum allowed dimension exceeded"),
     **{f"search_negative_weight-{v}": _NEG_WEIGHT for v in ("nan", "inf", "-inf")},
     **{f"search_ab_negative_weight-{v}": _AB_NEG_WEIGHT for v in ("nan", "inf", "-inf")},
-    "reindex_unknown_factory": ("known: one line, but leaves a 'failed' index_versions row and a hidden "
-                                "indexes/.image-c1-*.faiss.*.partial staging file"),
+    "reindex_unknown_factory": ("known: one line, but leaves an index version in state 'building' (factory Nope99, "
+                                "0 vectors) and a hidden indexes/.image-c1-*.faiss.*.partial file, which a later "
+                                "successful reindex does not sweep"),
     **{f"build_unknown_encoder-{i}": _LEFT_COLLECTION for i in range(4)},
     "build_unknown_factory": _LEFT_COLLECTION,
     "report_prompts_not_utf8": _NOT_UTF8_TEXT,

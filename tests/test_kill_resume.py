@@ -12,7 +12,10 @@ moment its work begins, and to its exit); the kill moments are then spread over 
 window (one seeded random moment in each of KILLS equal slices). After every kill the command
 is run again to completion and compared with the uninterrupted run: the same items, the same
 vectors in the current index versions (by URI, within float tolerance), the same search ids
-for a few queries, and no staging or temporary file left anywhere in the collection.
+for a few queries, the same embedding files, no index file that no version names, and no
+staging or temporary file left anywhere in the collection. (A kill that lands after the job
+published its version makes the rerun publish a second one and retire the first: same result,
+one more retired version.)
 """
 from __future__ import annotations
 
@@ -103,7 +106,11 @@ def observe(coll: Path) -> dict:
         vectors[key] = {uri_of[int(i)]: row for i, row in zip(ids, rows)}
     searches = {q: [h["uri"] for h in __import__("json").loads(invoke("search", q, "-k", "8", "--json", "-c", coll))]
                 for q in QUERIES}
-    files = {"index files": len(list((coll / "indexes").glob("*.faiss"))),
+    # A kill after the job published its version makes the rerun publish another one (and retire
+    # the first, whose file stays until a retention rule removes it): count only unnamed files.
+    named = {Path(v["file"]).name for v in versions}
+    files = {"index files no version names": sorted(p.name for p in (coll / "indexes").glob("*.faiss")
+                                                    if p.name not in named),
              "embedding file sizes": sorted(p.stat().st_size for p in (coll / "embeddings").rglob("*") if p.is_file())}
     return {"items": {uri: v[:-1] for uri, v in items.items()}, "vectors": vectors, "searches": searches,
             "files": files,
