@@ -252,8 +252,11 @@ def test_reindex_killed_at_random_moments_resumes_to_the_same_version(tmp_path):
         shutil.rmtree(coll, ignore_errors=True)
         shutil.copytree(pristine, coll, symlinks=True)
 
-    def started():
-        return any(p.name.startswith(".image-c1") for p in (coll / "indexes").iterdir())
+    before = {p.name for p in (pristine / "indexes").iterdir()}
+
+    def started():  # a new file under indexes/ (staging), or the new version's catalog row
+        return (any(p.name not in before for p in (coll / "indexes").iterdir())
+                or _count(coll, "SELECT count(*) FROM index_versions WHERE correction = 'c1'") > 0)
 
     def mid_work():
         return _count(coll, "SELECT count(*) FROM index_versions WHERE correction = 'c1' AND state = 'ready'") == 0
