@@ -41,7 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 SEED = 20261201
 KILLS = 10  # per command: 20 kills in all
 BUILD_IMAGES = 32
-REINDEX_ITEMS = 160
+REINDEX_ITEMS = 400
 QUERIES = ("item 3", "item 17", "a red square")
 TEMPORARY = re.compile(r"\.(partial|progress|tmp|temp|staging)$|~$")
 runner = CliRunner()
@@ -231,7 +231,7 @@ def test_build_killed_at_random_moments_resumes_to_the_same_collection(tmp_path)
         ready = _count(coll, "SELECT count(*) FROM index_versions WHERE state = 'ready'")
         return items < BUILD_IMAGES or ready < 2
 
-    harness(argv, reset, lambda: (coll / "catalog.sqlite").exists(), mid_work, delay=0.04, seed=SEED)
+    harness(argv, reset, lambda: (coll / "catalog.sqlite").exists(), mid_work, delay=0.1, seed=SEED)
 
 
 def test_reindex_killed_at_random_moments_resumes_to_the_same_version(tmp_path):
@@ -246,7 +246,7 @@ def test_reindex_killed_at_random_moments_resumes_to_the_same_version(tmp_path):
     invoke("correct", "fit", "--name", "c1", "--concept", concept, "--components", "2", "-c", pristine, "-q")
     coll = tmp_path / "coll"
     COLL[:] = [coll]
-    argv = ["index", "reindex", "--correction", "c1", "-c", coll, "--chunk-size", "2", "--checkpoint-every", "2", "-q"]
+    argv = ["index", "reindex", "--correction", "c1", "-c", coll, "--chunk-size", "1", "--checkpoint-every", "1", "-q"]
 
     def reset():
         shutil.rmtree(coll, ignore_errors=True)
