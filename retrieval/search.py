@@ -20,6 +20,7 @@ import numpy as np
 from indexing.collection import Collection, SearchHit
 from indexing.correction_store import StoredCorrection, load_correction
 from retrieval.corrections import unit
+from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class CorrectionView:
     @cached_property
     def projection(self) -> np.ndarray:
         if not self.has_projection:
-            raise ValueError(f"correction {self.name!r} uses the {self.stored.corrector.kernel} kernel: it has no projection")
+            raise InputError(f"correction {self.name!r} uses the {self.stored.corrector.kernel} kernel: it has no projection")
         p = self.stored.info.parameters
         return self.stored.corrector.projection(n_components=p.get("n_components"), mode=p.get("mode", "nullify"))
 
@@ -84,7 +85,7 @@ class Retriever:
     # -- queries ----------------------------------------------------------------------------
     def embed_text(self, text: str) -> np.ndarray:
         if not text or not text.strip():
-            raise ValueError("the text query is empty")
+            raise InputError("the text query is empty")
         return unit(self.encoder.encode_texts([text.strip()])[0])
 
     def embed_image(self, image: str | Path) -> np.ndarray:
@@ -100,15 +101,15 @@ class Retriever:
                strategy: str = "auto", negative_weight: float = 1.0) -> SearchResult:
         """Top-k hits for a query vector (from `embed_text` or `embed_image`)."""
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+            raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
         if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise InputError(f"k must be >= 1, got {k}")
         q = np.asarray(query, dtype=np.float64).reshape(1, -1)
         if correction is None:
             return SearchResult(self._search(q, k, kind), kind, None, "original")
         view = self.correction(correction)
         if view.kind != kind:
-            raise ValueError(
+            raise InputError(
                 f"correction {correction!r} ({view.stored.info.direction}) applies to the {view.kind} index, "
                 f"not the {kind} index"
             )
@@ -121,13 +122,13 @@ class Retriever:
             return SearchResult(self._search(moved, k, kind), kind, correction, "negative")
         if strategy == "query":
             if not view.has_projection:
-                raise ValueError(
+                raise InputError(
                     f"correction {correction!r} has no query-side form (kernel {view.stored.corrector.kernel}); "
                     f"re-index first: sce index reindex --correction {correction}"
                 )
             return SearchResult(self._search(q @ view.projection.T, k, kind), kind, correction, "query")
         if version is None:
-            raise ValueError(f"correction {correction!r} has no re-indexed version yet: run "
+            raise InputError(f"correction {correction!r} has no re-indexed version yet: run "
                              f"`sce index reindex --correction {correction}` or use the query strategy")
         if not view.has_projection:
             q = view.stored.corrector.feature_map_.transform(q)
