@@ -353,9 +353,11 @@ class SchurCorrector:
         # ||Gamma' x|| <= ||Gamma||_F ||x||: an upper bound that costs O(D^2), not a product.
         reach = float(np.linalg.norm(gamma)) * float(np.sqrt(np.max(np.einsum("ij,ij->i", phi_s, phi_s))))
         if reach > 0 and s * reach > MAX_CORRECTION_NORM:
+            limit = MAX_CORRECTION_NORM / reach
+            step = 10.0 ** (np.floor(np.log10(limit)) - 2)  # three significant digits, rounded down
             raise InputError(
                 f"strength {self.strength:g} is too large: the corrected features would overflow; "
-                f"use |strength| <= {MAX_CORRECTION_NORM / reach:.3g} (1 removes the concept)"
+                f"use |strength| <= {np.floor(limit / step) * step:.3g} (1 removes the concept)"
             )
 
     def _check_projection_available(self) -> None:
