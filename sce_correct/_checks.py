@@ -41,10 +41,15 @@ def as_pair(a, b, name_a: str, name_b: str) -> tuple[np.ndarray, np.ndarray]:
     return a, b
 
 
+# Features have unit norm, so covariance eigenvalues are at most 1: a ridge far above 1 only
+# shrinks Gamma towards 0, and beyond this one n * ridge (the dual's ridge) can overflow.
+MAX_RIDGE = 1e100
+
+
 def check_ridge(ridge: float) -> float:
     ridge = float(ridge)
-    if not np.isfinite(ridge) or ridge < 0:
-        raise InputError(f"ridge must be a finite number >= 0, got {ridge}")
+    if not 0 <= ridge <= MAX_RIDGE:  # NaN fails too
+        raise InputError(f"ridge must be a number between 0 and {MAX_RIDGE:g}, got {ridge}")
     return ridge
 
 

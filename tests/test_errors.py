@@ -7,6 +7,7 @@ shows the traceback. Out-of-range numbers are refused by the library layer with 
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -87,7 +88,10 @@ def test_a_bug_says_so_in_one_line_and_debug_shows_the_traceback(setup, monkeypa
 
     _, coll, _ = setup
 
+    levels = []
+
     def broken(self, *args, **kwargs):
+        levels.append(logging.getLogger("retrieval.search").getEffectiveLevel())
         return 1 / 0
 
     monkeypatch.setattr(retrieval.search.Retriever, "search", broken)
@@ -97,6 +101,9 @@ def test_a_bug_says_so_in_one_line_and_debug_shows_the_traceback(setup, monkeypa
 
     debug = invoke("--debug", "search", "a query", "-c", coll)
     assert debug.exit_code == BUG_EXIT
+    assert levels[0] > logging.DEBUG and levels[1] == logging.DEBUG  # --debug logs at DEBUG
+    assert invoke("search", "a query", "-c", coll).exit_code == BUG_EXIT
+    assert levels[2] == levels[0]  # the next command without --debug logs as before
     assert "Traceback (most recent call last)" in debug.output
     assert "return 1 / 0" in debug.output  # the failing line of the traceback
     assert debug.output.strip().splitlines()[-1].startswith("error: internal error (a bug")
@@ -127,6 +134,14 @@ def test_keyboard_interrupt_exits_130(setup, monkeypatch):
 def test_a_strength_that_overflows_or_is_not_a_number_is_refused(setup, strength):
     _, coll, concept = setup
     assert_one_line(fit(coll, concept, "--strength", strength), "strength")
+    with Collection.open(coll) as opened:
+        assert list_corrections(opened) == []
+
+
+@pytest.mark.parametrize("ridge", ["inf", "1e308"])
+def test_a_ridge_that_is_infinite_or_swamps_everything_is_refused(setup, ridge):
+    _, coll, concept = setup
+    assert_one_line(fit(coll, concept, "--ridge", ridge), "ridge must be a number between 0 and 1e+100")
     with Collection.open(coll) as opened:
         assert list_corrections(opened) == []
 
