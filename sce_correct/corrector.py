@@ -18,9 +18,9 @@ import numpy as np
 from scipy import linalg
 
 from ._checks import as_matrix, as_pair, check_choice, check_ridge
+from .errors import InputError
 from .features import CosineFeatures, RandomFourierFeatures, make_feature_map
 from .schur import choose_method, ridge_cholesky, symmetric_part
-from .errors import InputError
 
 DIRECTIONS = ("t2i", "i2t", "t2t")
 FILE_FORMAT = "sce_correct.SchurCorrector"
@@ -69,6 +69,10 @@ class SchurCorrector:
     Fitted attributes: feature_map_, gamma_ (D x D), n_samples_, n_features_in_,
     explained_eigvals_ and explained_eigvecs_ (cosine kernel: eigen-decomposition of R,
     descending), source_mean_ and target_mean_ (feature means when centred, else None).
+
+    scikit-learn's conventions hold: `__init__` only stores the parameters, `get_params` /
+    `set_params` read and write them, so `sklearn.base.clone` gives an unfitted copy (this
+    module does not import scikit-learn). Parameters are checked when `fit` uses them.
     """
 
     def __init__(self, direction: str = "t2i", kernel: str = "cosine", ridge: float = 1e-4,
@@ -198,8 +202,9 @@ class SchurCorrector:
                    mode: str = "nullify") -> np.ndarray:
         """The d x d projection: "nullify" = I - U_k U_k', "focus" = U_k U_k'.
 
-        U_k holds the top-k eigenvectors of R; k is `n_components`, or the smallest count
-        holding `energy` of tr R (default DEFAULT_ENERGY = 0.99 when neither is given). Cosine kernel only.
+        U_k holds the top-k eigenvectors of R; k is `n_components` (at most `n_directions()`,
+        see `check_n_components`), or the smallest count holding `energy` of tr R (default
+        DEFAULT_ENERGY = 0.99 when neither is given). Cosine kernel only.
         """
         self._check_projection_available()
         check_choice(mode, "mode", ("nullify", "focus"))

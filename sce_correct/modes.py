@@ -13,9 +13,9 @@ import numpy as np
 from scipy import linalg
 
 from ._checks import as_matrix
+from .errors import InputError
 from .features import gaussian_kernel, make_feature_map
 from .schur import _Primal, choose_method, decompose, resolve_sigma, symmetric_part
-from .errors import InputError
 
 
 @dataclass(frozen=True)

@@ -13,8 +13,8 @@ import numpy as np
 from scipy import linalg
 
 from ._checks import as_pair, check_choice, check_ridge
-from .features import gaussian_kernel, make_feature_map, resolve_bandwidth
 from .errors import InputError
+from .features import gaussian_kernel, make_feature_map, resolve_bandwidth
 
 KERNELS = ("cosine", "gaussian", "gaussian-exact")
 METHODS = ("auto", "primal", "dual")
