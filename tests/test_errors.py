@@ -227,3 +227,11 @@ def test_a_k_too_large_to_allocate_returns_the_whole_index(setup, ab):
     plain = json.loads(invoke("search", "item 3", "-k", huge, "--json", "-c", coll).output)
     scores = [h["score"] for h in plain]
     assert len(plain) == 24 and scores == sorted(scores, reverse=True) and np.isfinite(scores).all()
+
+
+def test_an_output_folder_under_a_file_is_one_line(setup):
+    tmp, coll, _ = setup
+    (tmp / "a-file").write_text("not a folder")
+    result = invoke("report", "--where", "tone=dark", "--out", tmp / "a-file" / "rep", "-c", coll, "-q")
+    line = assert_one_line(result, "a-file")
+    assert "Not a directory" in line or "File exists" in line, line
