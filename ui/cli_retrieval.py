@@ -292,7 +292,7 @@ def report_command(
         if prompts is not None:
             pairs = load_pairs(prompts, images)
             if limit is not None and len(pairs) > limit:
-                raise ValueError(f"{len(pairs)} pairs but --limit {limit}; --limit applies to collection reports")
+                raise InputError(f"{len(pairs)} pairs but --limit {limit}; --limit applies to collection reports")
             report = report_for_pairs(indexing.load_encoder(encoder or "default"), pairs, progress=not quiet, **kw)
         else:
             with _open(collection, db) as opened:
