@@ -235,3 +235,12 @@ def test_an_output_folder_under_a_file_is_one_line(setup):
     result = invoke("report", "--where", "tone=dark", "--out", tmp / "a-file" / "rep", "-c", coll, "-q")
     line = assert_one_line(result, "a-file")
     assert "Not a directory" in line or "File exists" in line, line
+
+
+def test_report_limit_with_prompts_is_one_line(setup):
+    tmp, coll, _ = setup
+    pairs = tmp / "pairs.csv"
+    pairs.write_text("image,prompt\n" + "".join(f"imgs/{i:03d}.png,item {i}\n" for i in range(3)))
+    result = invoke("report", "--prompts", pairs, "--limit", "2", "--out", tmp / "rep", "-q")
+    assert_one_line(result, "3 pairs but --limit 2")
+    assert not (tmp / "rep").exists()
