@@ -93,13 +93,17 @@ def _mean(values):
 
 def compare(retriever: Retriever, query_vec: np.ndarray, query_label: str, correction: str, *, k: int = 10,
             kind: str = "image", strategy: str = "auto", attribute: str | None = None,
-            negative_weight: float = 1.0) -> ABComparison:
-    """Search with and without `correction` and measure how the lists differ."""
-    a = retriever.search(query_vec, k, kind=kind)
+            negative_weight: float = 1.0, nprobe: int | None = None) -> ABComparison:
+    """Search with and without `correction` and measure how the lists differ.
+
+    Both searches go through ``retriever`` with the same ``nprobe`` (default: the retriever's).
+    """
+    a = retriever.search(query_vec, k, kind=kind, nprobe=nprobe)
     b = retriever.search(query_vec, k, kind=kind, correction=correction, strategy=strategy,
-                         negative_weight=negative_weight)
+                         negative_weight=negative_weight, nprobe=nprobe)
     ids_a = [h.item_id for h in a.hits]
     ids_b = [h.item_id for h in b.hits]
+    k = min(int(k), max(len(ids_a), len(ids_b))) or int(k)  # a k beyond the index size: what it holds
     basis = retriever.correction(correction).concept_basis
     strength_a = strength_b = None
     if basis is not None:

@@ -16,6 +16,7 @@ from indexing.encoders.encoder import encode_texts_once
 from retrieval.concepts import ConceptSet
 from sce_correct import SchurCorrector, SCEReport, sce_score
 from sce_correct.corrector import DEFAULT_ENERGY
+from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def embed_images(encoder, images: Sequence[str | Path], collection: Collection |
                 vector = stored.get(item_of.get(digest, -1)) if digest is not None else None
                 if vector is not None:
                     if vector.shape != (encoder.dim,):
-                        raise ValueError(f"the collection stores {vector.shape[-1]}-d image embeddings, "
+                        raise InputError(f"the collection stores {vector.shape[-1]}-d image embeddings, "
                                          f"encoder {encoder.name!r} gives {encoder.dim}-d ones")
                     vectors[position] = vector
                     reused[position] = True
@@ -109,10 +110,10 @@ def _encode_pairs(encoder, concept: ConceptSet, direction: str, collection: Coll
                   progress: bool) -> tuple[np.ndarray, np.ndarray, ImageEmbeddings | None]:
     if direction == "t2t":
         if concept.targets is None:
-            raise ValueError(f"a t2t correction needs text pairs (columns source,target); {concept.source} pairs images")
+            raise InputError(f"a t2t correction needs text pairs (columns source,target); {concept.source} pairs images")
         return encode_texts_once(encoder, concept.prompts), encode_texts_once(encoder, concept.targets), None
     if concept.images is None:
-        raise ValueError(f"a {direction} correction needs prompt/image pairs; {concept.source} pairs texts")
+        raise InputError(f"a {direction} correction needs prompt/image pairs; {concept.source} pairs texts")
     texts = encode_texts_once(encoder, concept.prompts)
     images = embed_images(encoder, concept.images, collection, progress=progress)
     if collection is not None:
@@ -157,9 +158,11 @@ def fit_concept_correction(collection: Collection, encoder, concept: ConceptSet,
     """
     check_correction_name(name)
     if mode not in MODES:
-        raise ValueError(f"mode must be 'nullify' or 'focus', got {mode!r}")
+        raise InputError(f"mode must be 'nullify' or 'focus', got {mode!r}")
     if kernel != "cosine" and (n_components is not None or energy is not None):
-        raise ValueError("--components and --energy choose a projection, which needs the cosine kernel")
+        raise InputError("--components and --energy choose a projection, which needs the cosine kernel")
+    if n_components is not None and energy is not None:
+        raise InputError("give --components or --energy, not both (each sets how many concept directions to remove)")
     collection.check_encoder(encoder.name, encoder.dim)
     source, target, images = _encode_pairs(encoder, concept, direction,
                                            collection if reuse_stored else None, progress)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import numpy as np
 
-from indexing.collection import Collection, SearchHit
+from indexing.collection import Collection, IndexVersionInfo, SearchHit
 from indexing.correction_store import StoredCorrection, load_correction
 from retrieval.corrections import unit
+from sce_correct.errors import InputError, NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ class CorrectionView:
     @cached_property
     def projection(self) -> np.ndarray:
         if not self.has_projection:
-            raise ValueError(f"correction {self.name!r} uses the {self.stored.corrector.kernel} kernel: it has no projection")
+            raise InputError(f"correction {self.name!r} uses the {self.stored.corrector.kernel} kernel: it has no projection")
         p = self.stored.info.parameters
         return self.stored.corrector.projection(n_components=p.get("n_components"), mode=p.get("mode", "nullify"))
 
@@ -73,18 +74,25 @@ class SearchResult:
 
 
 class Retriever:
-    """Embeds queries with the collection's encoder and searches original or corrected indexes."""
+    """The one search entry point: embeds queries with the collection's encoder and searches the
+    original index or a corrected one, by any strategy, always with the same ``nprobe``.
 
-    def __init__(self, collection: Collection, encoder):
+    ``nprobe``: how many inverted lists an IVF index visits per query (None: the index's
+    own setting; ignored by other index types). It applies to every index searched, the
+    original one and a re-indexed version alike; :meth:`search` can override it per call.
+    """
+
+    def __init__(self, collection: Collection, encoder, *, nprobe: int | None = None):
         collection.check_encoder(encoder.name, encoder.dim)
         self.collection = collection
         self.encoder = encoder
+        self.nprobe = check_nprobe(nprobe)
         self._corrections: dict[str, CorrectionView] = {}
 
     # -- queries ----------------------------------------------------------------------------
     def embed_text(self, text: str) -> np.ndarray:
         if not text or not text.strip():
-            raise ValueError("the text query is empty")
+            raise InputError("the text query is empty")
         return unit(self.encoder.encode_texts([text.strip()])[0])
 
     def embed_image(self, image: str | Path) -> np.ndarray:
@@ -97,18 +105,24 @@ class Retriever:
 
     # -- search -----------------------------------------------------------------------------
     def search(self, query: np.ndarray, k: int = 10, *, kind: str = "image", correction: str | None = None,
-               strategy: str = "auto", negative_weight: float = 1.0) -> SearchResult:
-        """Top-k hits for a query vector (from `embed_text` or `embed_image`)."""
+               strategy: str = "auto", negative_weight: float = 1.0, nprobe: int | None = None) -> SearchResult:
+        """Top-k hits for a query vector (from `embed_text` or `embed_image`).
+
+        ``k`` larger than the index holds returns every item; ``nprobe`` (default: the
+        retriever's) reaches whichever index the strategy searches.
+        """
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
-        if int(k) < 1:
-            raise ValueError(f"k must be >= 1, got {k}")
+            raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}; got {strategy!r}")
+        k = check_k(k)
+        nprobe = self.nprobe if nprobe is None else check_nprobe(nprobe)
         q = np.asarray(query, dtype=np.float64).reshape(1, -1)
+        if not np.isfinite(q).all():
+            raise InputError("the query vector contains NaN or infinite values")
         if correction is None:
-            return SearchResult(self._search(q, k, kind), kind, None, "original")
+            return SearchResult(self._search(q, k, self._version(kind, None), nprobe), kind, None, "original")
         view = self.correction(correction)
         if view.kind != kind:
-            raise ValueError(
+            raise InputError(
                 f"correction {correction!r} ({view.stored.info.direction}) applies to the {view.kind} index, "
                 f"not the {kind} index"
             )
@@ -117,22 +131,59 @@ class Retriever:
         if strategy == "auto":
             strategy = "reindexed" if version is not None else "query"
         if strategy == "negative":
-            moved = unit(q) - float(negative_weight) * view.concept_vector
-            return SearchResult(self._search(moved, k, kind), kind, correction, "negative")
+            weight = float(negative_weight)
+            if not np.isfinite(weight):
+                raise InputError(f"the negative-query weight must be a finite number, got {negative_weight}")
+            moved = unit(q) - weight * view.concept_vector
+            return SearchResult(self._search(moved, k, self._version(kind, None), nprobe), kind, correction,
+                                "negative")
         if strategy == "query":
             if not view.has_projection:
-                raise ValueError(
+                raise InputError(
                     f"correction {correction!r} has no query-side form (kernel {view.stored.corrector.kernel}); "
                     f"re-index first: sce index reindex --correction {correction}"
                 )
-            return SearchResult(self._search(q @ view.projection.T, k, kind), kind, correction, "query")
+            return SearchResult(self._search(q @ view.projection.T, k, self._version(kind, None), nprobe),
+                                kind, correction, "query")
         if version is None:
-            raise ValueError(f"correction {correction!r} has no re-indexed version yet: run "
-                             f"`sce index reindex --correction {correction}` or use the query strategy")
+            raise NotFoundError(f"correction {correction!r} has no re-indexed version yet: run "
+                                f"`sce index reindex --correction {correction}` or use the query strategy")
         if not view.has_projection:
             q = view.stored.corrector.feature_map_.transform(q)
-        hits = self.collection.search(q, k, version=version, encoder=self.encoder.name)[0]
-        return SearchResult(hits, kind, correction, "reindexed")
+        return SearchResult(self._search(q, k, version, nprobe), kind, correction, "reindexed")
 
-    def _search(self, q: np.ndarray, k: int, kind: str) -> list[SearchHit]:
-        return self.collection.search(q, k, kind=kind, encoder=self.encoder.name)[0]
+    def _version(self, kind: str, correction: str | None) -> IndexVersionInfo:
+        version = self.collection.current_version(kind, correction)
+        if version is None:
+            raise NotFoundError(f"collection {self.collection.root} has no ready {kind} index; "
+                                "build it with `sce index build`")
+        return version
+
+    def _search(self, q: np.ndarray, k: int, version: IndexVersionInfo, nprobe: int | None) -> list[SearchHit]:
+        """The one call that searches a faiss index: every strategy ends here."""
+        k = min(k, max(int(version.count), 1))  # more than the index holds cannot be found
+        return self.collection.search(q, k, version=version, encoder=self.encoder.name, nprobe=nprobe)[0]
+
+
+def check_k(k) -> int:
+    """``k`` as an int >= 1 (a huge k is capped at the index size by the search)."""
+    try:
+        value = int(k)
+    except (TypeError, ValueError, OverflowError):  # OverflowError: float('inf')
+        raise InputError(f"k must be a whole number >= 1, got {k!r}") from None
+    if value < 1 or value != k:
+        raise InputError(f"k must be a whole number >= 1, got {k!r}")
+    return value
+
+
+def check_nprobe(nprobe) -> int | None:
+    """None, or ``nprobe`` as an int >= 1."""
+    if nprobe is None:
+        return None
+    try:
+        value = int(nprobe)
+    except (TypeError, ValueError, OverflowError):
+        raise InputError(f"nprobe must be a whole number >= 1, got {nprobe!r}") from None
+    if value < 1 or value != nprobe:
+        raise InputError(f"nprobe must be a whole number >= 1, got {nprobe!r}")
+    return value

@@ -8,6 +8,7 @@ the top eigen-directions of R = C_TS Gamma, for collections whose items have no 
 """
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import tempfile
@@ -17,6 +18,7 @@ import numpy as np
 from scipy import linalg
 
 from ._checks import as_matrix, as_pair, check_choice, check_ridge
+from .errors import InputError
 from .features import CosineFeatures, RandomFourierFeatures, make_feature_map
 from .schur import choose_method, ridge_cholesky, symmetric_part
 
@@ -28,6 +30,9 @@ FILE_VERSION = 1
 # directions of the uncentred R holds 1.4 %; leaving it, a linear probe still reads the tone at
 # 0.43 instead of 0.13).
 DEFAULT_ENERGY = 0.99
+# Largest size |strength| * ||Gamma' phi(source)|| a corrected feature may reach: the index
+# stores float32 and normalises rows (squares must stay below float32's 3.4e38).
+MAX_CORRECTION_NORM = 1e15
 
 
 class SchurCorrector:
@@ -64,6 +69,10 @@ class SchurCorrector:
     Fitted attributes: feature_map_, gamma_ (D x D), n_samples_, n_features_in_,
     explained_eigvals_ and explained_eigvecs_ (cosine kernel: eigen-decomposition of R,
     descending), source_mean_ and target_mean_ (feature means when centred, else None).
+
+    scikit-learn's conventions hold: `__init__` only stores the parameters, `get_params` /
+    `set_params` read and write them, so `sklearn.base.clone` gives an unfitted copy (this
+    module does not import scikit-learn). Parameters are checked when `fit` uses them.
     """
 
     def __init__(self, direction: str = "t2i", kernel: str = "cosine", ridge: float = 1e-4,
@@ -88,7 +97,7 @@ class SchurCorrector:
         self._check_strength()
         source, target = as_pair(source_emb, target_emb, "source_emb", "target_emb")
         if source.shape[1] != target.shape[1]:
-            raise ValueError(
+            raise InputError(
                 f"source_emb has {source.shape[1]} columns and target_emb {target.shape[1]}: "
                 "both sides must come from the same encoder space"
             )
@@ -115,6 +124,7 @@ class SchurCorrector:
             A = linalg.cho_solve(ridge_cholesky(K_S, n * ridge, "K_source"), phi_t, check_finite=False)
             gamma = phi_s.T @ A
             R = symmetric_part(phi_t.T @ (K_S @ A)) / n
+        self._check_strength_bound(phi_s, gamma)
         self.feature_map_ = fmap
         self.gamma_ = gamma
         self.n_samples_ = n
@@ -145,7 +155,7 @@ class SchurCorrector:
         source, target = as_pair(source_emb, target_emb, "source_emb", "target_emb")
         for name, arr in (("source_emb", source), ("target_emb", target)):
             if arr.shape[1] != self.n_features_in_:
-                raise ValueError(
+                raise InputError(
                     f"{name} has {arr.shape[1]} columns but the corrector was fitted on {self.n_features_in_}"
                 )
         return self.feature_map_.transform(target) - self.explained(source)
@@ -158,6 +168,7 @@ class SchurCorrector:
         phi_s = self.feature_map_.transform(source_emb)
         if self.source_mean_ is not None:
             phi_s = phi_s - self.source_mean_
+        self._check_strength_bound(phi_s, self.gamma_)
         return float(self.strength) * (phi_s @ self.gamma_)
 
     def n_components_for_energy(self, energy: float) -> int:
@@ -165,35 +176,73 @@ class SchurCorrector:
         self._check_projection_available()
         energy = float(energy)
         if not 0 < energy <= 1:
-            raise ValueError(f"energy must be in (0, 1], got {energy}")
+            raise InputError(f"energy must be in (0, 1], got {energy}")
         lam = self.explained_eigvals_
         total = lam.sum()
         if total <= 0:
-            raise ValueError("the source explains nothing of the target (tr R = 0): no concept to project")
+            raise InputError("the source explains nothing of the target (tr R = 0): no concept to project")
         share = np.cumsum(lam) / total
-        return int(min(np.searchsorted(share, energy - 1e-12) + 1, lam.size))
+        return int(min(np.searchsorted(share, energy - 1e-12) + 1, self.n_directions()))
+
+    def n_directions(self) -> int:
+        """How many directions the concept has: the eigenvalues of R above rounding noise.
+
+        A concept set with m distinct prompts explains at most m directions (m - 1 when
+        centred); the other eigenvectors of R are arbitrary directions of a zero eigenvalue.
+        """
+        self._check_projection_available()
+        lam = self.explained_eigvals_
+        if lam.size == 0 or lam[0] <= 0:
+            return 0
+        # R is formed in float32 when the embeddings are float32: noise ~ max(D, n) * eps32 * lam_max.
+        tol = lam[0] * max(lam.size, int(self.n_samples_)) * float(np.finfo(np.float32).eps)
+        return int(np.count_nonzero(lam > tol))
 
     def projection(self, n_components: int | None = None, energy: float | None = None,
                    mode: str = "nullify") -> np.ndarray:
         """The d x d projection: "nullify" = I - U_k U_k', "focus" = U_k U_k'.
 
-        U_k holds the top-k eigenvectors of R; k is `n_components`, or the smallest count
-        holding `energy` of tr R (default DEFAULT_ENERGY = 0.99 when neither is given). Cosine kernel only.
+        U_k holds the top-k eigenvectors of R; k is `n_components` (at most `n_directions()`,
+        see `check_n_components`), or the smallest count holding `energy` of tr R (default
+        DEFAULT_ENERGY = 0.99 when neither is given). Cosine kernel only.
         """
         self._check_projection_available()
         check_choice(mode, "mode", ("nullify", "focus"))
         if n_components is not None and energy is not None:
-            raise ValueError("give n_components or energy, not both")
+            raise InputError("give n_components or energy, not both")
         if n_components is None:
             k = self.n_components_for_energy(DEFAULT_ENERGY if energy is None else energy)
         else:
-            k = int(n_components)
-            d = self.explained_eigvecs_.shape[0]
-            if not 1 <= k <= d:
-                raise ValueError(f"n_components must be between 1 and {d}, got {n_components}")
+            k = self.check_n_components(n_components, mode)
         U = self.explained_eigvecs_[:, :k]
         focus = U @ U.T
         return focus if mode == "focus" else np.eye(U.shape[0]) - focus
+
+    def check_n_components(self, n_components, mode: str = "nullify") -> int:
+        """``n_components`` as an int between 1 and the concept's number of directions.
+
+        More would project arbitrary directions of a zero eigenvalue (and removing all d of
+        them leaves every vector zero, so every score would be 0).
+        """
+        self._check_projection_available()
+        try:
+            k = int(n_components)
+        except (TypeError, ValueError, OverflowError):
+            raise InputError(f"n_components must be a whole number, got {n_components!r}") from None
+        if k != n_components:
+            raise InputError(f"n_components must be a whole number, got {n_components!r}")
+        r = self.n_directions()
+        d = self.explained_eigvecs_.shape[0]
+        if r == 0:
+            raise InputError("the source explains nothing of the target (tr R = 0): no concept to project")
+        if not 1 <= k <= r:
+            raise InputError(
+                f"n_components must be between 1 and {r}, got {k}: the concept has {r} direction(s) "
+                f"(from {self.n_samples_} pairs{', centred' if self.center else ''}; {d} dimensions)"
+            )
+        if k == d and mode == "nullify":
+            raise InputError(f"n_components={k} removes all {d} dimensions: nothing would be left to search")
+        return k
 
     # -- persistence -------------------------------------------------------------------------
     def save(self, path) -> Path:
@@ -241,15 +290,15 @@ class SchurCorrector:
         except FileNotFoundError:
             raise
         except Exception as exc:
-            raise ValueError(f"{path} is not a saved SchurCorrector: {exc}") from None
+            raise InputError(f"{path} is not a saved SchurCorrector: {exc}") from None
         try:
             meta = json.loads(str(arrays["meta"]))
         except (KeyError, json.JSONDecodeError):
-            raise ValueError(f"{path} is not a saved SchurCorrector (no metadata)") from None
+            raise InputError(f"{path} is not a saved SchurCorrector (no metadata)") from None
         if meta.get("format") != FILE_FORMAT:
-            raise ValueError(f"{path} is not a saved SchurCorrector (format {meta.get('format')!r})")
+            raise InputError(f"{path} is not a saved SchurCorrector (format {meta.get('format')!r})")
         if meta.get("version") != FILE_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"{path} was saved by another version of sce_correct (file version {meta.get('version')!r}, "
                 f"this version reads {FILE_VERSION}); fit the correction again"
             )
@@ -266,15 +315,26 @@ class SchurCorrector:
         obj.source_mean_ = arrays.get("source_mean")
         obj.target_mean_ = arrays.get("target_mean")
         if obj.center and obj.source_mean_ is None:
-            raise ValueError(f"{path} is a centred SchurCorrector without its means; fit the correction again")
+            raise InputError(f"{path} is a centred SchurCorrector without its means; fit the correction again")
         return obj
 
-    def get_params(self) -> dict:
-        return {
-            "direction": self.direction, "kernel": self.kernel, "ridge": self.ridge,
-            "strength": self.strength, "sigma": self.sigma, "rff_dim": self.rff_dim,
-            "seed": self.seed, "method": self.method, "center": self.center,
-        }
+    # -- scikit-learn's estimator conventions (sklearn.base.clone works; sklearn is not imported)
+    @classmethod
+    def _get_param_names(cls) -> list[str]:
+        return [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's parameters (``deep`` is accepted for scikit-learn: none is an estimator)."""
+        return {name: getattr(self, name) for name in self._get_param_names()}
+
+    def set_params(self, **params) -> "SchurCorrector":
+        """Set constructor parameters (checked when used, as in scikit-learn); returns self."""
+        valid = self._get_param_names()
+        for name, value in params.items():
+            if name not in valid:
+                raise InputError(f"invalid parameter {name!r} for SchurCorrector; valid: {', '.join(valid)}")
+            setattr(self, name, value)
+        return self
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -288,12 +348,27 @@ class SchurCorrector:
     def _check_strength(self) -> None:
         s = float(self.strength)
         if not np.isfinite(s):
-            raise ValueError(f"strength must be a finite number, got {self.strength}")
+            raise InputError(f"strength must be a finite number, got {self.strength}")
+
+    def _check_strength_bound(self, phi_s: np.ndarray, gamma: np.ndarray) -> None:
+        """InputError when strength * Gamma' phi(source) could exceed MAX_CORRECTION_NORM."""
+        if not len(phi_s):
+            return
+        s = abs(float(self.strength))
+        # ||Gamma' x|| <= ||Gamma||_F ||x||: an upper bound that costs O(D^2), not a product.
+        reach = float(np.linalg.norm(gamma)) * float(np.sqrt(np.max(np.einsum("ij,ij->i", phi_s, phi_s))))
+        if reach > 0 and s * reach > MAX_CORRECTION_NORM:
+            limit = MAX_CORRECTION_NORM / reach
+            step = 10.0 ** (np.floor(np.log10(limit)) - 2)  # three significant digits, rounded down
+            raise InputError(
+                f"strength {self.strength:g} is too large: the corrected features would overflow; "
+                f"use |strength| <= {np.floor(limit / step) * step:.3g} (1 removes the concept)"
+            )
 
     def _check_projection_available(self) -> None:
         self._check_fitted()
         if self.kernel != "cosine":
-            raise ValueError(
+            raise InputError(
                 f"projection needs the cosine kernel (this corrector uses {self.kernel!r}): "
                 "its corrected features live in the random-feature space, not the encoder's"
             )

@@ -31,4 +31,8 @@ class ConflictError(SceError, RuntimeError):
     """The request clashes with the state of the collection (busy, wrong encoder, stale job)."""
 
 
-__all__ = ["SceError", "InputError", "NotFoundError", "ConflictError"]
+class MissingDependencyError(SceError, ImportError):
+    """A package or model file the requested feature needs is not installed; the message names it."""
+
+
+__all__ = ["SceError", "InputError", "NotFoundError", "ConflictError", "MissingDependencyError"]

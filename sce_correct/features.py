@@ -10,9 +10,12 @@ import numpy as np
 from scipy.spatial.distance import pdist
 
 from ._checks import as_matrix
+from .errors import InputError
 
 # Rows of a subsample used by the median heuristic; pdist on more costs O(n^2) for no gain.
 _MEDIAN_SAMPLE = 2000
+# The kernel divides by sigma^2: outside this range it underflows to 0 or overflows.
+_SIGMA_RANGE = (1e-150, 1e150)
 
 
 def median_pairwise_distance(x: np.ndarray, *, seed: int = 0, max_rows: int = _MEDIAN_SAMPLE) -> float:
@@ -24,7 +27,7 @@ def median_pairwise_distance(x: np.ndarray, *, seed: int = 0, max_rows: int = _M
     d = pdist(x)
     d = d[d > 0]
     if d.size == 0:
-        raise ValueError("cannot pick sigma by the median heuristic: all rows are identical")
+        raise InputError("cannot pick sigma by the median heuristic: all rows are identical")
     return float(np.median(d))
 
 
@@ -34,8 +37,8 @@ def resolve_bandwidth(sigma, *data: np.ndarray, seed: int = 0) -> float:
     if sigma is None:
         return median_pairwise_distance(data[0] if len(data) == 1 else np.vstack(data), seed=seed)
     value = float(sigma)
-    if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"sigma must be a positive number, got {sigma}")
+    if not _SIGMA_RANGE[0] <= value <= _SIGMA_RANGE[1]:  # NaN fails too
+        raise InputError(f"sigma must be a positive number between 1e-150 and 1e150, got {sigma}")
     return value
 
 
@@ -63,7 +66,7 @@ class CosineFeatures:
         _check_dim(X, self.n_features_in_)
         norms = np.linalg.norm(X, axis=1, keepdims=True)
         if (norms == 0).any():
-            raise ValueError(f"X has {int((norms == 0).sum())} all-zero row(s); the cosine kernel needs nonzero vectors")
+            raise InputError(f"X has {int((norms == 0).sum())} all-zero row(s); the cosine kernel needs nonzero vectors")
         return X / norms
 
     def fit_transform(self, X, y=None) -> np.ndarray:
@@ -105,7 +108,7 @@ class RandomFourierFeatures:
     def fit(self, X, y=None) -> "RandomFourierFeatures":
         X = as_matrix(X, "X")
         if int(self.n_components) < 1:
-            raise ValueError(f"n_components must be >= 1, got {self.n_components}")
+            raise InputError(f"n_components must be >= 1, got {self.n_components}")
         sigma = resolve_bandwidth(self.sigma, X, seed=self.seed)
         rng = np.random.default_rng(self.seed)
         self.sigma_ = sigma
@@ -155,7 +158,7 @@ def make_feature_map(kernel: str, *, sigma: float | None, rff_dim: int, seed: in
         return CosineFeatures()
     if kernel == "gaussian":
         return RandomFourierFeatures(sigma=sigma, n_components=rff_dim, seed=seed)
-    raise ValueError(f"kernel must be 'cosine' or 'gaussian' for a feature map, got {kernel!r}")
+    raise InputError(f"kernel must be 'cosine' or 'gaussian' for a feature map, got {kernel!r}")
 
 
 def _check_fitted(obj) -> None:
@@ -165,4 +168,4 @@ def _check_fitted(obj) -> None:
 
 def _check_dim(X: np.ndarray, expected: int) -> None:
     if X.shape[1] != expected:
-        raise ValueError(f"X has {X.shape[1]} columns but the feature map was fitted on {expected}")
+        raise InputError(f"X has {X.shape[1]} columns but the feature map was fitted on {expected}")

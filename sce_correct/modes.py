@@ -13,6 +13,7 @@ import numpy as np
 from scipy import linalg
 
 from ._checks import as_matrix
+from .errors import InputError
 from .features import gaussian_kernel, make_feature_map
 from .schur import _Primal, choose_method, decompose, resolve_sigma, symmetric_part
 
@@ -74,7 +75,7 @@ def _primal_modes(M: np.ndarray, phi_i: np.ndarray, total: float, n_modes: int, 
 
 def _check_counts(n_modes: int, top: int) -> None:
     if int(n_modes) < 1 or int(top) < 1:
-        raise ValueError(f"n_modes and top must be >= 1, got {n_modes} and {top}")
+        raise InputError(f"n_modes and top must be >= 1, got {n_modes} and {top}")
 
 
 def schur_modes(text_emb, image_emb, *, n_modes: int = 8, top: int = 16, kernel: str = "cosine",

@@ -13,6 +13,7 @@ import numpy as np
 from scipy import linalg
 
 from ._checks import as_pair, check_choice, check_ridge
+from .errors import InputError
 from .features import gaussian_kernel, make_feature_map, resolve_bandwidth
 
 KERNELS = ("cosine", "gaussian", "gaussian-exact")
@@ -25,7 +26,7 @@ def ridge_cholesky(C: np.ndarray, ridge: float, what: str = "C_T"):
     try:
         return linalg.cho_factor(A, lower=True, check_finite=False)
     except linalg.LinAlgError:
-        raise ValueError(
+        raise InputError(
             f"{what} + ridge*I is singular (ridge={ridge:g}); use a ridge > 0 "
             "(the system never falls back to a pseudo-inverse)"
         ) from None
@@ -93,7 +94,7 @@ class _Dual:
         lam = np.clip(lam, 0.0, None)
         if ridge == 0:
             if lam[0] <= 1e-12 * max(lam[-1], 1e-300):
-                raise ValueError(
+                raise InputError(
                     "the text kernel matrix is singular and ridge=0; use a ridge > 0 "
                     "(the system never falls back to a pseudo-inverse)"
                 )
@@ -136,7 +137,7 @@ def decompose(text_emb, image_emb, *, kernel="cosine", sigma=None, rff_dim=2500,
     """Validated inputs -> a `_Primal` or `_Dual` decomposition, plus (kernel, sigma, method, n)."""
     text, image = as_pair(text_emb, image_emb, "text_emb", "image_emb")
     if text.shape[1] != image.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"text_emb has {text.shape[1]} columns and image_emb {image.shape[1]}: "
             "texts and images must come from the same encoder space"
         )
@@ -146,7 +147,7 @@ def decompose(text_emb, image_emb, *, kernel="cosine", sigma=None, rff_dim=2500,
     sigma = resolve_sigma(kernel, sigma, text, image, seed)
     if kernel == "gaussian-exact":
         if method == "primal":
-            raise ValueError("kernel 'gaussian-exact' has no finite feature map: use method 'dual' or 'auto'")
+            raise InputError("kernel 'gaussian-exact' has no finite feature map: use method 'dual' or 'auto'")
         K_T = gaussian_kernel(text, text, sigma)
         K_I = gaussian_kernel(image, image, sigma)
         return _Dual(K_T, K_I, ridge), (kernel, sigma, "dual", n)

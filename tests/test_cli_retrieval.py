@@ -101,3 +101,49 @@ def test_evaluate_command(setup):
     assert (tmp / "ev" / "evaluation.html").exists()
     r = invoke("evaluate", "--prompts", prompts, "--images", tmp / "imgs", "-q")
     assert r.exit_code == 1 and "refers to prompt line 2" in r.output and "Traceback" not in r.output
+
+
+def test_search_nprobe_reaches_every_strategy(tmp_path, monkeypatch):
+    """An IVF8 collection: `--nprobe 8` is exhaustive (the library's brute-force-equal result)
+    with --correction and --ab as well as plain; `--nprobe 1` gives the library's nprobe=1 result."""
+    from indexing.collection import Collection
+    from retrieval.compare import compare
+    from retrieval.search import Retriever
+
+    monkeypatch.setattr(indexing, "load_encoder", lambda spec, device=None: ToyEncoder(), raising=False)
+    for i in range(300):
+        make_image(tmp_path / "imgs" / f"{i:03d}.png", seed=2000 + i, size=(8, 8))
+    concept = tmp_path / "concept.csv"
+    concept.write_text("prompt,image\n" + "".join(f"tone {i % 3},imgs/{i:03d}.png\n" for i in range(12)))
+    coll = tmp_path / "coll"
+    assert invoke("index", "build", tmp_path / "imgs", "-c", coll, "--factory", "IVF8,Flat", "-q").exit_code == 0
+    r = invoke("correct", "fit", "--concept", concept, "--name", "c1", "--components", "2", "-c", coll, "-q")
+    assert r.exit_code == 0, r.output
+
+    def cli(query, nprobe, *extra):
+        out = invoke("search", query, "-k", "10", "--nprobe", nprobe, "--json", *extra, "-c", coll)
+        assert out.exit_code == 0, out.output
+        data = json.loads(out.output)
+        if isinstance(data, list):
+            return [h["item_id"] for h in data]
+        return [h["item_id"] for h in data["original"]] + [h["item_id"] for h in data["corrected"]]
+
+    differs = 0
+    with Collection.open(coll) as opened:
+        for query in [f"query {i}" for i in range(8)]:
+            expected = {}
+            for nprobe in (1, 8):
+                lib = Retriever(opened, ToyEncoder(), nprobe=nprobe)
+                q = lib.embed_text(query)
+                cmp = compare(lib, q, query, "c1", k=10, strategy="query")
+                expected[nprobe] = {
+                    "plain": [h.item_id for h in lib.search(q, 10).hits],
+                    "correction": [h.item_id for h in cmp.corrected],
+                    "ab": [h.item_id for h in cmp.original + cmp.corrected],
+                }
+            for nprobe in (1, 8):
+                assert cli(query, nprobe) == expected[nprobe]["plain"]
+                assert cli(query, nprobe, "--correction", "c1", "--strategy", "query") == expected[nprobe]["correction"]
+                assert cli(query, nprobe, "--ab", "c1", "--strategy", "query") == expected[nprobe]["ab"]
+            differs += expected[1] != expected[8]
+    assert differs > 0  # on this data nprobe=1 misses results, so the option visibly reached the index

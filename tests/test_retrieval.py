@@ -56,7 +56,7 @@ def test_fit_stores_file_row_and_report(collection_dir, toy_encoder, tmp_path):
 
 def test_query_side_and_reindexed_rank_the_same(collection_dir, toy_encoder, tmp_path):
     with Collection.open(collection_dir) as coll:
-        _fit(coll, toy_encoder, tmp_path, n_components=3)
+        _fit(coll, toy_encoder, tmp_path, n_components=2)  # 3 prompts, centred: 2 directions
         r = Retriever(coll, toy_encoder)
         queries = [r.embed_text(f"query {i}") for i in range(5)] + [r.embed_image(tmp_path / "imgs/005.png")]
         before = [[h.item_id for h in r.search(q, 10, correction="c1", strategy="query").hits] for q in queries]
@@ -148,3 +148,85 @@ def test_bad_input_changes_nothing(collection_dir, toy_encoder, tmp_path):
         r = Retriever(coll, toy_encoder)
         with pytest.raises(KeyError, match="no correction named"):
             r.search(r.embed_text("x"), 3, correction="nope")
+
+
+# -- nprobe reaches the searched index, for every strategy ------------------------------------
+NLIST = 8
+
+
+@pytest.fixture(scope="module")
+def ivf_collection(tmp_path_factory) -> Path:
+    """300 images in an IVF8 collection, a fitted correction and its IVF8 re-indexed version."""
+    tmp = tmp_path_factory.mktemp("ivf")
+    encoder = ToyEncoder()
+    for i in range(300):
+        make_image(tmp / "imgs" / f"{i:03d}.png", seed=1000 + i, size=(8, 8))
+    build_collection(tmp / "imgs", tmp / "coll", encoder=encoder, factory=f"IVF{NLIST},Flat", progress=False)
+    concept = tmp / "concept.csv"
+    concept.write_text("prompt,image\n" + "".join(f"tone {i % 3},{tmp}/imgs/{i:03d}.png\n" for i in range(12)))
+    with Collection.open(tmp / "coll") as coll:
+        fit_concept_correction(coll, encoder, load_concept_set(concept), name="c1", n_components=2)
+        reindex(coll, "c1", factory=f"IVF{NLIST},Flat", progress=False)
+    return tmp / "coll"
+
+
+def _exact(coll, scores_of) -> list[int]:
+    ids, raw = next(coll.embeddings.iter_chunks("image", chunk_size=10_000))
+    return ids[np.argsort(-scores_of(unit(raw)))[:10]].tolist()
+
+
+@pytest.mark.parametrize("strategy", ["original", "query", "negative", "reindexed", "ab", "retriever-default"])
+def test_nprobe_reaches_the_index_for_every_strategy(ivf_collection, strategy):
+    """With nprobe = nlist an IVF-Flat search is exhaustive (the brute-force top 10); with
+    nprobe = 1 it visits one list and misses some of them. Both must show in every strategy."""
+    queries = unit(np.random.default_rng(7).standard_normal((20, 16)))
+    with Collection.open(ivf_collection) as coll:
+        assert coll.current_version("image").factory == f"IVF{NLIST},Flat"
+        assert coll.current_version("image", "c1").factory == f"IVF{NLIST},Flat"
+        r = Retriever(coll, ToyEncoder())
+        view = r.correction("c1")
+        P, concept = view.projection, view.concept_vector
+
+        def ids(q, nprobe):
+            if strategy == "original":
+                return [h.item_id for h in r.search(q, 10, nprobe=nprobe).hits]
+            if strategy in ("query", "negative", "reindexed"):
+                result = r.search(q, 10, correction="c1", strategy=strategy, nprobe=nprobe)
+                assert result.strategy == strategy
+                return [h.item_id for h in result.hits]
+            if strategy == "ab":
+                return [h.item_id for h in compare(r, q, "q", "c1", k=10, strategy="query", nprobe=nprobe).corrected]
+            own = Retriever(coll, ToyEncoder(), nprobe=nprobe)  # the retriever's default reaches the A/B too
+            cmp = compare(own, q, "q", "c1", k=10, strategy="reindexed")
+            return [h.item_id for h in cmp.original] + [h.item_id for h in cmp.corrected]
+
+        def exact(q):
+            original = _exact(coll, lambda x: x @ q)
+            corrected = _exact(coll, lambda x: x @ (P @ q))
+            negative = _exact(coll, lambda x: x @ (q - concept))
+            return {"original": original, "query": corrected, "reindexed": corrected, "negative": negative,
+                    "ab": corrected, "retriever-default": original + corrected}[strategy]
+
+        missed = 0
+        for q in queries:
+            assert ids(q, NLIST) == exact(q)
+            missed += ids(q, 1) != exact(q)
+        assert missed > 0  # nprobe=1 is not exhaustive here: the setting reached the index
+
+
+def test_k_and_nprobe_out_of_range(collection_dir, toy_encoder):
+    from sce_correct import InputError
+
+    with Collection.open(collection_dir) as coll:
+        r = Retriever(coll, toy_encoder)
+        q = r.embed_text("x")
+        assert len(r.search(q, 10**18).hits) == 40  # capped at the index size, nothing huge allocated
+        for bad in (0, -1, 2.5, float("nan"), float("inf")):
+            with pytest.raises(InputError, match="k must be"):
+                r.search(q, bad)
+            with pytest.raises(InputError, match="nprobe must be"):
+                r.search(q, 5, nprobe=bad)
+        with pytest.raises(InputError, match="nprobe must be"):
+            Retriever(coll, toy_encoder, nprobe=0)
+        with pytest.raises(InputError, match="NaN"):
+            r.search(np.full(16, np.nan), 5)

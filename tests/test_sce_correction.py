@@ -258,3 +258,120 @@ def test_planted_concept_is_removed_and_content_stays():
 
     r_before, r_after = recall_at_10(before), recall_at_10(after)
     assert r_after >= 0.9 * r_before and r_after > 0.5
+
+
+# ---------------------------------------------------------------- scikit-learn conventions
+def test_sklearn_clone_gives_an_unfitted_copy_that_fits_the_same():
+    from sklearn.base import clone
+
+    T, I = paired_data(n=80, d=6)
+    fitted = sc.SchurCorrector(kernel="gaussian", rff_dim=20, ridge=1e-3, strength=0.7, seed=5,
+                               center=True).fit(T, I)
+    copy = clone(fitted)
+    assert copy is not fitted and type(copy) is sc.SchurCorrector
+    assert copy.get_params(deep=True) == fitted.get_params(deep=True) == fitted.get_params(deep=False)
+    assert not hasattr(copy, "gamma_") and not hasattr(copy, "feature_map_")  # clone copies no fit
+    with pytest.raises(ValueError, match="not fitted"):
+        copy.correct(T, I)
+    copy.fit(T, I)
+    np.testing.assert_array_equal(copy.gamma_, fitted.gamma_)
+    np.testing.assert_array_equal(copy.correct(T[:5], I[:5]), fitted.correct(T[:5], I[:5]))
+
+
+def test_get_and_set_params_follow_sklearn():
+    from sklearn.base import clone
+
+    c = sc.SchurCorrector()
+    names = ["direction", "kernel", "ridge", "strength", "sigma", "rff_dim", "seed", "method", "center"]
+    assert list(c.get_params()) == names
+    assert c.set_params(strength=0.25, center=True) is c
+    assert c.strength == 0.25 and c.center is True
+    assert clone(c).get_params() == c.get_params()
+    with pytest.raises(ValueError, match="invalid parameter 'alpha'"):
+        c.set_params(alpha=1)
+    # __init__ only stores: an invalid value is accepted by the constructor and refused by fit
+    bad = sc.SchurCorrector(kernel="poly")
+    assert clone(bad).kernel == "poly"
+    with pytest.raises(sc.InputError, match="kernel"):
+        bad.fit(*paired_data(n=10, d=4))
+
+
+def test_sce_correct_does_not_import_sklearn():
+    import subprocess
+    import sys
+
+    code = "import sys, sce_correct; sce_correct.SchurCorrector().get_params(); print('sklearn' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "False"
+
+
+# ---------------------------------------------------------------- numbers out of range
+def _prompt_pairs(m: int, per: int = 6, d: int = 16, seed: int = 0):
+    """m distinct prompts, each paired with `per` images: R has rank m (m - 1 when centred)."""
+    rng = np.random.default_rng(seed)
+    prompts = rng.standard_normal((m, d))
+    T = np.repeat(prompts, per, axis=0)
+    I = T @ rng.standard_normal((d, d)) * 0.5 + rng.standard_normal((m * per, d))
+    return T, I
+
+
+@pytest.mark.parametrize("center", [False, True])
+def test_n_directions_is_the_rank_of_R(center):
+    m, d = 4, 16
+    T, I = _prompt_pairs(m, d=d)
+    c = sc.SchurCorrector(ridge=1e-6, center=center).fit(T, I)
+    # Brute force: R = C_TS (C_S + eps I)^-1 C_ST from the (centred) cosine features, its rank by SVD.
+    S, Y = bf_cos(T), bf_cos(I)
+    if center:
+        S, Y = S - S.mean(0), Y - Y.mean(0)
+    n = len(S)
+    C_S, C_ST = S.T @ S / n, S.T @ Y / n
+    R = C_ST.T @ np.linalg.solve(C_S + 1e-6 * np.eye(d), C_ST)
+    rank = np.linalg.matrix_rank(R, tol=1e-9 * np.linalg.norm(R, 2))
+    assert rank == (m - 1 if center else m)
+    assert c.n_directions() == rank
+    assert c.n_components_for_energy(1.0) <= rank
+    c.projection(n_components=rank)  # fine
+    for too_many in (rank + 1, d):
+        with pytest.raises(sc.InputError, match=rf"between 1 and {rank}, got {too_many}: the concept has {rank} "):
+            c.projection(n_components=too_many)
+    with pytest.raises(sc.InputError, match="whole number"):
+        c.projection(n_components=1.5)
+
+
+def test_removing_every_dimension_is_refused():
+    T, I = paired_data(n=200, d=4)  # as many distinct prompts as rows: R has full rank
+    c = sc.SchurCorrector(ridge=1e-6).fit(T, I)
+    assert c.n_directions() == 4
+    assert np.abs(c.projection(n_components=4, mode="focus") - np.eye(4)).max() < 1e-8
+    with pytest.raises(sc.InputError, match="removes all 4 dimensions"):
+        c.projection(n_components=4)
+
+
+@pytest.mark.parametrize("strength", [1e308, -1e300, 1e20])
+def test_a_strength_that_would_overflow_is_refused(strength):
+    T, I = paired_data(n=50, d=6)
+    with pytest.raises(sc.InputError, match="strength .* too large") as error:
+        sc.SchurCorrector(strength=strength).fit(T, I)
+    usable = float(str(error.value).split("|strength| <= ")[1].split(" ")[0])
+    ok = sc.SchurCorrector(strength=usable).fit(T, I)  # the bound the message names works
+    assert np.isfinite(ok.correct(T, I)).all()
+    assert np.abs(ok.explained(T)).max() <= sc.corrector.MAX_CORRECTION_NORM
+    with pytest.raises(sc.InputError, match="too large"):  # set after fitting: refused when used
+        ok.set_params(strength=strength).correct(T, I)
+
+
+@pytest.mark.parametrize("strength", [np.inf, -np.inf, np.nan])
+def test_a_strength_that_is_not_finite_is_refused(strength):
+    T, I = paired_data(n=20, d=4)
+    with pytest.raises(sc.InputError, match="strength must be a finite number"):
+        sc.SchurCorrector(strength=strength).fit(T, I)
+
+
+@pytest.mark.parametrize("sigma", [1e-200, 1e200, np.nan, np.inf, 0.0, -1.0])
+def test_a_sigma_outside_the_usable_range_is_refused(sigma):
+    T, I = paired_data(n=20, d=4)
+    with pytest.raises(sc.InputError, match="sigma must be a positive number between"):
+        sc.SchurCorrector(kernel="gaussian", sigma=sigma, rff_dim=10).fit(T, I)
+    with pytest.raises(sc.InputError, match="sigma"):
+        sc.sce_score(T, I, kernel="gaussian-exact", sigma=sigma)

@@ -1,9 +1,21 @@
 """The `sce` command line: parses arguments, calls retrieval/indexing, prints results."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Concept-corrected image retrieval.")
+
+
+@app.callback()
+def global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="On any error show the full traceback; log at DEBUG level.")] = False,
+) -> None:
+    """Concept-corrected image retrieval."""
+    from ui.cli_index import set_debug
+
+    set_debug(debug)
 
 # --- sub-command registration (each module keeps its heavy imports inside its commands) ---
 from ui.app import serve_command  # noqa: E402  (gradio is imported inside the command)

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
 
 from indexing.readers import DEFAULT_MAX_PIXELS
@@ -65,30 +67,79 @@ Float16Option = Annotated[
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 
 
+# Exit statuses: 1 for a user's mistake (an SceError) or an OS error about their files, 130 for
+# Ctrl-C, and EX_SOFTWARE (sysexits.h: "internal software error") for a bug; 2 is click's usage error.
+USER_ERROR_EXIT = 1
+BUG_EXIT = 70
+_debug = False
+_level_before_debug: int | None = None
+
+
+def set_debug(enabled: bool) -> None:
+    """`sce --debug`: show the traceback of every error and log at DEBUG (off: as before)."""
+    global _debug, _level_before_debug
+    root = logging.getLogger()
+    if enabled and not _debug:
+        _level_before_debug = root.level
+    elif not enabled and _debug and _level_before_debug is not None:
+        root.setLevel(_level_before_debug)  # one process, several commands (tests, the web UI)
+    _debug = bool(enabled)
+    if _debug:
+        configure_logging(quiet=False)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split()) or "(no message)"
+
+
+def _os_error_message(error: OSError) -> str:
+    """'No such file or directory: /x' rather than "[Errno 2] No such file or directory: '/x'"."""
+    if error.strerror and error.filename is not None:
+        target = f"{error.filename} -> {error.filename2}" if error.filename2 is not None else f"{error.filename}"
+        return f"{error.strerror}: {target}"
+    return str(error) or type(error).__name__
+
+
 @contextlib.contextmanager
 def reporting_errors() -> Iterator[None]:
-    """Turn an error into a one-line message and exit status 1 (the traceback goes to debug)."""
+    """The command line's one error boundary; every command runs inside it.
+
+    A user's mistake (:class:`sce_correct.errors.SceError`) or an OS error about their files
+    prints ``error: <message>`` on one line and exits 1. Any other exception is a bug: one
+    line saying so, naming the exception, exit status 70; ``sce --debug`` shows the traceback
+    (of any error) as well.
+    """
+    from sce_correct.errors import SceError
+
     try:
         yield
-    except (typer.Exit, typer.Abort):
+    except (typer.Exit, typer.Abort, click.ClickException):  # click reports its own usage errors
         raise
     except KeyboardInterrupt:
         typer.secho("interrupted", err=True, fg="red")
         raise typer.Exit(130) from None
-    except Exception as error:  # the CLI boundary: every failure becomes a message
-        logger.debug("command failed", exc_info=True)
-        message = str(error) or type(error).__name__
-        if isinstance(error, KeyError) and error.args:
-            message = str(error.args[0])
-        typer.secho(f"error: {message}", err=True, fg="red")
-        raise typer.Exit(1) from None
+    except (SceError, OSError) as error:
+        if _debug:
+            typer.echo(traceback.format_exc(), err=True)
+        message = str(error) if isinstance(error, SceError) else _os_error_message(error)
+        typer.secho(f"error: {_one_line(message or type(error).__name__)}", err=True, fg="red")
+        raise typer.Exit(USER_ERROR_EXIT) from None
+    except Exception as error:  # not a user's mistake: a bug, and said to be one
+        if _debug:
+            typer.echo(traceback.format_exc(), err=True)
+            hint = "the traceback is above"
+        else:
+            hint = "run `sce --debug ...` to see the traceback"
+        typer.secho(f"error: internal error (a bug in sce): {type(error).__name__}: {_one_line(str(error))} "
+                    f"({hint})", err=True, fg="red")
+        raise typer.Exit(BUG_EXIT) from None
 
 
 def configure_logging(quiet: bool) -> None:
-    logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
-        format="%(levelname)s: %(message)s",
-    )
+    level = logging.DEBUG if _debug else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s")
+    if _debug:  # basicConfig does nothing once the root logger has a handler
+        logging.getLogger().setLevel(logging.DEBUG)
     # faiss reports which CPU build it loaded at INFO; not news to a user.
     logging.getLogger("faiss").setLevel(logging.WARNING)
 

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from sce_correct.errors import InputError
 from ui.cli_index import (
     DEFAULT_COLLECTION,
     CollectionOption,
@@ -31,7 +32,7 @@ def _open(collection: Path, db: str | None):
     opened = Collection.open(collection, db)
     if opened.encoder_name is None:
         opened.close()
-        raise ValueError(f"collection {opened.root} is empty; build it first with `sce index build`")
+        raise InputError(f"collection {opened.root} is empty; build it first with `sce index build`")
     return opened
 
 
@@ -79,14 +80,14 @@ def fit_command(
         from retrieval.corrections import fit_concept_correction
 
         if concept is not None and (source_texts or target_texts):
-            raise ValueError("give --concept or --source-texts/--target-texts, not both")
+            raise InputError("give --concept or --source-texts/--target-texts, not both")
         if concept is not None:
             concept_set = load_concept_set(concept)
         elif source_texts and target_texts:
             concept_set = text_pairs(read_text_lines(source_texts), read_text_lines(target_texts),
                                      name=Path(source_texts).stem)
         else:
-            raise ValueError("give --concept FILE, or --source-texts and --target-texts for t2t")
+            raise InputError("give --concept FILE, or --source-texts and --target-texts for t2t")
         with _open(collection, db) as opened:
             result = fit_concept_correction(
                 opened, opened.load_encoder(), concept_set, name=name, direction=direction, kernel=kernel, mode=mode,
@@ -205,7 +206,8 @@ def search_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     collection: CollectionOption = DEFAULT_COLLECTION,
     db: DbOption = None,
-    nprobe: Annotated[Optional[int], typer.Option(min=1, help="Lists visited by an IVF index.")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(min=1, help="Lists an IVF index visits per query, for every "
+                                                  "strategy and both sides of --ab (other index types ignore it).")] = None,
 ) -> None:
     """Search the collection: plain, with a correction, or original vs corrected (--ab NAME)."""
     configure_logging(quiet=True)
@@ -214,16 +216,17 @@ def search_command(
         from retrieval.search import Retriever
 
         if (query is None) == (image is None):
-            raise ValueError("give a text query or --image PATH (one of them)")
+            raise InputError("give a text query or --image PATH (one of them)")
         if ab and correction and ab != correction:
-            raise ValueError("--ab already names the correction; drop --correction")
+            raise InputError("--ab already names the correction; drop --correction")
         with _open(collection, db) as opened:
-            retriever = Retriever(opened, opened.load_encoder())
+            retriever = Retriever(opened, opened.load_encoder(), nprobe=nprobe)
             vec = retriever.embed_text(query) if query is not None else retriever.embed_image(image)
             label = query if query is not None else str(image)
             if ab:
                 cmp = compare(retriever, vec, label, ab, k=k, kind=kind, strategy=strategy, attribute=attribute,
                               negative_weight=negative_weight)
+                k = cmp.k
                 if as_json:
                     typer.echo(json.dumps(cmp.to_dict(), indent=2, default=str))
                     return
@@ -238,10 +241,8 @@ def search_command(
                     typer.echo(f"share of results with {attribute}: {cmp.attribute_share_original:.2f} -> "
                                f"{cmp.attribute_share_corrected:.2f}")
                 return
-            result = retriever.search(vec, k, kind=kind, correction=correction, strategy=strategy,
-                                      negative_weight=negative_weight) if correction else None
-            hits = result.hits if result else opened.search(vec[None, :], k, kind=kind, encoder=retriever.encoder.name,
-                                                             nprobe=nprobe)[0]
+            hits = retriever.search(vec, k, kind=kind, correction=correction, strategy=strategy,
+                                    negative_weight=negative_weight).hits
         if as_json:
             typer.echo(json.dumps([h.__dict__ for h in hits], indent=2, default=str))
             return
@@ -289,7 +290,7 @@ def report_command(
         if prompts is not None:
             pairs = load_pairs(prompts, images, pair_by=pair_by)
             if limit is not None and len(pairs) > limit:
-                raise ValueError(f"{len(pairs)} pairs but --limit {limit}; --limit applies to collection reports")
+                raise InputError(f"{len(pairs)} pairs but --limit {limit}; --limit applies to collection reports")
             report = report_for_pairs(indexing.load_encoder(encoder or "default"), pairs, progress=not quiet, **kw)
         else:
             clauses = parse_where(where)  # a bad clause fails before anything is loaded

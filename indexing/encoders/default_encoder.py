@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence
 
 import numpy as np
 
+from sce_correct.errors import InputError
+
 from .encoder import Encoder, ImageInput, resolve_device
 from .head import ProjectionHead
 from .towers import (IMAGE_FEATURE_DIM, TEXT_DIM, EfficientNetLite0Tower, MiniLMTextTower,
@@ -84,7 +86,7 @@ class DefaultEncoder(Encoder):
                         "`python -m indexing.encoders.train_default_head`")
                 head = ProjectionHead.load(self.head_path)
                 if head.in_dim != IMAGE_FEATURE_DIM or head.out_dim != TEXT_DIM:
-                    raise ValueError(f"{self.head_path}: head maps {head.in_dim}->{head.out_dim}, "
+                    raise InputError(f"{self.head_path}: head maps {head.in_dim}->{head.out_dim}, "
                                      f"expected {IMAGE_FEATURE_DIM}->{TEXT_DIM}")
                 self._head = head
             return self._head

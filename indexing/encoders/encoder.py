@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Iterable, Sequence, Union
 
 import numpy as np
 
+from sce_correct.errors import InputError
+
 if TYPE_CHECKING:  # pragma: no cover - typing only
     import torch
     from PIL import Image
@@ -37,7 +39,7 @@ def encode_texts_once(encoder, texts: Sequence[str]) -> np.ndarray:
     return encoder.encode_texts(distinct)[[position[text] for text in texts]]
 
 
-class UnreadableImageError(ValueError):
+class UnreadableImageError(InputError):
     """An image file could not be opened or decoded.
 
     ``path`` is the file and ``reason`` a short human-readable cause (the pipeline records
@@ -143,7 +145,7 @@ class Encoder:
 
         items = list(images)
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         out = np.empty((len(items), self.dim), dtype=np.float32)
         if not items:
             return out

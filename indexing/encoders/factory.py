@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from sce_correct.errors import InputError
+
 OPEN_CLIP_PREFIX = "open_clip:"
 _OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")
 
@@ -34,7 +36,7 @@ class EncoderSpec:
 def parse_spec(spec: str) -> EncoderSpec:
     """Split a spec string into its parts (syntax only; see :func:`load_encoder`)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"invalid encoder spec {spec!r}: expected 'default' or 'open_clip:<model>[:<pretrained>]'")
+        raise InputError(f"invalid encoder spec {spec!r}: expected 'default' or 'open_clip:<model>[:<pretrained>]'")
     s = spec.strip()
     if s == "default":
         return EncoderSpec("default")
@@ -42,16 +44,16 @@ def parse_spec(spec: str) -> EncoderSpec:
         rest = s[len(OPEN_CLIP_PREFIX):]
         if rest.startswith(_OPEN_CLIP_SCHEMAS):
             if rest.split(":", 1)[1].strip() == "":
-                raise ValueError(f"invalid encoder spec {spec!r}: nothing after {rest!r}")
+                raise InputError(f"invalid encoder spec {spec!r}: nothing after {rest!r}")
             return EncoderSpec("open_clip", rest, None)
         model, _, pretrained = rest.partition(":")
         model, pretrained = model.strip(), pretrained.strip()
         if not model:
-            raise ValueError(f"invalid encoder spec {spec!r}: no model name after 'open_clip:'")
+            raise InputError(f"invalid encoder spec {spec!r}: no model name after 'open_clip:'")
         if _ and not pretrained:
-            raise ValueError(f"invalid encoder spec {spec!r}: empty pretrained tag/path after the model")
+            raise InputError(f"invalid encoder spec {spec!r}: empty pretrained tag/path after the model")
         return EncoderSpec("open_clip", model, pretrained or None)
-    raise ValueError(f"invalid encoder spec {spec!r}: expected 'default' or 'open_clip:<model>[:<pretrained>]'")
+    raise InputError(f"invalid encoder spec {spec!r}: expected 'default' or 'open_clip:<model>[:<pretrained>]'")
 
 
 def load_encoder(spec: str, device: str | None = None):

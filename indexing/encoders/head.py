@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from indexing.atomic import write_atomically
+from sce_correct.errors import InputError
 
 HEAD_FORMAT = "sce-retrieval/projection-head/v1"
 
@@ -51,17 +52,17 @@ class ProjectionHead:
     def validate(self) -> "ProjectionHead":
         d = self.in_dim
         if self.in_std.shape != (d,):
-            raise ValueError(f"in_std has shape {self.in_std.shape}, expected ({d},)")
+            raise InputError(f"in_std has shape {self.in_std.shape}, expected ({d},)")
         if len(self.weights) != len(self.biases) or not self.weights:
-            raise ValueError("a head needs as many biases as weights, and at least one layer")
+            raise InputError("a head needs as many biases as weights, and at least one layer")
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             if w.ndim != 2 or w.shape[0] != d or b.shape != (w.shape[1],):
-                raise ValueError(f"layer {i}: weight {w.shape} / bias {b.shape} do not chain from {d}")
+                raise InputError(f"layer {i}: weight {w.shape} / bias {b.shape} do not chain from {d}")
             d = w.shape[1]
         if self.skip is not None and self.skip.shape != (self.in_dim, self.out_dim):
-            raise ValueError(f"skip has shape {self.skip.shape}, expected ({self.in_dim}, {self.out_dim})")
+            raise InputError(f"skip has shape {self.skip.shape}, expected ({self.in_dim}, {self.out_dim})")
         if self.activation not in _NUMPY_ACTIVATIONS:
-            raise ValueError(f"unknown activation {self.activation!r}")
+            raise InputError(f"unknown activation {self.activation!r}")
         return self
 
     # -- inference ---------------------------------------------------------------------
@@ -139,7 +140,7 @@ class ProjectionHead:
         with np.load(path, allow_pickle=False) as data:
             arch = json.loads(str(data["arch"]))
             if arch.get("format") != HEAD_FORMAT:
-                raise ValueError(f"{path}: not a projection head file (format {arch.get('format')!r})")
+                raise InputError(f"{path}: not a projection head file (format {arch.get('format')!r})")
             n = len(arch["layers"])
             head = cls(in_mean=data["in_mean"].astype(np.float32), in_std=data["in_std"].astype(np.float32),
                        weights=[data[f"w{i}"].astype(np.float32) for i in range(n)],

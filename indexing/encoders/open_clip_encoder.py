@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from sce_correct.errors import InputError
+
 from .encoder import Encoder, batched, resolve_device, to_rgb_on_white
 from .factory import OPEN_CLIP_PREFIX, EncoderSpec, canonical_checkpoint
 
@@ -54,13 +56,13 @@ class OpenClipEncoder(Encoder):
         embed_dim = None
         if model.startswith(("hf-hub:", "local-dir:")):
             if model.startswith("local-dir:") and not os.path.isdir(model.split(":", 1)[1]):
-                raise ValueError(f"encoder spec {spec!r}: folder {model.split(':', 1)[1]!r} not found")
+                raise InputError(f"encoder spec {spec!r}: folder {model.split(':', 1)[1]!r} not found")
             return cls(model, None, device=device)
         cfg = open_clip.get_model_config(model)
         if cfg is None:
             known = open_clip.list_models()
             close = [m for m in known if m.lower().startswith(model.lower()[:5])][:8]
-            raise ValueError(f"encoder spec {spec!r}: unknown open_clip model {model!r}"
+            raise InputError(f"encoder spec {spec!r}: unknown open_clip model {model!r}"
                              + (f" (similar: {', '.join(close)})" if close else ""))
         embed_dim = int(cfg["embed_dim"])
         if pretrained is not None:
@@ -70,7 +72,7 @@ class OpenClipEncoder(Encoder):
                 pretrained = canonical_checkpoint(pretrained)
             else:
                 tags = open_clip.list_pretrained_tags_by_model(model)
-                raise ValueError(
+                raise InputError(
                     f"encoder spec {spec!r}: {pretrained!r} is neither a pretrained tag of {model!r} "
                     f"({', '.join(tags) if tags else 'it has none'}) nor an existing checkpoint file")
         return cls(model, pretrained, device=device, embed_dim=embed_dim)

