@@ -23,6 +23,7 @@ from retrieval.concepts import load_concept_set
 from retrieval.corrections import fit_concept_correction
 from retrieval.reindex import reindex
 from retrieval.search import Retriever
+from sce_correct.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL = 40
@@ -362,6 +363,55 @@ def test_a_checkpoint_in_the_former_format_is_resumed(collection_dir, caplog):
     assert f"resuming index version {failed.name} at 10 vectors" in caplog.text
     np.testing.assert_allclose(_by_id(ids, vectors), _by_id(ref_ids, ref_vectors), rtol=1e-5, atol=1e-6)
     assert _hidden_files(collection_dir) == []
+
+
+def _poison_stored_embeddings(collection_dir: Path, rows: int) -> None:
+    """Put NaN, +inf and -inf into the first ``rows`` rows of a stored image shard."""
+    shard = sorted((collection_dir / "embeddings" / "image").glob("*.npy"))[0]
+    vectors = np.load(shard)
+    vectors[:rows, ::7] = np.array([np.nan, np.inf, -np.inf], np.float32)[np.arange(rows) % 3, None]
+    np.save(shard, vectors)
+
+
+def test_cli_reindex_never_publishes_nan_or_infinite_vectors(collection_dir, toy_encoder):
+    command = _reindex_command(collection_dir)
+    env = {k: v for k, v in os.environ.items() if k not in (rx.PAUSE_ENV, rx.CHECKPOINT_ENV)}
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    with Collection.open(collection_dir) as collection:
+        old = collection.current_version("image", "c1")
+        before = _vectors(collection, old.name)
+    _poison_stored_embeddings(collection_dir, 3)
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1
+    assert "Traceback" not in second.stderr
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, second.stderr
+    with Collection.open(collection_dir) as collection:
+        failed = [v for v in collection.versions() if v.state == "failed"]
+        assert len(failed) == 1
+        assert errors[0] == (f"error: index version {failed[0].name} was not published: 3 of {TOTAL} vectors "
+                             "hold NaN or infinite values (the current version stays in use)")
+        assert collection.current_version("image", "c1").name == old.name  # nothing published
+        assert not failed[0].file.exists()
+        after = _vectors(collection, old.name)
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_array_equal(after[1], before[1])
+
+
+def test_a_version_with_nan_is_not_published_through_the_api(collection_dir):
+    with Collection.open(collection_dir) as collection:
+        original = collection.current_version("image")
+        ids = collection.embeddings.ids("image")
+        vectors = collection.embeddings.get("image", ids)
+        vectors[5, 0] = np.nan
+        with pytest.raises(InputError, match=r"was not published: 1 of 40 vectors hold NaN"):
+            with collection.new_index_version(factory="IVF2,Flat", expected_count=len(ids)) as writer:
+                writer.train(vectors[np.isfinite(vectors).all(axis=1)])
+                writer.add(ids, vectors)
+        assert collection.current_version("image").name == original.name
+        assert [v.state for v in collection.versions() if v.factory == "IVF2,Flat"] == ["failed"]
 
 
 def test_leftover_staging_files_of_published_versions_are_swept(collection_dir):
