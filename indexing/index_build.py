@@ -5,9 +5,9 @@ in memory, checkpointed as it goes in hidden ``.npy`` segments and a ``.progress
 beside its index file, so a killed job resumes) and published when complete: the index file
 is written by ``faiss.write_index``, then the registry (:mod:`indexing.index_versions`)
 makes it current in one transaction. A version holding NaN or infinite values is never
-published. This module
-also loads version files (cached until rewritten), edits them in place, and reconciles the
-original versions with the embedding store (:meth:`IndexBuilder.sync`).
+published. This module also loads version files (cached until rewritten), edits them in
+place, and reconciles the original versions with the embedding store
+(:meth:`IndexBuilder.sync`).
 
 The caller (:class:`~indexing.collection.Collection`) holds the collection's write lock
 around every method here that writes.
@@ -142,6 +142,11 @@ class IndexBuilder:
             yield writer
             self._publish(info, writer)
         except Exception:
+            try:  # what is staged is kept for the retry
+                if writer.staged.count:
+                    writer.checkpoint()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                logger.warning("could not checkpoint index version %s after the failure", info.name, exc_info=True)
             self.versions.set_state(info.name, IndexState.FAILED)
             raise
         finally:

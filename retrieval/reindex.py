@@ -187,10 +187,10 @@ def _run(collection: Collection, kind: str, chunk_size: int, writer: IndexVersio
     """Correct and stage every stored vector not yet staged; returns how many were computed.
 
     reader thread (copy, normalising on the way) -> this thread (`_apply`) -> writer thread
-    (append to the staging file, checkpoints). Bounded queues and buffer pools keep at most
+    (add to the staged vectors, checkpoints). Bounded queues and buffer pools keep at most
     a few chunks in memory. An error in any stage stops the others; chunks already corrected
-    are still staged and checkpointed before it is raised, so a retry keeps them. After a
-    success there is no checkpoint: publishing, which follows, writes every vector.
+    are still staged before it is raised, and the failed version checkpoints them
+    (:meth:`Collection.new_index_version`), so a retry keeps them.
     """
     stop = threading.Event()        # every stage stops (a failure anywhere)
     reader_stop = threading.Event()  # only the reader stops (this thread failed)
@@ -275,13 +275,11 @@ def _run(collection: Collection, kind: str, chunk_size: int, writer: IndexVersio
         sink.join()
         stop.set()
         reader.join()
-    if failure is None and not errors:
-        return computed
-    try:
-        writer.checkpoint()  # what this job staged is kept for the retry
-    except Exception:  # noqa: BLE001 - the first error is the one to report
-        logger.warning("could not checkpoint after the failure", exc_info=True)
-    raise failure if failure is not None else errors[0]
+    if failure is not None:
+        raise failure
+    if errors:
+        raise errors[0]
+    return computed
 
 
 class _Either:
