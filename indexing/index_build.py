@@ -51,8 +51,9 @@ class IndexVersionWriter:
     in-memory index, or the rows a version of another factory is filled from when published.
     ``done_ids`` are already staged (by this job, or by a killed or failed one it resumes):
     skip them. Every ``checkpoint_every`` vectors ``add`` writes the vectors added since the
-    last checkpoint to disk and records them, so a killed job resumes from there; a checkpoint
-    writes only what is new, never the whole index again. None is made once every expected
+    last checkpoint to disk and records them (in a background thread, while the next vectors
+    are added), so a killed job resumes from there; a checkpoint writes only what is new,
+    never the whole index again. None is made once every expected
     vector is staged: publishing, which follows, writes them all.
     """
 
@@ -102,14 +103,19 @@ class IndexVersionWriter:
         self.staged.append(ids, rows)
         self._since_checkpoint += len(ids)
         if self._since_checkpoint >= self.checkpoint_every and self.staged.count != self.staged.expected:
-            self.checkpoint()
+            self.checkpoint(wait=False)  # written while the next vectors are added
 
-    def checkpoint(self) -> None:
-        """Make everything staged durable and record it (what a killed job resumes from)."""
-        self.staged.checkpoint()
+    def checkpoint(self, wait: bool = True) -> None:
+        """Write what was staged since the last checkpoint and record it (what a killed job
+        resumes from); with ``wait=False`` in the background (:meth:`wait` joins it)."""
+        self.staged.checkpoint(wait=wait)
         self._since_checkpoint = 0
         self.checkpoints += 1
         self.builder.versions.set_count(self.version.name, self.staged.count)
+
+    def wait(self) -> None:
+        """Block until the last checkpoint is durable."""
+        self.staged.wait()
 
 
 class IndexBuilder:

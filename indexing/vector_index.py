@@ -11,8 +11,10 @@ killed build resumes.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -276,9 +278,10 @@ class StagedVectors:
     two ``.npy`` files (numpy's own format: the ids and the rows, each written atomically),
     then the progress record, a small JSON file written atomically that lists the segments.
     That record is all a resume trusts, so a kill at any moment leaves a consistent state;
-    :meth:`open` reads its segments back. A checkpoint writes only what is new. Each row's
-    NaN and infinite values are counted as it is staged (:attr:`bad_rows`), so that no such
-    version is published.
+    :meth:`open` reads its segments back. A checkpoint writes only what is new, and with
+    ``wait=False`` a background thread writes it while rows keep being staged (rows are only
+    added where they move nothing that is being written). Each row's NaN and infinite values
+    are counted as it is staged (:attr:`bad_rows`), so that no such version is published.
     """
 
     def __init__(self, progress_path: Path, dim: int, hold: bool, expected: int = 0) -> None:
@@ -294,6 +297,9 @@ class StagedVectors:
         self._saved = 0  # rows in segments
         self._pending_bad = 0
         self._recorded = False
+        self._capacity = 0  # rows the in-memory index holds without moving them
+        self._saving: threading.Thread | None = None  # a checkpoint being written
+        self._save_error: BaseException | None = None
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
@@ -358,6 +364,7 @@ class StagedVectors:
         The rows are views (of the in-memory index, or of a memory-mapped segment): use each
         chunk before staging more.
         """
+        self.wait()
         if self.hold:
             ids, rows = self.ids(), self._rows()
             for start in range(0, len(ids), size):
@@ -375,6 +382,7 @@ class StagedVectors:
         """The staged rows as a flat index (``hold`` only): the flat version's index itself."""
         if not self.hold:
             raise ValueError("only staged vectors that hold every row are an index")
+        self.wait()
         return VectorIndex(self._live, DEFAULT_FACTORY)
 
     # -- writing ------------------------------------------------------------------------------
@@ -388,20 +396,44 @@ class StagedVectors:
         self._pending_bad += nonfinite_rows(rows)
         self._add(ids, rows)
 
-    def checkpoint(self) -> None:
-        """Write the rows staged since the last checkpoint as a segment, then the record."""
+    def checkpoint(self, wait: bool = True) -> None:
+        """Write the rows staged since the last checkpoint as a segment, then the record.
+
+        ``wait=False``: a background thread writes them while rows keep being staged;
+        :meth:`wait` joins it (the next checkpoint, and every reader, waits for it first).
+        """
+        self.wait()
         start = self._saved - self._offset
         new = self._live.ntotal - start
+        if not new and self._recorded:
+            return
+        segment = None
+        ids = faiss.vector_to_array(self._live.id_map)[start:]
+        rows, held = self._rows()[start:], self._index  # a view, and what keeps it alive
         if new:
-            ids = faiss.vector_to_array(self._live.id_map)[start:]
-            self._segments.append(self._write_segment(ids, self._rows()[start:], self._pending_bad))
+            segment = _Segment(f"{self.progress_path.stem}.{uuid.uuid4().hex[:8]}", new, self._pending_bad)
+            self._segments.append(segment)
             self._segment_ids.append(ids)
             self._saved += new
             self._pending_bad = 0
-            if not self.hold:
-                self._live.reset()
-        if new or not self._recorded:
-            self._record()
+            if not self.hold:  # later rows go to a new index; the old one is being written
+                self._index = VectorIndex.create(self.dim, DEFAULT_FACTORY).index
+        self._recorded = True
+        job = functools.partial(self._save, segment, ids, rows, list(self._segments), self._saved, held)
+        if wait:
+            job()
+            self.wait()
+        else:
+            self._saving = threading.Thread(target=job, name="staged-checkpoint", daemon=True)
+            self._saving.start()
+
+    def wait(self) -> None:
+        """Block until the last checkpoint is durable; raises what failed in writing it."""
+        if self._saving is not None:
+            self._saving.join()
+            self._saving = None
+        if self._save_error is not None:
+            raise self._save_error
 
     def keep_only(self, keep: np.ndarray) -> None:
         """Drop the staged rows where ``keep`` (one flag per row, in order) is False.
@@ -426,18 +458,24 @@ class StagedVectors:
             if mask.any():
                 _, rows = self._read_segment(segment.name, segment.count)
                 rows = rows[mask]
-                segments.append(self._write_segment(ids[mask], rows, nonfinite_rows(rows)))
+                fresh = _Segment(f"{self.progress_path.stem}.{uuid.uuid4().hex[:8]}", int(mask.sum()),
+                                 nonfinite_rows(rows))
+                self._write_segment(fresh, ids[mask], rows)
+                segments.append(fresh)
                 segment_ids.append(ids[mask])
         self._segments, self._segment_ids = segments, segment_ids
         self._saved = sum(segment.count for segment in segments)
         if self.hold and len(gone):
             self._live.remove_ids(gone)
-        self._record()
+        self._record(self._segments, self._saved)
         for name in replaced:
             self._unlink_segment(name)
 
     def close(self) -> None:
         """Release the in-memory rows (the staging files stay)."""
+        if self._saving is not None:  # a failure in it was reported, or no longer matters
+            self._saving.join()
+            self._saving = None
         self._index = None
 
     def remove(self) -> None:
@@ -471,6 +509,8 @@ class StagedVectors:
         if self._reserve:  # room for every expected row: no regrowing (and copying) as rows come
             self._reserve_rows(self._reserve)
             self._reserve = 0
+        if self.hold and self._saving is not None and self._live.ntotal + len(ids) > self._capacity:
+            self.wait()  # the index would move its rows, some of which are being written
         self._live.add_with_ids(np.ascontiguousarray(rows, dtype=np.float32), np.ascontiguousarray(ids, np.int64))
 
     def _reserve_rows(self, rows: int) -> None:
@@ -483,17 +523,26 @@ class StagedVectors:
             flat.codes.resize(held * flat.code_size)
             self._live.id_map.resize(rows)
             self._live.id_map.resize(held)
+            self._capacity = rows
 
     def _path(self, name: str, part: str) -> Path:
         if Path(name).name != name or not name.startswith(self.progress_path.stem):
             raise ValueError(f"not a segment of {self.progress_path.name}: {name!r}")
         return self.progress_path.with_name(f"{name}.{part}.npy")
 
-    def _write_segment(self, ids: np.ndarray, rows: np.ndarray, bad: int) -> _Segment:
-        name = f"{self.progress_path.stem}.{uuid.uuid4().hex[:8]}"
-        _save_npy(self._path(name, "rows"), rows)
-        _save_npy(self._path(name, "ids"), ids)
-        return _Segment(name, len(ids), bad)
+    def _write_segment(self, segment: _Segment, ids: np.ndarray, rows: np.ndarray) -> None:
+        _save_npy(self._path(segment.name, "rows"), rows)
+        _save_npy(self._path(segment.name, "ids"), ids)
+
+    def _save(self, segment: _Segment | None, ids: np.ndarray, rows: np.ndarray,
+              segments: list[_Segment], saved: int, _held: object) -> None:
+        """A checkpoint's writes: the segment (if any), then the record listing ``segments``."""
+        try:
+            if segment is not None:
+                self._write_segment(segment, ids, rows)
+            self._record(segments, saved)
+        except BaseException as error:  # noqa: BLE001 - raised by wait()
+            self._save_error = error
 
     def _read_segment(self, name: str, count: int) -> tuple[np.ndarray, np.ndarray]:
         """A segment's ids and its rows (memory-mapped), checked against the record."""
@@ -516,9 +565,8 @@ class StagedVectors:
         for part in ("ids", "rows"):
             self._path(name, part).unlink(missing_ok=True)
 
-    def _record(self) -> None:
-        record = {"format": _STAGED_FORMAT, "dim": self.dim, "count": self._saved,
-                  "segments": [{"name": segment.name, "count": segment.count} for segment in self._segments]}
+    def _record(self, segments: list[_Segment], saved: int) -> None:
+        record = {"format": _STAGED_FORMAT, "dim": self.dim, "count": saved,
+                  "segments": [{"name": segment.name, "count": segment.count} for segment in segments]}
         text = json.dumps(record)
         write_atomically(self.progress_path, lambda temporary: temporary.write_text(text))
-        self._recorded = True

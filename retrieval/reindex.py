@@ -16,9 +16,9 @@ I/O release the GIL): a reader thread copies stored vectors into reused buffers,
 normalising them on the way, this thread applies the correction (one matmul per chunk for a
 projection, into a reused output buffer), and a writer thread adds the result to the
 version's staged vectors: a flat version's in-memory index, into which every corrected
-vector is copied once. Every ``checkpoint_every`` vectors the writer saves the vectors added
-since the last checkpoint as a segment (numpy files, fsync'ed) and records it; a killed job
-resumes from its segments. Publishing is one ``faiss.write_index`` of the whole index.
+vector is copied once. Every ``checkpoint_every`` vectors the vectors added since the last
+checkpoint are saved as a segment (numpy files, fsync'ed, by a background thread while the
+writer goes on) and recorded; a killed job resumes from its segments. Publishing is one ``faiss.write_index`` of the whole index.
 
 Environment (for tests and tuning; the Python arguments take precedence):
 - ``SCE_REINDEX_CHECKPOINT_EVERY``: the checkpoint interval in vectors (default 200,000);
@@ -232,6 +232,7 @@ def _run(collection: Collection, kind: str, chunk_size: int, writer: IndexVersio
                     out_pool.give(buffer)
                 bar.update(len(ids))
                 if pause and writer.checkpoints > checkpoints:
+                    writer.wait()  # durable
                     logger.info("checkpoint at %d vectors; pausing %.0f s (%s)", writer.count, pause, PAUSE_ENV)
                     time.sleep(pause)
         except _Stop:

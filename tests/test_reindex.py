@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from conftest import ToyEncoder, make_image, write_csv
 
+import indexing.vector_index as vi
 import retrieval.reindex as rx
 from indexing.collection import Collection, NewItem
 from indexing.pipeline import build_collection
@@ -198,6 +199,35 @@ def test_staged_vectors_resume_from_their_last_checkpoint(tmp_path, hold, dim):
         np.testing.assert_allclose(scores, np.take_along_axis(brute, order, axis=1), rtol=1e-5, atol=1e-5)
     staged.remove()
     assert [p.name for p in tmp_path.iterdir()] == (["v.faiss"] if hold else [])
+
+
+@pytest.mark.parametrize("hold", [True, False], ids=["flat", "other_factory"])
+def test_a_background_checkpoint_holds_exactly_the_rows_staged_before_it(tmp_path, monkeypatch, hold):
+    rng = np.random.default_rng(11)
+    ids, vectors = np.arange(90, dtype=np.int64), _unit(rng, 90, 6)
+    progress = tmp_path / ".b.faiss.progress"
+    staged = StagedVectors.create(progress, 6, hold=hold, expected=60)  # room for 60 rows
+    staged.append(ids[:30], vectors[:30])
+    staged.checkpoint(wait=False)
+    staged.append(ids[30:50], vectors[30:50])  # while it is written
+    staged.append(ids[50:90], vectors[50:90])  # past the room: waits for it, then grows
+    staged.wait()
+    assert json.loads(progress.read_text())["count"] == 30
+    staged.close()
+    reopened = StagedVectors.open(progress, 6, hold=hold)
+    np.testing.assert_array_equal(_staged_rows(reopened)[1], vectors[:30])
+
+    def disk_full(path, array):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(vi, "_save_npy", disk_full)
+    reopened.append(ids[30:40], vectors[30:40])
+    reopened.checkpoint(wait=False)
+    with pytest.raises(OSError, match="disk full"):
+        reopened.wait()
+    with pytest.raises(OSError, match="disk full"):  # and every later use: nothing is lost unnoticed
+        reopened.checkpoint()
+    assert json.loads(progress.read_text())["count"] == 30  # the last durable checkpoint stands
 
 
 def test_staged_vectors_count_rows_with_nan_or_inf(tmp_path):
