@@ -9,10 +9,9 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-from sqlalchemy import select
 from tqdm.auto import tqdm
 
-from indexing.catalog import EmbeddingKind, Item
+from indexing.catalog import EmbeddingKind
 from indexing.collection import Collection, IndexVersionInfo
 
 logger = logging.getLogger(__name__)
@@ -20,12 +19,7 @@ logger = logging.getLogger(__name__)
 
 def captioned_items(collection: Collection) -> tuple[np.ndarray, list[str]]:
     """(ids, captions) of the items that have a non-empty caption, by id."""
-    with collection.catalog.session() as session:
-        rows = session.execute(
-            select(Item.id, Item.caption).where(Item.caption.is_not(None)).order_by(Item.id)
-        ).all()
-    rows = [(i, c.strip()) for i, c in rows if c and c.strip()]
-    return np.asarray([i for i, _ in rows], dtype=np.int64), [c for _, c in rows]
+    return collection.items_store.captions()
 
 
 def embed_captions(collection: Collection, encoder, *, batch_size: int = 1024, progress: bool = False,

@@ -13,6 +13,8 @@ Brand-new tables need no migration: ``create_all`` adds them on open.
 from __future__ import annotations
 
 import logging
+import sqlite3
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -34,8 +36,11 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 from sqlalchemy.pool import StaticPool
+
+from sce_correct.errors import ConflictError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,10 @@ IN_CHUNK = 900
 #: Upgrades keyed by the version they start from; each takes a connection inside the
 #: transaction that also bumps the stored version.
 MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+
+
+class CatalogError(ConflictError):
+    """The catalog's database cannot be opened or used (locked, unreachable, damaged)."""
 
 
 def utc_now() -> datetime:
@@ -244,19 +253,45 @@ def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     # Foreign keys make a deleted item's embedding rows go with it; WAL lets searches read
     # while a build or re-index writes.
     cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.execute("PRAGMA journal_mode=WAL")
+    _use_wal(cursor)
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.close()
+
+
+def _use_wal(cursor: Any, seconds: float = 30.0) -> None:
+    """Switch the database to WAL (a setting stored in the file, so once is enough).
+
+    Switching needs a moment alone with the file and SQLite does not wait for it (the busy
+    timeout does not apply): when other processes open the same new catalog at once, retry.
+    """
+    deadline = time.monotonic() + seconds
+    while True:
+        mode = cursor.execute("PRAGMA journal_mode").fetchone()
+        if mode and str(mode[0]).lower() in ("wal", "memory"):
+            return
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
 
 
 def open_catalog(url_or_path: str | Path, *, create: bool = True) -> Catalog:
     """Open (and by default create or upgrade) the catalog at an SQLAlchemy URL or a path.
 
-    Raises FileNotFoundError when ``create`` is false and there is no catalog there, and
-    ValueError when the stored schema is newer than this code or the database holds tables
-    that are not an sce catalog.
+    Raises FileNotFoundError when ``create`` is false and there is no catalog there,
+    :class:`~sce_correct.errors.InputError` when the stored schema is newer than this code or
+    the database holds tables that are not an sce catalog, and :class:`CatalogError` (one
+    line) when the database itself fails (locked, unreachable, not a database). Creating is
+    idempotent: when another process creates the same catalog at the same moment, both end
+    up opening the one schema.
     """
-    url = make_url(catalog_url(url_or_path))
+    try:
+        url = make_url(catalog_url(url_or_path))
+    except ArgumentError as error:
+        raise InputError(f"not a database URL or path: {str(url_or_path)!r}") from error
     is_sqlite = url.get_backend_name() == "sqlite"
     if is_sqlite and url.database not in (None, "", ":memory:"):
         database = Path(url.database)
@@ -270,15 +305,31 @@ def open_catalog(url_or_path: str | Path, *, create: bool = True) -> Catalog:
         # threads); SQLAlchemy's default gives each thread its own, empty, in-memory database.
         connect_args["check_same_thread"] = False
         engine_args["poolclass"] = StaticPool
-    engine = create_engine(url, connect_args=connect_args, **engine_args)
+    try:
+        engine = create_engine(url, connect_args=connect_args, **engine_args)
+    except (ArgumentError, ImportError) as error:
+        raise InputError(f"cannot use catalog URL {url.render_as_string(hide_password=True)}: {error}") from error
     if is_sqlite:
         event.listen(engine, "connect", _configure_sqlite)
     try:
         _prepare_schema(engine, create=create)
+    except SQLAlchemyError as error:
+        engine.dispose()
+        raise CatalogError(
+            f"cannot open the catalog at {engine.url.render_as_string(hide_password=True)}: "
+            f"{_one_line(error)}"
+        ) from error
     except BaseException:
         engine.dispose()
         raise
     return Catalog(engine=engine, sessions=sessionmaker(engine, expire_on_commit=False))
+
+
+def _one_line(error: SQLAlchemyError) -> str:
+    """The database's own message, without SQLAlchemy's statement and background lines."""
+    original = getattr(error, "orig", None)
+    text = str(original if original is not None else error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _prepare_schema(engine: Engine, *, create: bool) -> None:
@@ -286,7 +337,7 @@ def _prepare_schema(engine: Engine, *, create: bool) -> None:
     if CatalogInfo.__tablename__ not in tables:
         known = tables & set(Base.metadata.tables)
         if known:
-            raise ValueError(
+            raise InputError(
                 f"{engine.url.render_as_string(hide_password=True)} has catalog tables "
                 f"({', '.join(sorted(known))}) but no schema version; it was not written by sce"
             )
@@ -294,29 +345,32 @@ def _prepare_schema(engine: Engine, *, create: bool) -> None:
             raise FileNotFoundError(
                 f"no catalog at {engine.url.render_as_string(hide_password=True)}"
             )
-        with engine.begin() as connection:
-            Base.metadata.create_all(connection)
-            connection.execute(
-                CatalogInfo.__table__.insert().values(
-                    key="schema_version", value=str(SCHEMA_VERSION)
-                )
-            )
-        logger.info("created catalog schema v%d", SCHEMA_VERSION)
-        return
+        try:
+            if _create_schema(engine):
+                logger.info("created catalog schema v%d", SCHEMA_VERSION)
+                return
+        except SQLAlchemyError:
+            # Another process is creating the catalog at the same moment ("table exists",
+            # a duplicate key): wait for its schema, then open it. Otherwise raise.
+            if not _wait_for_schema(engine):
+                raise
+            logger.debug("catalog created by another process meanwhile", exc_info=True)
+    if set(Base.metadata.tables) <= tables and _stored_version(engine) == SCHEMA_VERSION:
+        return  # up to date: opening writes nothing (readers never wait on a writer here)
     with engine.begin() as connection:
         stored = connection.execute(
             select(CatalogInfo.value).where(CatalogInfo.key == "schema_version")
         ).scalar_one_or_none()
-        version = int(stored) if stored is not None else 0
+        version = int(stored) if stored is not None and stored.isdigit() else 0
         if version > SCHEMA_VERSION:
-            raise ValueError(
+            raise InputError(
                 f"catalog schema version {version} is newer than this sce-retrieval "
                 f"supports ({SCHEMA_VERSION}); upgrade sce-retrieval"
             )
         while version < SCHEMA_VERSION:
             migrate = MIGRATIONS.get(version)
             if migrate is None:
-                raise ValueError(f"no migration from catalog schema version {version}")
+                raise InputError(f"no migration from catalog schema version {version}")
             logger.info("migrating catalog schema v%d -> v%d", version, version + 1)
             migrate(connection)
             version += 1
@@ -326,3 +380,51 @@ def _prepare_schema(engine: Engine, *, create: bool) -> None:
             .where(CatalogInfo.key == "schema_version")
             .values(value=str(SCHEMA_VERSION))
         )
+
+
+def _stored_version(engine: Engine) -> int | None:
+    """The schema version the catalog records, or None (no catalog_info table or row)."""
+    with engine.connect() as connection:
+        if CatalogInfo.__tablename__ not in set(inspect(connection).get_table_names()):
+            return None
+        stored = connection.execute(
+            select(CatalogInfo.value).where(CatalogInfo.key == "schema_version")
+        ).scalar_one_or_none()
+    try:
+        return None if stored is None else int(stored)
+    except ValueError:
+        raise InputError(f"the catalog's schema version {stored!r} is not a number") from None
+
+
+def _create_schema(engine: Engine) -> bool:
+    """Create the tables and the schema version in one transaction; False if another
+    process had created them first."""
+    with engine.connect() as connection:
+        if engine.dialect.name == "sqlite":
+            # pysqlite runs DDL outside a transaction: take the write lock first, so the
+            # tables and the version row appear together and concurrent creators queue here
+            connection.exec_driver_sql("BEGIN IMMEDIATE")
+        Base.metadata.create_all(connection)  # checks first: only missing tables
+        stored = connection.execute(
+            select(CatalogInfo.value).where(CatalogInfo.key == "schema_version")
+        ).scalar_one_or_none()
+        if stored is None:
+            connection.execute(
+                CatalogInfo.__table__.insert().values(key="schema_version", value=str(SCHEMA_VERSION))
+            )
+        connection.commit()
+        return stored is None
+
+
+def _wait_for_schema(engine: Engine, seconds: float = 10.0) -> bool:
+    """Whether a schema version appears within ``seconds`` (another process creating it)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if _stored_version(engine) is not None:
+                return True
+        except SQLAlchemyError:
+            pass
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)

@@ -40,16 +40,16 @@ import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from filelock import FileLock, Timeout
+from sqlalchemy.exc import SQLAlchemyError
 
-from indexing.catalog import Catalog, EmbeddingKind, open_catalog
+from indexing.catalog import Catalog, CatalogInfo, EmbeddingKind, open_catalog
 from indexing.embedding_store import EmbeddingStore
 from indexing.index_build import IndexBuilder, IndexVersionWriter
 from indexing.index_versions import (
-    DEFAULT_KEEP_RETIRED,
     INDEXES_DIRNAME,
     GarbageReport,
     IndexVersionInfo,
@@ -65,6 +65,9 @@ from indexing.items import (
 )
 from indexing.vector_index import DEFAULT_FACTORY, VectorIndex
 from sce_correct.errors import ConflictError, InputError, NotFoundError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from indexing.correction_store import CorrectionRegistry
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +133,7 @@ class Collection:
         self.builder = IndexBuilder(self.index_versions, self.embeddings)
         # process-wide (not per thread) and re-entrant: nested writing() blocks share it
         self._lock = FileLock(root / LOCK_FILENAME, timeout=0, thread_local=False)
+        self._corrections: CorrectionRegistry | None = None
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
@@ -181,6 +185,15 @@ class Collection:
     def index_dir(self) -> Path:
         return self.index_versions.index_dir
 
+    @property
+    def corrections(self) -> CorrectionRegistry:
+        """The fitted corrections (:mod:`indexing.correction_store`; imported when first used)."""
+        if self._corrections is None:
+            from indexing.correction_store import CORRECTIONS_DIRNAME, CorrectionRegistry
+
+            self._corrections = CorrectionRegistry(self.catalog, self.root / CORRECTIONS_DIRNAME)
+        return self._corrections
+
     # -- encoder ----------------------------------------------------------------------------
     @property
     def encoder_name(self) -> str | None:
@@ -214,9 +227,15 @@ class Collection:
         """Record the collection's encoder on first use; afterwards check it."""
         self.check_encoder(name, dim)
         if self.encoder_name is None:
-            with self.catalog.sessions.begin() as session:
-                self.catalog.set_info(session, "encoder", name)
-                self.catalog.set_info(session, "dim", str(int(dim)))
+            try:
+                with self.catalog.sessions.begin() as session:  # inserts: never overwrites
+                    session.add_all([CatalogInfo(key="encoder", value=name),
+                                     CatalogInfo(key="dim", value=str(int(dim)))])
+            except SQLAlchemyError:
+                if self.encoder_name is None:
+                    raise
+                # another process bound an encoder at the same moment: it must be this one
+            self.check_encoder(name, dim)
 
     # -- write lock -------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -282,9 +301,11 @@ class Collection:
         """Existing items by content hash: sha256 -> (item id, uri)."""
         return self.items_store.find_sha256(digests)
 
-    def item_ids(self, where: dict[str, str] | None = None) -> np.ndarray:
-        """Sorted item ids (only those whose metadata match ``where``, filtered in SQL)."""
-        return self.items_store.ids(where)
+    def item_ids(self, where: dict[str, str] | None = None, *, captioned: bool = False) -> np.ndarray:
+        """Sorted item ids; only those whose metadata match ``where`` (``{key: value}``,
+        filtered in SQL; see :func:`indexing.items.parse_where`) and, with ``captioned``,
+        that have a caption."""
+        return self.items_store.ids(where, captioned=captioned)
 
     def items(self, ids: Sequence[int] | np.ndarray) -> dict[int, ItemRecord]:
         """Item snapshots by id (absent ids are left out)."""
@@ -411,12 +432,15 @@ class Collection:
         dim = dim if dim is not None else self.dim
         if encoder is None or dim is None:
             raise InputError("the collection has no encoder yet; build it first")
-        with self.writing(), self.builder.build(
-            kind=kind, correction=correction, factory=factory or DEFAULT_FACTORY, encoder=encoder,
-            dim=int(dim), parameters=parameters or {}, resume=resume,
-            checkpoint_every=checkpoint_every, expected_count=expected_count,
-        ) as writer:
-            yield writer
+        with self.writing():
+            with self.builder.build(
+                kind=kind, correction=correction, factory=factory or DEFAULT_FACTORY, encoder=encoder,
+                dim=int(dim), parameters=parameters or {}, resume=resume,
+                checkpoint_every=checkpoint_every, expected_count=expected_count,
+            ) as writer:
+                yield writer
+            # published: apply the retention rule (collect_garbage), so retired files do not pile up
+            self.index_versions.collect_garbage()
 
     @contextlib.contextmanager
     def edit_index_version(self, name: str, index: VectorIndex | None = None) -> Iterator[VectorIndex]:
@@ -445,13 +469,16 @@ class Collection:
         if encoder is None or dim is None:
             raise InputError("the collection has no encoder yet; build it first")
         with self.writing():
-            return self.builder.sync(
+            current = self.builder.sync(
                 kind, factory, encoder=encoder, dim=dim, train_size=train_size, chunk_size=chunk_size
             )
+            self.index_versions.collect_garbage()  # the retention rule, when it built a version
+            return current
 
-    def collect_garbage(self, keep: int = DEFAULT_KEEP_RETIRED, *, dry_run: bool = False) -> GarbageReport:
-        """Remove the files of retired versions beyond the newest ``keep`` of each (kind,
-        correction); see :meth:`IndexVersions.collect_garbage`."""
+    def collect_garbage(self, keep: int | None = None, *, dry_run: bool = False) -> GarbageReport:
+        """Remove the files of retired versions beyond the newest ``keep`` (default
+        :data:`~indexing.index_versions.DEFAULT_KEEP_RETIRED`) of each (kind, correction);
+        see :meth:`IndexVersions.collect_garbage`."""
         with self.writing():
             return self.index_versions.collect_garbage(keep, dry_run=dry_run)
 

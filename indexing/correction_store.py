@@ -14,13 +14,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 from sqlalchemy import select
 
 from indexing.atomic import replace_durably
-from indexing.catalog import Correction
-from indexing.collection import Collection
+from indexing.catalog import Catalog, Correction
 from sce_correct import SchurCorrector
-from sce_correct.errors import NotFoundError
+from sce_correct.errors import ConflictError, InputError, NotFoundError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from indexing.collection import Collection
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +38,14 @@ TARGET_KIND = {"t2i": "image", "i2t": "caption", "t2t": "caption"}
 class CorrectionNotFoundError(NotFoundError, KeyError):
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0])
+
+
+class CorrectionExistsError(ConflictError, ValueError):
+    """A correction of that name is already stored (and replacing it was not asked for)."""
+
+
+class CorrectionFileMissingError(NotFoundError, FileNotFoundError):
+    """A correction's row is in the catalog but its file is not on disk."""
 
 
 @dataclass(frozen=True)
@@ -65,15 +77,86 @@ class StoredCorrection:
 
 def check_correction_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ValueError(
+        raise InputError(
             f"invalid correction name {name!r}: use 1-128 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
     return name
 
 
+class CorrectionRegistry:
+    """The ``corrections`` rows of one catalog, with their files in ``directory``.
+
+    A part of :class:`~indexing.collection.Collection` (``collection.corrections``); the
+    functions below go through it.
+    """
+
+    def __init__(self, catalog: Catalog, directory: Path) -> None:
+        self.catalog = catalog
+        self.directory = directory
+
+    def info(self, row: Correction) -> CorrectionInfo:
+        return CorrectionInfo(
+            name=row.name, direction=row.direction, kernel=row.kernel, encoder=row.encoder, dim=row.dim,
+            parameters=dict(row.parameters or {}), file=self.directory / (row.file or ""),
+            fitted_on=row.fitted_on, report=dict(row.report or {}), created_at=row.created_at,
+        )
+
+    def find(self, name: str) -> CorrectionInfo | None:
+        with self.catalog.session() as session:
+            row = session.scalar(select(Correction).where(Correction.name == name))
+            return None if row is None else self.info(row)
+
+    def get(self, name: str) -> CorrectionInfo:
+        found = self.find(name)
+        if found is None:
+            known = self.names()
+            hint = f"; known corrections: {', '.join(known)}" if known else "; none has been fitted yet"
+            raise CorrectionNotFoundError(f"no correction named {name!r} in this collection{hint}")
+        return found
+
+    def names(self) -> list[str]:
+        with self.catalog.session() as session:
+            return list(session.scalars(select(Correction.name).order_by(Correction.name)))
+
+    def list(self) -> list[CorrectionInfo]:
+        with self.catalog.session() as session:
+            rows = session.scalars(select(Correction).order_by(Correction.created_at)).all()
+            return [self.info(row) for row in rows]
+
+    def put(self, name: str, corrector: SchurCorrector, staged: Path, *, encoder: str, dim: int,
+            parameters: dict[str, Any], fitted_on: str | None, report: dict[str, Any]) -> None:
+        """Insert (or replace) the row of ``name`` and move its ``staged`` file into place, in
+        one transaction: a failed rename rolls the row back, and the renamed file is durable
+        (directory fsynced) before the row is committed."""
+        final = self.directory / f"{name}.npz"
+        with self.catalog.sessions.begin() as session:
+            existing = session.scalar(select(Correction).where(Correction.name == name))
+            if existing is not None:
+                session.delete(existing)
+                session.flush()
+            session.add(Correction(
+                name=name, direction=corrector.direction, kernel=corrector.kernel,
+                encoder=encoder, dim=int(dim), parameters=dict(parameters), file=final.name,
+                fitted_on=fitted_on, report=dict(report),
+            ))
+            session.flush()
+            replace_durably(staged, final)
+
+    def delete(self, name: str) -> CorrectionInfo:
+        """Delete the row of ``name`` (then its file); returns what it was."""
+        with self.catalog.sessions.begin() as session:
+            row = session.scalar(select(Correction).where(Correction.name == name))
+            if row is None:
+                raise CorrectionNotFoundError(f"no correction named {name!r} in this collection")
+            info = self.info(row)
+            session.delete(row)
+        info.file.unlink(missing_ok=True)
+        return info
+
+
 def corrections_dir(collection: Collection) -> Path:
-    return collection.root / CORRECTIONS_DIRNAME
+    return collection.corrections.directory
 
 
 def save_correction(collection: Collection, name: str, corrector: SchurCorrector, *,
@@ -82,30 +165,15 @@ def save_correction(collection: Collection, name: str, corrector: SchurCorrector
                     replace: bool = False) -> CorrectionInfo:
     """Store a fitted corrector under `name`; an existing name is an error unless `replace`."""
     check_correction_name(name)
+    registry = collection.corrections
     with collection.writing():
-        with collection.catalog.session() as session:
-            existing = session.scalar(select(Correction).where(Correction.name == name))
-        if existing is not None and not replace:
-            raise ValueError(f"a correction named {name!r} already exists (choose another name or replace it)")
-        directory = corrections_dir(collection)
-        final = directory / f"{name}.npz"
-        staged = directory / f".{name}.staged.npz"
+        if registry.find(name) is not None and not replace:
+            raise CorrectionExistsError(f"a correction named {name!r} already exists (choose another name or replace it)")
+        staged = registry.directory / f".{name}.staged.npz"
         corrector.save(staged)
         try:
-            with collection.catalog.sessions.begin() as session:
-                if existing is not None:
-                    session.delete(session.get(Correction, existing.id))
-                    session.flush()
-                row = Correction(
-                    name=name, direction=corrector.direction, kernel=corrector.kernel,
-                    encoder=encoder, dim=int(dim), parameters=dict(parameters or {}),
-                    file=final.name, fitted_on=fitted_on, report=dict(report or {}),
-                )
-                session.add(row)
-                session.flush()
-                # inside the transaction: a failed rename rolls the row back, and the renamed
-                # file is durable (directory fsynced) before the row is committed
-                replace_durably(staged, final)
+            registry.put(name, corrector, staged, encoder=encoder, dim=dim, parameters=parameters or {},
+                         fitted_on=fitted_on, report=report or {})
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
@@ -113,43 +181,29 @@ def save_correction(collection: Collection, name: str, corrector: SchurCorrector
     return correction_info(collection, name)
 
 
-def _info(collection: Collection, row: Correction) -> CorrectionInfo:
-    return CorrectionInfo(
-        name=row.name, direction=row.direction, kernel=row.kernel, encoder=row.encoder, dim=row.dim,
-        parameters=dict(row.parameters or {}), file=corrections_dir(collection) / (row.file or ""),
-        fitted_on=row.fitted_on, report=dict(row.report or {}), created_at=row.created_at,
-    )
-
-
 def correction_info(collection: Collection, name: str) -> CorrectionInfo:
-    with collection.catalog.session() as session:
-        row = session.scalar(select(Correction).where(Correction.name == name))
-        if row is None:
-            known = session.scalars(select(Correction.name).order_by(Correction.name)).all()
-            hint = f"; known corrections: {', '.join(known)}" if known else "; none has been fitted yet"
-            raise CorrectionNotFoundError(f"no correction named {name!r} in this collection{hint}")
-        return _info(collection, row)
+    return collection.corrections.get(name)
 
 
 def list_corrections(collection: Collection) -> list[CorrectionInfo]:
-    with collection.catalog.session() as session:
-        rows = session.scalars(select(Correction).order_by(Correction.created_at)).all()
-        return [_info(collection, row) for row in rows]
+    return collection.corrections.list()
 
 
 def load_correction(collection: Collection, name: str) -> StoredCorrection:
     """The stored corrector, checked against the collection's encoder and dimension."""
+    from indexing.collection import EncoderMismatchError
+
     info = correction_info(collection, name)
     if info.encoder is not None and collection.encoder_name is not None and info.encoder != collection.encoder_name:
-        raise ValueError(
+        raise EncoderMismatchError(
             f"correction {name!r} was fitted with encoder {info.encoder!r}, but the collection uses "
             f"{collection.encoder_name!r}: fit it again with the collection's encoder"
         )
     if not info.file.exists():
-        raise FileNotFoundError(f"the file of correction {name!r} is missing: {info.file}")
+        raise CorrectionFileMissingError(f"the file of correction {name!r} is missing: {info.file}")
     corrector = SchurCorrector.load(info.file)
     if collection.dim is not None and corrector.n_features_in_ != collection.dim:
-        raise ValueError(
+        raise InputError(
             f"correction {name!r} expects {corrector.n_features_in_}-d embeddings but the collection's "
             f"are {collection.dim}-d"
         )
@@ -157,8 +211,5 @@ def load_correction(collection: Collection, name: str) -> StoredCorrection:
 
 
 def delete_correction(collection: Collection, name: str) -> None:
-    info = correction_info(collection, name)
-    with collection.writing(), collection.catalog.sessions.begin() as session:
-        row = session.scalar(select(Correction).where(Correction.name == name))
-        session.delete(row)
-    info.file.unlink(missing_ok=True)
+    with collection.writing():
+        collection.corrections.delete(name)

@@ -19,8 +19,14 @@ from sqlalchemy.orm import Session
 
 from indexing.atomic import write_atomically
 from indexing.catalog import IN_CHUNK, Catalog, Embedding, EmbeddingKind, EmbeddingShard, in_chunks
+from sce_correct.errors import NotFoundError
 
 logger = logging.getLogger(__name__)
+
+
+class EmbeddingNotFoundError(NotFoundError, KeyError):
+    """Some of the items asked for have no stored vector of that kind."""
+
 
 # Above this many ids a lookup reads the kind's whole location table and filters in numpy
 # instead of issuing many `IN (...)` queries (SQLite caps bound parameters).
@@ -129,7 +135,7 @@ class EmbeddingStore:
         found = {item_id: position for position, item_id in enumerate(item_ids.tolist())}
         missing = [item_id for item_id in wanted.tolist() if item_id not in found]
         if missing:
-            raise KeyError(f"no stored {kind} embedding for ids {missing[:10]}")
+            raise EmbeddingNotFoundError(f"no stored {kind} embedding for ids {missing[:10]}")
         vectors = self._read(shard_ids, rows)
         order = np.fromiter((found[item_id] for item_id in wanted.tolist()), np.int64, len(wanted))
         return vectors[order]

@@ -181,13 +181,15 @@ class IndexVersions:
             )
 
     # -- retention --------------------------------------------------------------------------
-    def collect_garbage(self, keep: int = DEFAULT_KEEP_RETIRED, *, dry_run: bool = False) -> GarbageReport:
-        """Remove the files of retired versions beyond the newest ``keep`` of each (kind, correction).
+    def collect_garbage(self, keep: int | None = None, *, dry_run: bool = False) -> GarbageReport:
+        """Remove the files of retired versions beyond the newest ``keep`` of each (kind, correction)
+        (default :data:`DEFAULT_KEEP_RETIRED`).
 
         Never removes a file that a building, failed or ready version points to. The rows
         stay (state ``retired``), so ``sce index info`` still lists them. The caller holds
         the collection's write lock.
         """
+        keep = DEFAULT_KEEP_RETIRED if keep is None else keep
         if isinstance(keep, bool) or not isinstance(keep, int) or keep < 0:
             raise InputError(f"the number of retired versions to keep must be a whole number >= 0, got {keep!r}")
         versions = self.list(include_retired=True)

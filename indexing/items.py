@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import String, cast, delete, func, insert, select
+from sqlalchemy import String, case, cast, delete, func, insert, literal, select
 from sqlalchemy.orm import Session
 
 from indexing.catalog import Catalog, Embedding, Failure, Item, RejectReason, in_chunks
@@ -100,13 +100,38 @@ def parse_where(clauses: str | Iterable[str] | None) -> dict[str, str]:
     return where
 
 
-def metadata_matches(where: dict[str, str]) -> list[Any]:
-    """SQL conditions that an item's metadata match ``where``: the value at each key, as text,
-    equals the given value (a missing or null value counts as "")."""
+def metadata_text(value: Any) -> str:
+    """A metadata value as the text a ``--where`` clause compares with: strings as they are,
+    numbers as written, booleans ``true``/``false``, a missing or null value ``""``.
+    (The Python statement of what :func:`metadata_matches` does in SQL.)"""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def metadata_matches(where: dict[str, str], dialect: str) -> list[Any]:
+    """SQL conditions that an item's metadata match ``where``: for each key, the value's text
+    (:func:`metadata_text`) equals the given value.
+
+    PostgreSQL (and others): ``metadata ->> key``, the key a bound parameter. SQLite: the
+    value looked up with ``json_each`` rather than a JSON path, so any key works (a path
+    cannot hold a double quote, and SQLAlchemy escapes non-ASCII keys into paths SQLite
+    does not read).
+    """
     conditions = []
     for key, value in where.items():
-        # ->> on PostgreSQL, JSON_EXTRACT on SQLite; the cast makes numbers compare as text
-        element = cast(Item.metadata_[key].as_string(), String)
+        if dialect == "sqlite":
+            entries = func.json_each(Item.metadata_).table_valued("key", "value", "type")
+            as_text = case(
+                (entries.c.type == "true", literal("true")),
+                (entries.c.type == "false", literal("false")),
+                else_=cast(entries.c.value, String),
+            )
+            element = select(as_text).where(entries.c.key == key).limit(1).scalar_subquery()
+        else:
+            element = Item.metadata_[key].as_string()
         conditions.append(func.coalesce(element, "") == str(value))
     return conditions
 
@@ -264,9 +289,8 @@ class ItemStore:
                 session.execute(select(Failure.reason, func.count()).group_by(Failure.reason)).all()
             )
 
-    @staticmethod
-    def _conditions(where: dict[str, str] | None, captioned: bool) -> list[Any]:
-        conditions = metadata_matches(where or {})
+    def _conditions(self, where: dict[str, str] | None, captioned: bool) -> list[Any]:
+        conditions = metadata_matches(where or {}, self.catalog.engine.dialect.name)
         if captioned:
             # blank captions (only spaces) are not captions either; trim() is on both dialects
             conditions.append(func.coalesce(func.trim(Item.caption), "") != "")

@@ -12,6 +12,7 @@ import sce_correct as sc
 from indexing.atomic import write_atomically
 from indexing.encoders.encoder import encode_texts_once
 from retrieval.pairs import PairedSet
+from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -94,17 +95,15 @@ def report_for_collection(collection, encoder, *, where: dict[str, str] | None =
     else the captions are encoded now.
     """
     collection.check_encoder(encoder.name, encoder.dim)
-    ids = collection.item_ids()
-    records = collection.items(ids)
-    chosen = [r for r in records.values() if r.caption and all(
-        str((r.metadata or {}).get(k, "")) == v for k, v in (where or {}).items())]
-    chosen.sort(key=lambda r: r.id)
-    if limit is not None and len(chosen) > limit:
-        rows = np.random.default_rng(seed).choice(len(chosen), size=limit, replace=False)
-        chosen = [chosen[i] for i in sorted(rows)]
-    if len(chosen) < 2:
+    ids = collection.item_ids(where, captioned=True)  # filtered in SQL, not item by item here
+    if limit is not None and len(ids) > limit:
+        rows = np.random.default_rng(seed).choice(len(ids), size=limit, replace=False)
+        ids = ids[np.sort(rows)]
+    if len(ids) < 2:
         what = f" matching {where}" if where else ""
-        raise ValueError(f"the collection has {len(chosen)} captioned item(s){what}; a report needs at least 2")
+        raise InputError(f"the collection has {len(ids)} captioned item(s){what}; a report needs at least 2")
+    records = collection.items(ids)
+    chosen = [records[item_id] for item_id in ids.tolist() if item_id in records]
     chosen_ids = np.array([r.id for r in chosen], dtype=np.int64)
     image_emb = collection.embeddings.get("image", chosen_ids)
     captions = [r.caption for r in chosen]

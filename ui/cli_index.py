@@ -1,4 +1,4 @@
-"""`sce index build|add|delete|info`: parse, call indexing, print (`sce search` is in ui.cli_retrieval).
+"""`sce index build|add|delete|info|gc`: parse, call indexing, print (`sce search` is in ui.cli_retrieval).
 
 Heavy modules (torch, faiss, the encoders) are imported inside the commands so that
 `sce --help` stays fast.
@@ -234,3 +234,27 @@ def info_command(
             )
         for failure in rejected:
             typer.echo(f"  rejected {failure.reason:18} {failure.uri}  {failure.detail}")
+
+
+@index_app.command("gc")
+def gc_command(
+    collection: CollectionOption = DEFAULT_COLLECTION,
+    db: DbOption = None,
+    keep: Annotated[Optional[int], typer.Option(
+        min=0, help="Retired versions per kind and correction whose files are kept, the newest "
+                    "(default 2).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only print what would be removed.")] = False,
+) -> None:
+    """Remove the files of retired index versions, keeping the newest KEEP of each kind and
+    correction; the current and unfinished versions are never touched."""
+    configure_logging(quiet=True)
+    with reporting_errors():
+        from indexing.collection import Collection
+
+        with Collection.open(collection, db) as opened:
+            report = opened.collect_garbage(keep, dry_run=dry_run)
+        verb = "would remove" if dry_run else "removed"
+        for path in report.removed:
+            typer.echo(f"{verb} {path}")
+        typer.echo(f"{verb} {len(report.removed)} retired index files ({report.freed_bytes / 1e6:.1f} MB); "
+                   f"kept the files of {len(report.kept)} retired versions")

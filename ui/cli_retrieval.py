@@ -35,16 +35,6 @@ def _open(collection: Path, db: str | None):
     return opened
 
 
-def _parse_where(where: list[str] | None) -> dict[str, str]:
-    out = {}
-    for clause in where or []:
-        key, sep, value = clause.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--where takes key=value, got {clause!r}")
-        out[key.strip()] = value.strip()
-    return out
-
-
 def _print_score(score) -> None:
     typer.echo(f"  SCE score (image diversity E(S)) {score.image_diversity:10.3f}")
     typer.echo(f"  text diversity E(R)              {score.text_diversity:10.3f}")
@@ -284,6 +274,7 @@ def report_command(
     configure_logging(quiet)
     with reporting_errors():
         import indexing
+        from indexing.items import parse_where
         from retrieval.pairs import load_pairs
         from retrieval.report import report_for_collection, report_for_pairs, write_report
 
@@ -294,8 +285,9 @@ def report_command(
                 raise ValueError(f"{len(pairs)} pairs but --limit {limit}; --limit applies to collection reports")
             report = report_for_pairs(indexing.load_encoder(encoder or "default"), pairs, progress=not quiet, **kw)
         else:
+            clauses = parse_where(where)  # a bad clause fails before anything is loaded
             with _open(collection, db) as opened:
-                report = report_for_collection(opened, opened.load_encoder(), where=_parse_where(where), limit=limit, **kw)
+                report = report_for_collection(opened, opened.load_encoder(), where=clauses, limit=limit, **kw)
         paths = write_report(report, out)
         typer.echo(f"SCE report of {report.source}:")
         _print_score(report.score)
