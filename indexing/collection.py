@@ -20,9 +20,9 @@ Layout of a collection directory (the catalog may live elsewhere with ``db=URL``
         catalog.sqlite
         embeddings/<kind>/<uuid>.npy     raw encoder outputs, one file per written shard
         indexes/<version name>.faiss     unit-norm vectors under catalog ids
-        indexes/.<version name>.faiss.<hex>.partial, .progress
-                                         a version being built: its staged vectors and the
-                                         checkpoint record a killed job resumes from
+        indexes/.<version name>.faiss.<hex>.{ids,rows}.npy, .progress
+                                         a version being built: its checkpoint segments and
+                                         the record a killed job resumes from
 
 Typical use::
 
@@ -414,16 +414,19 @@ class Collection:
         """Build a new index version and publish it atomically when the block ends.
 
         Inside the block the version is ``building`` and searches keep using the current
-        one; added vectors are staged on disk beside the index file (hidden ``.partial`` and
-        ``.progress`` files). On success the index file is completed (a flat index: the
-        staging file itself, fsync'ed and renamed; others: built from it and saved
-        atomically), the version becomes ``ready`` and the previous ready version of the
-        same (kind, correction) is ``retired`` in one transaction, and the staging files are
-        removed. On an exception it is ``failed``. With ``resume`` an unfinished version of
-        the same kind, correction, factory, encoder and dimension is continued from its last
-        checkpoint (``writer.done_ids``); staged ids that lost their stored embedding since
-        are dropped. ``expected_count``: how many vectors will be added (sizes the staging
-        file; it grows when more come).
+        one; added vectors are staged (a flat version's in-memory index), and every
+        ``checkpoint_every`` vectors those added since the last checkpoint are saved beside
+        the index file (hidden ``.npy`` segments and a ``.progress`` record). On success the
+        index file is written by ``faiss.write_index`` (a flat version: the staged index;
+        others: filled from the staged vectors) and saved atomically, the version becomes
+        ``ready`` and the previous ready version of the same (kind, correction) is
+        ``retired`` in one transaction, and the staging files are removed; a version holding
+        NaN or infinite values is an :class:`InputError` instead. On an exception it is
+        checkpointed and ``failed``. With ``resume`` an unfinished version of the same kind,
+        correction, factory, encoder and dimension is continued from its last checkpoint
+        (``writer.done_ids``); staged ids that lost their stored embedding since are
+        dropped. ``expected_count``: how many vectors will be added (room is made for them
+        at once).
         """
         encoder = self.encoder_name
         dim = dim if dim is not None else self.dim

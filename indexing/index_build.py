@@ -1,11 +1,13 @@
 """Building index versions: staging, checkpoints, resume, publishing, and the version files.
 
-A version is built by staging vectors on disk beside its index file (hidden ``.partial`` and
-``.progress`` files, :class:`~indexing.vector_index.StagedVectors`), checkpointed as it goes
-so a killed job resumes, and published when complete: the index file is written, then the
-registry (:mod:`indexing.index_versions`) makes it current in one transaction. This module
-also loads version files (cached until rewritten), edits them in place, and reconciles the
-original versions with the embedding store (:meth:`IndexBuilder.sync`).
+A version is built by staging its vectors (:class:`~indexing.vector_index.StagedVectors`:
+in memory, checkpointed as it goes in hidden ``.npy`` segments and a ``.progress`` record
+beside its index file, so a killed job resumes) and published when complete: the index file
+is written by ``faiss.write_index``, then the registry (:mod:`indexing.index_versions`)
+makes it current in one transaction. A version holding NaN or infinite values is never
+published. This module also loads version files (cached until rewritten), edits them in
+place, and reconciles the original versions with the embedding store
+(:meth:`IndexBuilder.sync`).
 
 The caller (:class:`~indexing.collection.Collection`) holds the collection's write lock
 around every method here that writes.
@@ -32,10 +34,10 @@ from indexing.vector_index import (
     StagedVectors,
     VectorIndex,
     check_addition,
-    flat_layout_matches_faiss,
     unit_rows,
     unit_rows_into,
 )
+from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -45,11 +47,14 @@ _PUBLISH_CHUNK = 65536  # staged vectors moved at a time into a non-flat index
 class IndexVersionWriter:
     """Fills one index version; obtained from :meth:`Collection.new_index_version`.
 
-    Vectors go straight to a staging file on disk (:class:`~indexing.vector_index.StagedVectors`),
-    not into an in-memory index. ``done_ids`` are already staged (by this job, or by a killed
-    or failed one it resumes): skip them. Every ``checkpoint_every`` vectors ``add`` makes
-    the staged vectors durable and records how many there are, so a killed job resumes from
-    there; a checkpoint writes only what is new, never the whole index again.
+    Vectors are staged (:class:`~indexing.vector_index.StagedVectors`): a flat version's
+    in-memory index, or the rows a version of another factory is filled from when published.
+    ``done_ids`` are already staged (by this job, or by a killed or failed one it resumes):
+    skip them. Every ``checkpoint_every`` vectors ``add`` writes the vectors added since the
+    last checkpoint to disk and records them (in a background thread, while the next vectors
+    are added), so a killed job resumes from there; a checkpoint writes only what is new,
+    never the whole index again. None is made once every expected
+    vector is staged: publishing, which follows, writes them all.
     """
 
     def __init__(
@@ -60,7 +65,7 @@ class IndexVersionWriter:
         self.version = version
         self.staged = staged
         # the in-memory index a non-flat version is trained and filled in when published;
-        # None for a flat version, whose staging file becomes the index file itself
+        # None for a flat version, whose staged vectors are its index
         self.index = index
         self.checkpoint_every = max(int(checkpoint_every), 1)
         self.checkpoints = 0  # how many checkpoints this job has made durable
@@ -97,15 +102,20 @@ class IndexVersionWriter:
             return
         self.staged.append(ids, rows)
         self._since_checkpoint += len(ids)
-        if self._since_checkpoint >= self.checkpoint_every:
-            self.checkpoint()
+        if self._since_checkpoint >= self.checkpoint_every and self.staged.count != self.staged.expected:
+            self.checkpoint(wait=False)  # written while the next vectors are added
 
-    def checkpoint(self) -> None:
-        """Make everything staged durable and record it (what a killed job resumes from)."""
-        self.staged.checkpoint()
+    def checkpoint(self, wait: bool = True) -> None:
+        """Write what was staged since the last checkpoint and record it (what a killed job
+        resumes from); with ``wait=False`` in the background (:meth:`wait` joins it)."""
+        self.staged.checkpoint(wait=wait)
         self._since_checkpoint = 0
         self.checkpoints += 1
         self.builder.versions.set_count(self.version.name, self.staged.count)
+
+    def wait(self) -> None:
+        """Block until the last checkpoint is durable."""
+        self.staged.wait()
 
 
 class IndexBuilder:
@@ -138,6 +148,11 @@ class IndexBuilder:
             yield writer
             self._publish(info, writer)
         except Exception:
+            try:  # what is staged is kept for the retry
+                if writer.staged.count:
+                    writer.checkpoint()
+            except Exception:  # noqa: BLE001 - the first error is the one to report
+                logger.warning("could not checkpoint index version %s after the failure", info.name, exc_info=True)
             self.versions.set_state(info.name, IndexState.FAILED)
             raise
         finally:
@@ -189,15 +204,19 @@ class IndexBuilder:
 
     def _publish(self, info: IndexVersionInfo, writer: IndexVersionWriter) -> None:
         staged, count = writer.staged, writer.staged.count
-        if writer.index is None and flat_layout_matches_faiss(info.dim):
-            staged.publish_flat(info.file)  # the staged vectors are the index file's
+        bad = staged.bad_rows
+        if bad:
+            raise InputError(
+                f"index version {info.name} was not published: {bad} of {count} vectors hold NaN "
+                f"or infinite values (the current version stays in use)"
+            )
+        if writer.index is None:
+            index = staged.as_index()  # a flat version's staged vectors are its index
         else:
-            index = writer.index or VectorIndex.create(info.dim, info.factory)
-            ids = staged.ids()
-            for start in range(0, count, _PUBLISH_CHUNK):
-                stop = start + _PUBLISH_CHUNK
-                index.add(ids[start:stop], staged.rows(start, stop), check_new=False, normalize=False)
-            index.save(info.file)
+            index = writer.index
+            for ids, rows in staged.chunks(_PUBLISH_CHUNK):
+                index.add(ids, rows, check_new=False, normalize=False)
+        index.save(info.file)  # faiss.write_index, atomically
         self.versions.publish(info.name, count)  # ready, and the previous version retired
         staged.remove()
         _remove_build_files(info.file)
@@ -212,20 +231,22 @@ class IndexBuilder:
     def _open_staged(self, info: IndexVersionInfo, expected_count: int | None) -> StagedVectors:
         """The staged vectors of ``info``: resumed from its progress record, or new."""
         progress = self._progress_path(info)
-        staged = StagedVectors.open(progress, info.dim)
+        # a flat version's index is its staged vectors; other factories are filled from them
+        hold, expected = info.factory == DEFAULT_FACTORY, expected_count or 0
+        staged = StagedVectors.open(progress, info.dim, hold=hold, expected=expected)
         if staged is None:
             _remove_build_files(info.file)
-            staged = StagedVectors.create(progress, info.dim, capacity=expected_count or 1024)
+            staged = StagedVectors.create(progress, info.dim, hold=hold, expected=expected)
             if info.file.exists():
                 self._stage_index_file(info, staged)
         else:
-            _remove_build_files(info.file, keep={staged.file.name, progress.name})
+            _remove_build_files(info.file, keep=staged.files())
         if staged.count:
             stored = self.embeddings.ids(info.kind)
             keep = np.isin(staged.ids(), stored)
             if not keep.all():
                 logger.info("dropping %d staged vectors whose items are gone", int((~keep).sum()))
-                staged = self._restage(staged, keep)
+                staged.keep_only(keep)
             logger.info("resuming index version %s at %d vectors", info.name, staged.count)
         return staged
 
@@ -248,21 +269,6 @@ class IndexBuilder:
             return
         staged.checkpoint()
 
-    @staticmethod
-    def _restage(staged: StagedVectors, keep: np.ndarray) -> StagedVectors:
-        """New staged vectors holding only the ``keep`` rows; replaces ``staged`` atomically."""
-        fresh = StagedVectors.create(staged.progress_path, staged.dim, capacity=max(int(keep.sum()), 1))
-        ids = staged.ids()
-        for start in range(0, staged.count, _PUBLISH_CHUNK):
-            stop = min(start + _PUBLISH_CHUNK, staged.count)
-            mask = keep[start:stop]
-            if mask.any():
-                fresh.append(ids[start:stop][mask], np.ascontiguousarray(staged.rows(start, stop)[mask]))
-        fresh.checkpoint()  # the progress record now names the new file
-        staged.close()
-        staged.file.unlink(missing_ok=True)
-        return fresh
-
     def _sweep_build_files(self, directory: Path) -> None:
         """Delete staging files left by versions that are no longer being built (a kill
         between publishing a version and removing its staging files)."""
@@ -276,7 +282,7 @@ class IndexBuilder:
             ))
         for path in directory.iterdir():
             name = path.name.lstrip(".")
-            if path.name.startswith(".") and ".faiss." in name and name.endswith((".partial", ".progress", ".tmp")):
+            if path.name.startswith(".") and ".faiss." in name and name.endswith((".npy", ".progress", ".tmp", ".partial")):
                 if name.split(".faiss.", 1)[0] not in unfinished:
                     path.unlink(missing_ok=True)
 

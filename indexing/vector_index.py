@@ -4,23 +4,27 @@ A :class:`VectorIndex` is one ``faiss.IndexIDMap2`` over an inner-product index 
 an ``index_factory`` string ("Flat" by default). The FAISS ids are the catalog's item ids.
 Which encoder, dimension and correction an index file holds is recorded in the catalog's
 ``index_versions`` table; :mod:`indexing.collection` is the one place that writes both.
+
+Every index file is written by faiss (``faiss.write_index``). :class:`StagedVectors` holds
+the vectors of a version being built, checkpointed as numpy ``.npy`` segments so that a
+killed build resumes.
 """
 from __future__ import annotations
 
 import functools
 import json
 import logging
-import mmap
-import os
-import struct
+import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
 import numpy as np
 
-from indexing.atomic import fsync_directory, write_atomically  # noqa: F401  (re-exported: callers import it from here)
+from indexing.atomic import write_atomically
+from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +188,9 @@ class VectorIndex:
         ids = _as_ids(ids)
         rows = unit_rows(vectors) if normalize else _float_rows(vectors)
         check_addition(ids, rows, self.dim, self.ids if check_new else None)
+        bad = nonfinite_rows(rows)
+        if bad:
+            raise InputError(f"{bad} of {len(rows)} vectors hold NaN or infinite values; none was added")
         if not self.is_trained:
             raise ValueError(f"faiss index {self.factory!r} must be trained before adding")
         if len(ids):
@@ -230,320 +237,336 @@ class VectorIndex:
         check_dim(rows, self.dim)
 
 
-# -- an index file built on disk, resumable ------------------------------------------------
-# faiss's serialization of an IndexIDMap2 over a flat inner-product index (index_write.cpp):
-#   "IxM2" header  "IxFI" header  u64 n*dim  n x dim float32  u64 n  n int64 ids
-# with header = i32 dim, i64 ntotal, i64 2^20, i64 2^20, u8 is_trained, i32 metric type.
-# `flat_layout_matches_faiss` checks it against faiss itself before a file is published so.
-_FLAT_HEADER = struct.Struct("<iqqqBi")
-_U64 = struct.Struct("<Q")
-_STAGED_FORMAT = "sce-staged-flat-1"
+# -- the vectors of a version being built, checkpointed in segments -------------------------
+_STAGED_FORMAT = "sce-staged-segments-1"
 
 
-def _flat_prefix(dim: int, count: int) -> bytes:
-    header = _FLAT_HEADER.pack(dim, count, 1 << 20, 1 << 20, 1, faiss.METRIC_INNER_PRODUCT)
-    return b"IxM2" + header + b"IxFI" + header + _U64.pack(count * dim)
+def nonfinite_rows(rows: np.ndarray) -> int:
+    """How many rows of the 2-d float array ``rows`` hold a NaN or an infinite value."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if not rows.size or np.isfinite(np.add.reduce(rows, axis=None)):
+            return 0  # one pass: a finite sum means finite values (an overflow is counted below)
+    return int(np.count_nonzero(~np.isfinite(rows).all(axis=1)))
 
 
-@functools.lru_cache(maxsize=None)
-def flat_layout_matches_faiss(dim: int) -> bool:
-    """Whether a file laid out by :class:`StagedVectors` is what faiss writes for ``Flat``."""
-    index = VectorIndex.create(dim, DEFAULT_FACTORY)
-    vectors = np.arange(3 * dim, dtype=np.float32).reshape(3, dim)
-    ids = np.array([7, 3, 11], dtype=np.int64)
-    index.index.add_with_ids(vectors, ids)
-    expected = faiss.serialize_index(index.index).tobytes()
-    ours = _flat_prefix(dim, 3) + vectors.tobytes() + _U64.pack(3) + ids.tobytes()
-    if expected != ours:
-        logger.warning("faiss %s writes flat indexes in another layout; building them in memory",
-                       getattr(faiss, "__version__", "?"))
-    return expected == ours
+def _save_npy(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to ``path`` atomically (temporary file, fsync, rename)."""
+    def write(temporary: Path) -> None:
+        with open(temporary, "wb") as handle:  # a handle: np.save would append ".npy" to a name
+            np.save(handle, array, allow_pickle=False)
+
+    write_atomically(path, write)
 
 
-_BLOCK = 4096  # alignment of O_DIRECT writes (offsets, lengths and the buffer)
-
-
-def _open_direct(path: Path) -> int:
-    """A write-only O_DIRECT descriptor of ``path``, or -1 where there is none."""
-    flag = getattr(os, "O_DIRECT", 0)
-    if not flag or os.environ.get("SCE_NO_DIRECT_IO"):
-        return -1
-    try:
-        return os.open(path, os.O_WRONLY | flag)
-    except OSError:
-        return -1
-
-
-def _pwrite_all(descriptor: int, data: np.ndarray | bytes, offset: int) -> None:
-    view = memoryview(data).cast("B") if isinstance(data, np.ndarray) else memoryview(data)
-    while len(view):
-        written = os.pwrite(descriptor, view, offset)
-        view, offset = view[written:], offset + written
-
-
-def _pread_into(descriptor: int, array: np.ndarray, offset: int) -> np.ndarray:
-    if not array.size:
-        return array
-    view = memoryview(array).cast("B")
-    while len(view):
-        read = os.preadv(descriptor, [view], offset)
-        if read == 0:
-            raise EOFError(f"staged index file ends before byte {offset + len(view)}")
-        view, offset = view[read:], offset + read
-    return array
+@dataclass(frozen=True)
+class _Segment:
+    name: str   # its files are <name>.ids.npy and <name>.rows.npy, beside the progress record
+    count: int
+    bad: int    # rows holding NaN or infinite values
 
 
 class StagedVectors:
-    """The vectors and ids of an index being built, on disk, resumable after a kill.
+    """The vectors and ids of an index version being built, resumable after a kill.
 
-    One staging file laid out like faiss's own file of a flat ``IndexIDMap2`` with room for
-    ``capacity`` rows (``[prefix][capacity x dim float32][u64][ids]``): rows are appended
-    with ``pwrite`` and never held in memory. :meth:`checkpoint` fsyncs the file, then
-    records ``count`` in a small JSON progress file written atomically; that record is all
-    a resume trusts, so a kill at any moment leaves a consistent state (rows past the
-    recorded count are simply written again). When the index is a flat one,
-    :meth:`publish_flat` completes the header and id table and renames the staging file
-    into place: the vectors are written to disk once, with no in-memory index and no
-    second copy. Other index types are filled from :meth:`rows` and saved as usual.
+    Rows are added to an in-memory ``IndexIDMap2`` over a flat inner-product index. With
+    ``hold`` (a flat version) it keeps every row and is the version's index: publishing is
+    one ``faiss.write_index`` of :meth:`as_index`. Without (another factory, filled from the
+    rows at publish) it keeps only the rows since the last checkpoint, and :meth:`chunks`
+    reads the older ones back from their segments.
 
-    Where the platform allows, vectors are written with ``O_DIRECT`` in whole aligned
-    blocks (the partial block at the end is kept in memory and written normally at each
-    checkpoint): the page cache is bypassed, which on a virtual machine is several times
-    cheaper than filling gigabytes of fresh cache pages, and there is little left for the
-    fsyncs to flush. Writes are also paced: every ``flush_bytes`` the file is fdatasync'ed,
-    so the disk works while vectors are being computed and the fsync before publishing is
-    short.
+    :meth:`checkpoint` writes the rows added since the previous checkpoint as one segment,
+    two ``.npy`` files (numpy's own format: the ids and the rows, each written atomically),
+    then the progress record, a small JSON file written atomically that lists the segments.
+    That record is all a resume trusts, so a kill at any moment leaves a consistent state;
+    :meth:`open` reads its segments back. A checkpoint writes only what is new, and with
+    ``wait=False`` a background thread writes it while rows keep being staged (rows are only
+    added where they move nothing that is being written). Each row's NaN and infinite values
+    are counted as it is staged (:attr:`bad_rows`), so that no such version is published.
     """
 
-    def __init__(self, progress_path: Path, file: Path, descriptor: int, dim: int,
-                 capacity: int, count: int, ids_offset: int, ids: np.ndarray,
-                 flush_bytes: int) -> None:
+    def __init__(self, progress_path: Path, dim: int, hold: bool, expected: int = 0) -> None:
         self.progress_path = progress_path
-        self.file = file
         self.dim = dim
-        self.capacity = capacity
-        self.count = count
-        self.flush_bytes = flush_bytes
-        self._fd = descriptor
-        self._ids_offset = ids_offset
-        self._ids = ids
-        self._recorded = count if progress_path.exists() else -1  # -1: no record yet
-        self._unsynced = 0
-        # O_DIRECT writes of the vectors: whole _BLOCK-aligned blocks from an aligned buffer
-        self._direct = _open_direct(file)
-        self._aligned: mmap.mmap | None = None
-        self._tail_offset = 0  # the partial last block: file bytes not yet written directly
-        self._tail = b""
-        self._tail_dirty = False
-
-    # -- layout -------------------------------------------------------------------------------
-    @property
-    def _row_bytes(self) -> int:
-        return 4 * self.dim
-
-    @property
-    def _codes_offset(self) -> int:
-        return len(_flat_prefix(self.dim, 0))
-
-    def _packed_ids_offset(self, capacity: int) -> int:
-        return self._codes_offset + capacity * self._row_bytes + _U64.size
+        self.hold = hold
+        self.expected = max(int(expected), 0)  # how many rows the caller means to stage
+        # hold: every staged row; otherwise the rows staged since the last checkpoint
+        self._index: faiss.IndexIDMap2 | None = VectorIndex.create(dim, DEFAULT_FACTORY).index
+        self._reserve = self.expected if hold else 0
+        self._segments: list[_Segment] = []
+        self._segment_ids: list[np.ndarray] = []
+        self._saved = 0  # rows in segments
+        self._pending_bad = 0
+        self._recorded = False
+        self._capacity = 0  # rows the in-memory index holds without moving them
+        self._saving: threading.Thread | None = None  # a checkpoint being written
+        self._save_error: BaseException | None = None
 
     # -- opening ------------------------------------------------------------------------------
     @classmethod
-    def create(cls, progress_path: str | Path, dim: int, capacity: int = 1024,
-               flush_bytes: int = 64 << 20) -> StagedVectors:
-        """A new, empty staging file beside ``progress_path`` (nothing recorded yet)."""
+    def create(cls, progress_path: str | Path, dim: int, *, hold: bool = True, expected: int = 0) -> StagedVectors:
+        """New, empty staged vectors recorded at ``progress_path`` (nothing recorded yet)."""
         progress_path = Path(progress_path)
         progress_path.parent.mkdir(parents=True, exist_ok=True)
-        capacity = max(int(capacity), 1)
-        file = progress_path.with_name(f"{progress_path.stem}.{uuid.uuid4().hex[:8]}.partial")
-        descriptor = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        staged = cls(progress_path, file, descriptor, dim, capacity, 0, 0,
-                     np.empty(capacity, dtype=np.int64), flush_bytes)
-        staged._ids_offset = staged._packed_ids_offset(capacity)
-        os.ftruncate(descriptor, staged._ids_offset + 8 * capacity)
-        return staged
+        return cls(progress_path, int(dim), hold, expected)
 
     @classmethod
-    def open(cls, progress_path: str | Path, dim: int,
-             flush_bytes: int = 64 << 20) -> StagedVectors | None:
+    def open(cls, progress_path: str | Path, dim: int, *, hold: bool = True,
+             expected: int = 0) -> StagedVectors | None:
         """The staged vectors recorded in ``progress_path``; None when there is no usable record."""
         progress_path = Path(progress_path)
         try:
             record = json.loads(progress_path.read_text())
-            if record.get("format") != _STAGED_FORMAT or int(record["dim"]) != dim:
-                logger.warning("ignoring %s: another format or dimension", progress_path)
-                return None
-            file = progress_path.with_name(str(record["file"]))
-            capacity, count = int(record["capacity"]), int(record["count"])
-            ids_offset = int(record["ids_offset"])
-            descriptor = os.open(file, os.O_RDWR)
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            if progress_path.exists():
-                logger.warning("ignoring unusable build progress %s: %s", progress_path, error)
+        except FileNotFoundError:
             return None
-        try:
-            ids = np.empty(max(capacity, count, 1), dtype=np.int64)
-            _pread_into(descriptor, ids[:count], ids_offset)
-            size = os.fstat(descriptor).st_size
-            if size < len(_flat_prefix(dim, 0)) + count * 4 * dim:
-                raise EOFError("the staged vectors are shorter than recorded")
-        except (OSError, EOFError) as error:
-            os.close(descriptor)
+        except (OSError, ValueError) as error:
             logger.warning("ignoring unusable build progress %s: %s", progress_path, error)
             return None
-        return cls(progress_path, file, descriptor, dim, capacity, count, ids_offset, ids, flush_bytes)
+        if not isinstance(record, dict) or record.get("format") != _STAGED_FORMAT or record.get("dim") != dim:
+            logger.warning("ignoring build progress %s: another format or dimension", progress_path)
+            return None
+        staged = cls(progress_path, int(dim), hold, expected)
+        try:
+            for entry in record["segments"]:
+                staged._load_segment(str(entry["name"]), int(entry["count"]))
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            logger.warning("ignoring unusable build progress %s: %s", progress_path, error)
+            staged.close()
+            return None
+        staged._recorded = True
+        return staged
 
     # -- reading ------------------------------------------------------------------------------
+    @property
+    def count(self) -> int:
+        """How many rows are staged (checkpointed or not)."""
+        return self._offset + self._live.ntotal
+
+    @property
+    def bad_rows(self) -> int:
+        """How many staged rows hold a NaN or an infinite value."""
+        return sum(segment.bad for segment in self._segments) + self._pending_bad
+
     def ids(self) -> np.ndarray:
         """The ids staged so far, in order (a copy)."""
-        return self._ids[: self.count].copy()
+        held = faiss.vector_to_array(self._live.id_map)
+        pending = held[self._saved - self._offset :]
+        return np.concatenate([*self._segment_ids, pending]).astype(np.int64, copy=False)
 
-    def rows(self, start: int, stop: int) -> np.ndarray:
-        """Staged vectors ``start:stop`` (read from the file)."""
-        self._flush_tail()
-        stop = min(stop, self.count)
-        out = np.empty((max(stop - start, 0), self.dim), dtype=np.float32)
-        return _pread_into(self._fd, out, self._codes_offset + start * self._row_bytes)
+    def files(self) -> set[str]:
+        """The names of the files this staging consists of (the record and its segments)."""
+        return {self.progress_path.name} | {
+            f"{segment.name}.{part}.npy" for segment in self._segments for part in ("ids", "rows")
+        }
+
+    def chunks(self, size: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids, rows) of every staged row in order, at most ``size`` at a time.
+
+        The rows are views (of the in-memory index, or of a memory-mapped segment): use each
+        chunk before staging more.
+        """
+        self.wait()
+        if self.hold:
+            ids, rows = self.ids(), self._rows()
+            for start in range(0, len(ids), size):
+                yield ids[start : start + size], rows[start : start + size]
+            return
+        for segment, ids in zip(self._segments, self._segment_ids):
+            _, rows = self._read_segment(segment.name, segment.count)
+            for start in range(0, segment.count, size):
+                yield ids[start : start + size], rows[start : start + size]
+        pending_ids, pending = faiss.vector_to_array(self._live.id_map), self._rows()
+        for start in range(0, len(pending_ids), size):
+            yield pending_ids[start : start + size], pending[start : start + size]
+
+    def as_index(self) -> VectorIndex:
+        """The staged rows as a flat index (``hold`` only): the flat version's index itself."""
+        if not self.hold:
+            raise ValueError("only staged vectors that hold every row are an index")
+        self.wait()
+        return VectorIndex(self._live, DEFAULT_FACTORY)
 
     # -- writing ------------------------------------------------------------------------------
     def append(self, ids: np.ndarray, rows: np.ndarray) -> None:
-        """Stage float32 C-contiguous ``rows`` under ``ids`` after those already staged."""
+        """Stage float32 ``rows`` (n, dim) under int64 ``ids`` after those already staged."""
         n = len(ids)
-        if rows.shape != (n, self.dim) or rows.dtype != np.float32 or not rows.flags.c_contiguous:
-            raise ValueError(f"expected ({n}, {self.dim}) float32 C-contiguous rows, got {rows.shape}")
-        if self.count + n > self.capacity:
-            self._grow(self.count + n)
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        self._write_rows(rows, self._codes_offset + self.count * self._row_bytes)
-        _pwrite_all(self._fd, ids, self._ids_offset + 8 * self.count)
-        self._ids[self.count : self.count + n] = ids
-        self.count += n
-        self._unsynced += rows.nbytes + ids.nbytes
-        if self._unsynced >= self.flush_bytes:
-            self._sync()
-
-    def checkpoint(self) -> None:
-        """Make every staged row durable, then record the count (atomically)."""
-        self._sync()
-        if self._recorded != self.count:
-            self._record()
-
-    def _write_rows(self, rows: np.ndarray, offset: int) -> None:
-        data = memoryview(rows).cast("B")
-        if self._direct < 0:
-            _pwrite_all(self._fd, data, offset)
+        if rows.shape != (n, self.dim):
+            raise ValueError(f"expected ({n}, {self.dim}) rows, got {rows.shape}")
+        if not n:
             return
-        start = offset - offset % _BLOCK
-        if self._tail_offset == start and len(self._tail) == offset - start:
-            prefix = self._tail
-        else:  # a resumed job, or the first block (the header's place)
-            prefix = os.pread(self._fd, offset - start, start).ljust(offset - start, b"\0")
-        if self._tail_dirty and self._tail_offset != start:
-            self._flush_tail()
-        total = len(prefix) + len(data)
-        if self._aligned is None or len(self._aligned) < total:
-            if self._aligned is not None:
-                self._aligned.close()
-            self._aligned = mmap.mmap(-1, -(-total // _BLOCK) * _BLOCK)  # page-aligned
-        with memoryview(self._aligned) as buffer:
-            buffer[: len(prefix)] = prefix
-            buffer[len(prefix) : total] = data
-            full = total - total % _BLOCK
-            written = 0
-            try:
-                while written < full:
-                    written += os.pwrite(self._direct, buffer[written:full], start + written)
-            except OSError as error:  # e.g. EINVAL: this file system wants other alignment
-                logger.info("O_DIRECT writes failed (%s); writing through the page cache", error)
-                os.close(self._direct)
-                self._direct = -1
-                _pwrite_all(self._fd, buffer[written:total], start + written)
-                self._tail, self._tail_dirty = b"", False
-                return
-            self._tail_offset, self._tail = start + full, bytes(buffer[full:total])
-        self._tail_dirty = bool(self._tail)
+        self._pending_bad += nonfinite_rows(rows)
+        self._add(ids, rows)
 
-    def _flush_tail(self) -> None:
-        if self._tail_dirty:
-            _pwrite_all(self._fd, self._tail, self._tail_offset)
-            self._tail_dirty = False
+    def checkpoint(self, wait: bool = True) -> None:
+        """Write the rows staged since the last checkpoint as a segment, then the record.
 
-    def _sync(self) -> None:
-        self._flush_tail()
-        os.fdatasync(self._fd)
-        self._unsynced = 0
-
-    def _record(self) -> None:
-        record = {"format": _STAGED_FORMAT, "file": self.file.name, "dim": self.dim,
-                  "capacity": self.capacity, "count": self.count, "ids_offset": self._ids_offset}
-        text = json.dumps(record)
-        write_atomically(self.progress_path, lambda temporary: temporary.write_text(text))
-        self._recorded = self.count
-
-    def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self.capacity)
-        size = self._packed_ids_offset(capacity) + 8 * capacity
-        if size > os.fstat(self._fd).st_size:  # never cut off the recorded id table
-            os.ftruncate(self._fd, size)
-        ids = np.empty(capacity, dtype=np.int64)
-        ids[: self.count] = self._ids[: self.count]
-        self._ids = ids
-        self._move_ids(self._packed_ids_offset(capacity), capacity)
-
-    def _move_ids(self, target: int, capacity: int) -> None:
-        """Put the id table at ``target``; the recorded state stays valid at every step.
-
-        Rows past the old capacity (or the ids' new place inside the old row area) are only
-        written once the progress record points at the new place, so the old table is intact
-        until then; a table that would overlap its own new place hops past both first.
+        ``wait=False``: a background thread writes them while rows keep being staged;
+        :meth:`wait` joins it (the next checkpoint, and every reader, waits for it first).
         """
-        ids, size, current = self._ids[: self.count], 8 * self.count, self._ids_offset
-        if target != current and target < current + size and current < target + size:
-            hop = max(current, target) + size
-            _pwrite_all(self._fd, ids, hop)
-            self._ids_offset = hop
-            self._sync()
-            self._record()
-        _pwrite_all(self._fd, ids, target)
-        self._ids_offset, self.capacity = target, capacity
-        self._sync()
-        self._record()
-
-    # -- finishing ----------------------------------------------------------------------------
-    def publish_flat(self, path: str | Path) -> None:
-        """Complete the file as a flat inner-product IndexIDMap2 and rename it to ``path``.
-
-        Header, id table and size are written in place (a kill meanwhile leaves a state
-        :meth:`open` resumes from), then the file is fsync'ed and renamed atomically.
-        """
-        path = Path(path)
-        count = self.count
-        if self.capacity != count or self._ids_offset != self._packed_ids_offset(count):
-            self._move_ids(self._packed_ids_offset(count), count)
+        self.wait()
+        start = self._saved - self._offset
+        new = self._live.ntotal - start
+        if not new and self._recorded:
+            return
+        segment = None
+        ids = faiss.vector_to_array(self._live.id_map)[start:]
+        rows, held = self._rows()[start:], self._index  # a view, and what keeps it alive
+        if new:
+            segment = _Segment(f"{self.progress_path.stem}.{uuid.uuid4().hex[:8]}", new, self._pending_bad)
+            self._segments.append(segment)
+            self._segment_ids.append(ids)
+            self._saved += new
+            self._pending_bad = 0
+            if not self.hold:  # later rows go to a new index; the old one is being written
+                self._index = VectorIndex.create(self.dim, DEFAULT_FACTORY).index
+        self._recorded = True
+        job = functools.partial(self._save, segment, ids, rows, list(self._segments), self._saved, held)
+        if wait:
+            job()
+            self.wait()
         else:
-            self.checkpoint()
-        _pwrite_all(self._fd, _U64.pack(count), self._codes_offset + count * self._row_bytes)
-        _pwrite_all(self._fd, _flat_prefix(self.dim, count), 0)
-        os.ftruncate(self._fd, self._packed_ids_offset(count) + 8 * count)
-        os.fsync(self._fd)
-        self.close()
-        os.replace(self.file, path)
-        fsync_directory(path.parent)
+            self._saving = threading.Thread(target=job, name="staged-checkpoint", daemon=True)
+            self._saving.start()
+
+    def wait(self) -> None:
+        """Block until the last checkpoint is durable; raises what failed in writing it."""
+        if self._saving is not None:
+            self._saving.join()
+            self._saving = None
+        if self._save_error is not None:
+            raise self._save_error
+
+    def keep_only(self, keep: np.ndarray) -> None:
+        """Drop the staged rows where ``keep`` (one flag per row, in order) is False.
+
+        Segments that lose rows are written again and the record replaced at once, so a kill
+        meanwhile leaves either the old checkpoint or the new one.
+        """
+        keep = np.asarray(keep, dtype=bool)
+        if len(keep) != self.count:
+            raise ValueError(f"{len(keep)} flags for {self.count} staged rows")
+        self.checkpoint()  # every row in a segment first
+        gone = self.ids()[~keep]
+        segments, segment_ids, replaced, start = [], [], [], 0
+        for segment, ids in zip(self._segments, self._segment_ids):
+            mask = keep[start : start + segment.count]
+            start += segment.count
+            if mask.all():
+                segments.append(segment)
+                segment_ids.append(ids)
+                continue
+            replaced.append(segment.name)
+            if mask.any():
+                _, rows = self._read_segment(segment.name, segment.count)
+                rows = rows[mask]
+                fresh = _Segment(f"{self.progress_path.stem}.{uuid.uuid4().hex[:8]}", int(mask.sum()),
+                                 nonfinite_rows(rows))
+                self._write_segment(fresh, ids[mask], rows)
+                segments.append(fresh)
+                segment_ids.append(ids[mask])
+        self._segments, self._segment_ids = segments, segment_ids
+        self._saved = sum(segment.count for segment in segments)
+        if self.hold and len(gone):
+            self._live.remove_ids(gone)
+        self._record(self._segments, self._saved)
+        for name in replaced:
+            self._unlink_segment(name)
 
     def close(self) -> None:
-        if self._direct >= 0:
-            os.close(self._direct)
-            self._direct = -1
-        if self._aligned is not None:
-            self._aligned.close()
-            self._aligned = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        """Release the in-memory rows (the staging files stay)."""
+        if self._saving is not None:  # a failure in it was reported, or no longer matters
+            self._saving.join()
+            self._saving = None
+        self._index = None
 
     def remove(self) -> None:
-        """Delete the staging file (if still there) and the progress record."""
+        """Delete the staging files: the progress record and every segment."""
         self.close()
-        self.file.unlink(missing_ok=True)
         self.progress_path.unlink(missing_ok=True)
+        for segment in self._segments:
+            self._unlink_segment(segment.name)
+
+    # -- internals ----------------------------------------------------------------------------
+    @property
+    def _live(self) -> faiss.IndexIDMap2:
+        if self._index is None:
+            raise ValueError(f"the staged vectors of {self.progress_path} are closed")
+        return self._index
+
+    @property
+    def _offset(self) -> int:
+        """The position among the staged rows of the in-memory index's first row."""
+        return 0 if self.hold else self._saved
+
+    def _rows(self) -> np.ndarray:
+        """The in-memory index's rows, as a view (valid until rows are added or removed)."""
+        flat = faiss.downcast_index(self._live.index)
+        n = int(flat.ntotal)
+        if not n:
+            return np.empty((0, self.dim), dtype=np.float32)
+        return faiss.rev_swig_ptr(flat.get_xb(), n * self.dim).reshape(n, self.dim)
+
+    def _add(self, ids: np.ndarray, rows: np.ndarray) -> None:
+        if self._reserve:  # room for every expected row: no regrowing (and copying) as rows come
+            self._reserve_rows(self._reserve)
+            self._reserve = 0
+        if self.hold and self._saving is not None and self._live.ntotal + len(ids) > self._capacity:
+            self.wait()  # the index would move its rows, some of which are being written
+        self._live.add_with_ids(np.ascontiguousarray(rows, dtype=np.float32), np.ascontiguousarray(ids, np.int64))
+
+    def _reserve_rows(self, rows: int) -> None:
+        # A resize and back keeps the std::vectors' capacity (C++ guarantees it): later adds
+        # fill it instead of reallocating. Only a speed-up; nothing depends on it.
+        flat = faiss.downcast_index(self._live.index)
+        if rows > flat.ntotal:
+            held = int(flat.ntotal)
+            flat.codes.resize(rows * flat.code_size)
+            flat.codes.resize(held * flat.code_size)
+            self._live.id_map.resize(rows)
+            self._live.id_map.resize(held)
+            self._capacity = rows
+
+    def _path(self, name: str, part: str) -> Path:
+        if Path(name).name != name or not name.startswith(self.progress_path.stem):
+            raise ValueError(f"not a segment of {self.progress_path.name}: {name!r}")
+        return self.progress_path.with_name(f"{name}.{part}.npy")
+
+    def _write_segment(self, segment: _Segment, ids: np.ndarray, rows: np.ndarray) -> None:
+        _save_npy(self._path(segment.name, "rows"), rows)
+        _save_npy(self._path(segment.name, "ids"), ids)
+
+    def _save(self, segment: _Segment | None, ids: np.ndarray, rows: np.ndarray,
+              segments: list[_Segment], saved: int, _held: object) -> None:
+        """A checkpoint's writes: the segment (if any), then the record listing ``segments``."""
+        try:
+            if segment is not None:
+                self._write_segment(segment, ids, rows)
+            self._record(segments, saved)
+        except BaseException as error:  # noqa: BLE001 - raised by wait()
+            self._save_error = error
+
+    def _read_segment(self, name: str, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """A segment's ids and its rows (memory-mapped), checked against the record."""
+        ids = np.load(self._path(name, "ids"), allow_pickle=False)
+        rows = np.load(self._path(name, "rows"), mmap_mode="r", allow_pickle=False)
+        if (ids.shape, ids.dtype, rows.shape, rows.dtype) != ((count,), np.int64, (count, self.dim), np.float32):
+            raise ValueError(f"segment {name} does not hold {count} rows of dimension {self.dim}")
+        return ids, rows
+
+    def _load_segment(self, name: str, count: int) -> None:
+        ids, rows = self._read_segment(name, count)
+        bad = nonfinite_rows(rows)
+        if self.hold:
+            self._add(ids, rows)
+        self._segments.append(_Segment(name, count, bad))
+        self._segment_ids.append(ids)
+        self._saved += count
+
+    def _unlink_segment(self, name: str) -> None:
+        for part in ("ids", "rows"):
+            self._path(name, part).unlink(missing_ok=True)
+
+    def _record(self, segments: list[_Segment], saved: int) -> None:
+        record = {"format": _STAGED_FORMAT, "dim": self.dim, "count": saved,
+                  "segments": [{"name": segment.name, "count": segment.count} for segment in segments]}
+        text = json.dumps(record)
+        write_atomically(self.progress_path, lambda temporary: temporary.write_text(text))

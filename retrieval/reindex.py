@@ -14,10 +14,11 @@ Variants:
 The job is a three-stage pipeline, so that disk and compute overlap (numpy, BLAS and file
 I/O release the GIL): a reader thread copies stored vectors into reused buffers,
 normalising them on the way, this thread applies the correction (one matmul per chunk for a
-projection, into a reused output buffer), and a writer thread appends the result to the
-version's staging file, which checkpoints every ``checkpoint_every`` vectors by fsync'ing it
-and recording the count. A flat version's staging file becomes its index file, so every
-corrected vector is written once and no index is held in memory.
+projection, into a reused output buffer), and a writer thread adds the result to the
+version's staged vectors: a flat version's in-memory index, into which every corrected
+vector is copied once. Every ``checkpoint_every`` vectors the vectors added since the last
+checkpoint are saved as a segment (numpy files, fsync'ed, by a background thread while the
+writer goes on) and recorded; a killed job resumes from its segments. Publishing is one ``faiss.write_index`` of the whole index.
 
 Environment (for tests and tuning; the Python arguments take precedence):
 - ``SCE_REINDEX_CHECKPOINT_EVERY``: the checkpoint interval in vectors (default 200,000);
@@ -186,9 +187,10 @@ def _run(collection: Collection, kind: str, chunk_size: int, writer: IndexVersio
     """Correct and stage every stored vector not yet staged; returns how many were computed.
 
     reader thread (copy, normalising on the way) -> this thread (`_apply`) -> writer thread
-    (append to the staging file, checkpoints). Bounded queues and buffer pools keep at most
+    (add to the staged vectors, checkpoints). Bounded queues and buffer pools keep at most
     a few chunks in memory. An error in any stage stops the others; chunks already corrected
-    are still staged (and checkpointed) before it is raised, so a retry keeps them.
+    are still staged before it is raised, and the failed version checkpoints them
+    (:meth:`Collection.new_index_version`), so a retry keeps them.
     """
     stop = threading.Event()        # every stage stops (a failure anywhere)
     reader_stop = threading.Event()  # only the reader stops (this thread failed)
@@ -230,6 +232,7 @@ def _run(collection: Collection, kind: str, chunk_size: int, writer: IndexVersio
                     out_pool.give(buffer)
                 bar.update(len(ids))
                 if pause and writer.checkpoints > checkpoints:
+                    writer.wait()  # durable
                     logger.info("checkpoint at %d vectors; pausing %.0f s (%s)", writer.count, pause, PAUSE_ENV)
                     time.sleep(pause)
         except _Stop:
@@ -273,12 +276,6 @@ def _run(collection: Collection, kind: str, chunk_size: int, writer: IndexVersio
         sink.join()
         stop.set()
         reader.join()
-    try:
-        writer.checkpoint()  # what this job staged is kept, also when it failed
-    except Exception:  # noqa: BLE001 - the first error is the one to report
-        if failure is None and not errors:
-            raise
-        logger.warning("could not checkpoint after the failure", exc_info=True)
     if failure is not None:
         raise failure
     if errors:

@@ -1,4 +1,4 @@
-"""Batch re-index: staged index files, checkpoints, resume after SIGKILL through the real CLI."""
+"""Batch re-index: staged vectors, checkpoint segments, resume after SIGKILL through the real CLI."""
 from __future__ import annotations
 
 import json
@@ -15,14 +15,16 @@ import numpy as np
 import pytest
 from conftest import ToyEncoder, make_image, write_csv
 
+import indexing.vector_index as vi
 import retrieval.reindex as rx
 from indexing.collection import Collection, NewItem
 from indexing.pipeline import build_collection
-from indexing.vector_index import StagedVectors, VectorIndex, flat_layout_matches_faiss
+from indexing.vector_index import StagedVectors, VectorIndex
 from retrieval.concepts import load_concept_set
 from retrieval.corrections import fit_concept_correction
 from retrieval.reindex import reindex
 from retrieval.search import Retriever
+from sce_correct.errors import InputError
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL = 40
@@ -54,6 +56,12 @@ def _vectors(collection: Collection, name: str) -> tuple[np.ndarray, np.ndarray]
 
 def _by_id(ids: np.ndarray, vectors: np.ndarray) -> np.ndarray:
     return vectors[np.argsort(ids)]
+
+
+def _segment_files(collection_dir: Path, version: str) -> list[str]:
+    """The segment files the progress record of ``version`` lists."""
+    record = json.loads((collection_dir / "indexes" / f".{version}.faiss.progress").read_text())
+    return [f"{segment['name']}.{part}.npy" for segment in record["segments"] for part in ("ids", "rows")]
 
 
 def _hidden_files(collection_dir: Path) -> list[str]:
@@ -114,7 +122,9 @@ def test_cli_reindex_killed_after_a_checkpoint_resumes_from_it(collection_dir, t
     partial = building[0].name
     assert _recorded_count(collection_dir / "indexes") == 8  # the kill landed on the paused job
     leftovers = _hidden_files(collection_dir)
-    assert f".{partial}.faiss.progress" in leftovers and any(n.endswith(".partial") for n in leftovers)
+    # the record and the one segment it lists (ids and rows); nothing of the unrecorded chunks
+    assert leftovers == sorted([f".{partial}.faiss.progress", *_segment_files(collection_dir, partial)])
+    assert len(leftovers) == 3
     with Collection.open(collection_dir) as collection:  # still searchable after the kill
         assert collection.current_version("image", "c1").name == old.name
         assert [h.item_id for h in Retriever(collection, toy_encoder).search(
@@ -136,56 +146,129 @@ def test_cli_reindex_killed_after_a_checkpoint_resumes_from_it(collection_dir, t
     assert {p.suffix for p in (collection_dir / "indexes").iterdir()} == {".faiss"}
 
 
-# -- the staging file ---------------------------------------------------------------------------
-@pytest.mark.parametrize("direct", [True, False], ids=["o_direct", "page_cache"])
-@pytest.mark.parametrize("dim", [3, 16, 1000])
-def test_staged_vectors_survive_a_kill_grow_and_become_a_faiss_file(tmp_path, monkeypatch, direct, dim):
-    if not direct:
-        monkeypatch.setenv("SCE_NO_DIRECT_IO", "1")
+# -- the staged vectors -------------------------------------------------------------------------
+def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    vectors = rng.standard_normal((n, dim)).astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def _staged_rows(staged: StagedVectors) -> tuple[np.ndarray, np.ndarray]:
+    parts = list(staged.chunks(64))
+    return np.concatenate([ids for ids, _ in parts]), np.concatenate([np.array(rows) for _, rows in parts])
+
+
+@pytest.mark.parametrize("hold", [True, False], ids=["flat", "other_factory"])
+@pytest.mark.parametrize("dim", [3, 1000])
+def test_staged_vectors_resume_from_their_last_checkpoint(tmp_path, hold, dim):
     rng = np.random.default_rng(dim)
     total = 700
     ids = rng.permutation(100_000)[:total].astype(np.int64)
-    vectors = rng.standard_normal((total, dim)).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    vectors = _unit(rng, total, dim)
     progress = tmp_path / ".v.faiss.progress"
-    staged = StagedVectors.create(progress, dim, capacity=100)
-    staged.append(ids[:150], vectors[:150])  # grows past the first capacity
+    staged = StagedVectors.create(progress, dim, hold=hold, expected=total)
+    staged.append(ids[:100], vectors[:100])
+    staged.checkpoint()
+    staged.append(ids[100:150], vectors[100:150])
     staged.checkpoint()
     staged.append(ids[150:260], np.full((110, dim), 7.0, np.float32))  # never checkpointed
     staged.close()  # killed here
+    assert {p.name for p in tmp_path.iterdir()} == staged.files()  # a record and 2 x 2 .npy files
+    assert len(staged.files()) == 5
 
-    staged = StagedVectors.open(progress, dim)
-    assert staged is not None and staged.count == 150
+    staged = StagedVectors.open(progress, dim, hold=hold, expected=total)
+    assert staged is not None and staged.count == 150 and staged.bad_rows == 0
     np.testing.assert_array_equal(staged.ids(), ids[:150])
-    np.testing.assert_array_equal(staged.rows(0, 150), vectors[:150])
+    np.testing.assert_array_equal(_staged_rows(staged)[1], vectors[:150])
     for number, start in enumerate(range(150, total, 37)):
         staged.append(ids[start : start + 37], vectors[start : start + 37])
         if number % 3 == 0:
             staged.checkpoint()
-    np.testing.assert_array_equal(staged.rows(140, 160), vectors[140:160])
-    staged.publish_flat(tmp_path / "v.faiss")
-    assert not staged.file.exists()
-    assert flat_layout_matches_faiss(dim)
-    index = VectorIndex.load(tmp_path / "v.faiss")
-    np.testing.assert_array_equal(index.ids(), ids)
-    np.testing.assert_array_equal(faiss.downcast_index(index.index.index).reconstruct_n(0, total), vectors)
-    _, found = index.search(vectors[5], k=1)
-    assert found[0, 0] == ids[5]
+    got_ids, got_rows = _staged_rows(staged)  # checkpointed and not
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_array_equal(got_rows, vectors)
+    if hold:  # the staged vectors are the flat index: faiss writes it, faiss reads it back
+        staged.as_index().save(tmp_path / "v.faiss")
+        index = faiss.read_index(str(tmp_path / "v.faiss"))
+        assert isinstance(index, faiss.IndexIDMap2) and index.ntotal == total
+        np.testing.assert_array_equal(faiss.vector_to_array(index.id_map), ids)
+        queries = _unit(rng, 5, dim)
+        scores, found = index.search(queries, 10)
+        brute = queries @ vectors.T
+        order = np.argsort(-brute, axis=1)[:, :10]
+        np.testing.assert_array_equal(found, ids[order])
+        np.testing.assert_allclose(scores, np.take_along_axis(brute, order, axis=1), rtol=1e-5, atol=1e-5)
+    staged.remove()
+    assert [p.name for p in tmp_path.iterdir()] == (["v.faiss"] if hold else [])
 
 
-def test_staged_vectors_publish_when_the_id_table_must_hop(tmp_path):
-    """Capacity slightly above the count: the packed id table overlaps the staged one."""
-    dim, capacity, count = 3, 1000, 990
-    rng = np.random.default_rng(1)
-    ids = np.arange(count, dtype=np.int64)[::-1].copy()
-    vectors = rng.standard_normal((count, dim)).astype(np.float32)
-    staged = StagedVectors.create(tmp_path / ".h.faiss.progress", dim, capacity=capacity)
-    staged.append(ids, vectors)
-    staged.publish_flat(tmp_path / "h.faiss")
-    index = VectorIndex.load(tmp_path / "h.faiss")
-    np.testing.assert_array_equal(index.ids(), ids)
-    np.testing.assert_array_equal(faiss.downcast_index(index.index.index).reconstruct_n(0, count), vectors)
-    assert json.loads((tmp_path / ".h.faiss.progress").read_text())["capacity"] == count
+@pytest.mark.parametrize("hold", [True, False], ids=["flat", "other_factory"])
+def test_a_background_checkpoint_holds_exactly_the_rows_staged_before_it(tmp_path, monkeypatch, hold):
+    rng = np.random.default_rng(11)
+    ids, vectors = np.arange(90, dtype=np.int64), _unit(rng, 90, 6)
+    progress = tmp_path / ".b.faiss.progress"
+    staged = StagedVectors.create(progress, 6, hold=hold, expected=60)  # room for 60 rows
+    staged.append(ids[:30], vectors[:30])
+    staged.checkpoint(wait=False)
+    staged.append(ids[30:50], vectors[30:50])  # while it is written
+    staged.append(ids[50:90], vectors[50:90])  # past the room: waits for it, then grows
+    staged.wait()
+    assert json.loads(progress.read_text())["count"] == 30
+    staged.close()
+    reopened = StagedVectors.open(progress, 6, hold=hold)
+    np.testing.assert_array_equal(_staged_rows(reopened)[1], vectors[:30])
+
+    def disk_full(path, array):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(vi, "_save_npy", disk_full)
+    reopened.append(ids[30:40], vectors[30:40])
+    reopened.checkpoint(wait=False)
+    with pytest.raises(OSError, match="disk full"):
+        reopened.wait()
+    with pytest.raises(OSError, match="disk full"):  # and every later use: nothing is lost unnoticed
+        reopened.checkpoint()
+    assert json.loads(progress.read_text())["count"] == 30  # the last durable checkpoint stands
+
+
+def test_staged_vectors_count_rows_with_nan_or_inf(tmp_path):
+    staged = StagedVectors.create(tmp_path / ".n.faiss.progress", 4)
+    rows = np.ones((6, 4), np.float32)
+    rows[1, 2], rows[4, 0], rows[5, 3] = np.nan, np.inf, -np.inf
+    staged.append(np.arange(6), rows)
+    assert staged.bad_rows == 3
+    staged.checkpoint()
+    staged.append(np.arange(6, 8), np.full((2, 4), 3e38, np.float32))  # finite; their sum is not
+    assert staged.bad_rows == 3
+    staged.checkpoint()
+    staged.close()
+    reopened = StagedVectors.open(tmp_path / ".n.faiss.progress", 4)
+    assert reopened.bad_rows == 3  # counted again from the segments
+    reopened.keep_only(~np.isin(np.arange(8), [1, 5]))
+    assert reopened.bad_rows == 1 and reopened.count == 6
+
+
+@pytest.mark.parametrize("hold", [True, False], ids=["flat", "other_factory"])
+def test_keep_only_rewrites_the_segments_that_lose_rows(tmp_path, hold):
+    rng = np.random.default_rng(5)
+    progress = tmp_path / ".k.faiss.progress"
+    ids, vectors = np.arange(30, dtype=np.int64) * 10, _unit(rng, 30, 8)
+    staged = StagedVectors.create(progress, 8, hold=hold)
+    for start in (0, 10, 20):
+        staged.append(ids[start : start + 10], vectors[start : start + 10])
+        staged.checkpoint()
+    before = json.loads(progress.read_text())["segments"]
+    keep = np.ones(30, bool)
+    keep[[12, 15]] = False
+    staged.keep_only(keep)
+    after = json.loads(progress.read_text())["segments"]
+    assert [s["name"] for s in after][::2] == [before[0]["name"], before[2]["name"]]  # untouched
+    assert after[1]["name"] != before[1]["name"] and after[1]["count"] == 8
+    assert {p.name for p in tmp_path.iterdir()} == staged.files()  # the replaced files are gone
+    np.testing.assert_array_equal(_staged_rows(staged)[1], vectors[keep])
+    staged.close()
+    reopened = StagedVectors.open(progress, 8, hold=hold)
+    np.testing.assert_array_equal(reopened.ids(), ids[keep])
+    np.testing.assert_array_equal(_staged_rows(reopened)[1], vectors[keep])
 
 
 def test_unusable_progress_records_are_ignored(tmp_path):
@@ -193,12 +276,22 @@ def test_unusable_progress_records_are_ignored(tmp_path):
     assert StagedVectors.open(progress, 4) is None  # none yet
     progress.write_text("{not json")
     assert StagedVectors.open(progress, 4) is None
+    progress.write_text(json.dumps({"format": "sce-staged-flat-1", "file": "x", "dim": 4, "count": 3}))
+    assert StagedVectors.open(progress, 4) is None  # the former hand-written layout: start again
     staged = StagedVectors.create(progress, 4)
     staged.append(np.arange(3), np.ones((3, 4), np.float32))
     staged.checkpoint()
     staged.close()
+    assert StagedVectors.open(progress, 4).count == 3
     assert StagedVectors.open(progress, 5) is None  # another dimension
-    os.truncate(staged.file, 20)  # shorter than recorded
+    rows_file = next(tmp_path.glob("*.rows.npy"))
+    np.save(rows_file, np.ones((2, 4), np.float32))  # fewer rows than recorded
+    assert StagedVectors.open(progress, 4) is None
+    rows_file.unlink()
+    assert StagedVectors.open(progress, 4) is None
+    record = json.loads(progress.read_text())
+    record["segments"][0]["name"] = "../elsewhere"
+    progress.write_text(json.dumps(record))
     assert StagedVectors.open(progress, 4) is None
 
 
@@ -300,6 +393,55 @@ def test_a_checkpoint_in_the_former_format_is_resumed(collection_dir, caplog):
     assert f"resuming index version {failed.name} at 10 vectors" in caplog.text
     np.testing.assert_allclose(_by_id(ids, vectors), _by_id(ref_ids, ref_vectors), rtol=1e-5, atol=1e-6)
     assert _hidden_files(collection_dir) == []
+
+
+def _poison_stored_embeddings(collection_dir: Path, rows: int) -> None:
+    """Put NaN, +inf and -inf into the first ``rows`` rows of a stored image shard."""
+    shard = sorted((collection_dir / "embeddings" / "image").glob("*.npy"))[0]
+    vectors = np.load(shard)
+    vectors[:rows, ::7] = np.array([np.nan, np.inf, -np.inf], np.float32)[np.arange(rows) % 3, None]
+    np.save(shard, vectors)
+
+
+def test_cli_reindex_never_publishes_nan_or_infinite_vectors(collection_dir, toy_encoder):
+    command = _reindex_command(collection_dir)
+    env = {k: v for k, v in os.environ.items() if k not in (rx.PAUSE_ENV, rx.CHECKPOINT_ENV)}
+    first = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stderr
+    with Collection.open(collection_dir) as collection:
+        old = collection.current_version("image", "c1")
+        before = _vectors(collection, old.name)
+    _poison_stored_embeddings(collection_dir, 3)
+
+    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 1
+    assert "Traceback" not in second.stderr
+    errors = [line for line in second.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, second.stderr
+    with Collection.open(collection_dir) as collection:
+        failed = [v for v in collection.versions() if v.state == "failed"]
+        assert len(failed) == 1
+        assert errors[0] == (f"error: index version {failed[0].name} was not published: 3 of {TOTAL} vectors "
+                             "hold NaN or infinite values (the current version stays in use)")
+        assert collection.current_version("image", "c1").name == old.name  # nothing published
+        assert not failed[0].file.exists()
+        after = _vectors(collection, old.name)
+    np.testing.assert_array_equal(after[0], before[0])
+    np.testing.assert_array_equal(after[1], before[1])
+
+
+def test_a_version_with_nan_is_not_published_through_the_api(collection_dir):
+    with Collection.open(collection_dir) as collection:
+        original = collection.current_version("image")
+        ids = collection.embeddings.ids("image")
+        vectors = collection.embeddings.get("image", ids)
+        vectors[5, 0] = np.nan
+        with pytest.raises(InputError, match=r"was not published: 1 of 40 vectors hold NaN"):
+            with collection.new_index_version(factory="IVF2,Flat", expected_count=len(ids)) as writer:
+                writer.train(vectors[np.isfinite(vectors).all(axis=1)])
+                writer.add(ids, vectors)
+        assert collection.current_version("image").name == original.name
+        assert [v.state for v in collection.versions() if v.factory == "IVF2,Flat"] == ["failed"]
 
 
 def test_leftover_staging_files_of_published_versions_are_swept(collection_dir):

@@ -7,7 +7,8 @@ import faiss
 import numpy as np
 import pytest
 
-from indexing.vector_index import VectorIndex, unit_rows, write_atomically
+from indexing.vector_index import VectorIndex, nonfinite_rows, unit_rows, write_atomically
+from sce_correct.errors import InputError
 
 
 def brute_force_top_k(queries: np.ndarray, vectors: np.ndarray, ids: np.ndarray, k: int):
@@ -103,6 +104,41 @@ def test_save_and_load_round_trip(tmp_path: Path, random_vectors):
     assert loaded.count == len(ids)
     np.testing.assert_array_equal(loaded.ids(), index.ids())
     assert list(tmp_path.joinpath("nested").iterdir()) == [path]  # no temporary left over
+
+
+def test_a_saved_file_is_plain_faiss_and_searches_like_brute_force(tmp_path: Path, random_vectors):
+    ids, vectors = random_vectors
+    index = VectorIndex.create(32)
+    for start in range(0, len(ids), 300):  # added in chunks, as a build does
+        index.add(ids[start : start + 300], vectors[start : start + 300], check_new=False)
+    index.save(tmp_path / "v.faiss")
+    read = faiss.read_index(str(tmp_path / "v.faiss"))  # faiss alone, no code of ours
+    assert isinstance(read, faiss.IndexIDMap2) and read.ntotal == len(ids)
+    queries = unit_rows(np.random.default_rng(9).standard_normal((30, 32)).astype(np.float32))
+    scores, found = read.search(queries, 10)
+    expected_scores, expected_ids = brute_force_top_k(queries, vectors, ids, 10)
+    np.testing.assert_array_equal(found, expected_ids)
+    np.testing.assert_allclose(scores, expected_scores, atol=1e-5)
+
+
+def test_nan_or_infinite_vectors_are_refused(random_vectors):
+    ids, vectors = random_vectors
+    index = VectorIndex.create(32)
+    bad = vectors[:10].copy()
+    bad[3, 4], bad[7, 0] = np.nan, -np.inf
+    with pytest.raises(InputError, match="2 of 10 vectors hold NaN or infinite values"):
+        index.add(ids[:10], bad, normalize=False)
+    assert index.count == 0
+
+
+def test_nonfinite_rows_counts_like_numpy():
+    rng = np.random.default_rng(4)
+    rows = rng.standard_normal((500, 9)).astype(np.float32)
+    assert nonfinite_rows(rows) == 0
+    rows[rng.choice(500, 40, replace=False), rng.integers(0, 9, 40)] = rng.choice([np.nan, np.inf, -np.inf], 40)
+    rows[:5] = 3e38  # finite rows whose sum overflows
+    assert nonfinite_rows(rows) == int((~np.isfinite(rows).all(axis=1)).sum()) > 0
+    assert nonfinite_rows(np.empty((0, 9), np.float32)) == 0
 
 
 def test_failed_save_keeps_the_old_file(tmp_path: Path, random_vectors, monkeypatch):
