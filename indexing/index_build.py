@@ -37,7 +37,7 @@ from indexing.vector_index import (
     unit_rows,
     unit_rows_into,
 )
-from sce_correct.errors import InputError
+from sce_correct.errors import InputError, NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -300,7 +300,7 @@ class IndexBuilder:
         try:
             stamp = os.stat(info.file).st_mtime_ns
         except FileNotFoundError as error:
-            raise FileNotFoundError(
+            raise NotFoundError(
                 f"index file {info.file} of version {info.name!r} is missing"
             ) from error
         cached = self._index_cache.get(info.name)
@@ -308,7 +308,7 @@ class IndexBuilder:
             return cached[1]
         index = VectorIndex.load(info.file, info.factory)
         if index.dim != info.dim:
-            raise ValueError(
+            raise InputError(
                 f"index file {info.file} has dimension {index.dim}, the catalog says {info.dim}"
             )
         self._index_cache[info.name] = (stamp, index)

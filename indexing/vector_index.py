@@ -81,7 +81,7 @@ def _as_ids(ids: np.ndarray | list[int]) -> np.ndarray:
 def check_dim(rows: np.ndarray, dim: int) -> None:
     """ValueError unless the 2-d ``rows`` have ``dim`` columns."""
     if rows.shape[1] != dim:
-        raise ValueError(f"vectors have dimension {rows.shape[1]}, the index has dimension {dim}")
+        raise InputError(f"vectors have dimension {rows.shape[1]}, the index has dimension {dim}")
 
 
 def check_addition(
@@ -165,7 +165,7 @@ class VectorIndex:
             self.index.train(sample)
             self.changes += 1
         except RuntimeError as error:
-            raise ValueError(
+            raise InputError(
                 f"cannot train faiss index {self.factory!r} on {len(sample)} vectors: {error}"
             ) from error
 
@@ -224,7 +224,7 @@ class VectorIndex:
     def search(self, queries: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
         """Top-k by cosine similarity: (scores, ids), each (n_queries, k); missing slots are -1."""
         if k <= 0:
-            raise ValueError(f"k must be positive, got {k}")
+            raise InputError(f"k must be positive, got {k}")
         rows = unit_rows(np.atleast_2d(queries))
         self._check_dim(rows)
         if self.count == 0:

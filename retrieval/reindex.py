@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from indexing.collection import Collection, IndexVersionInfo, IndexVersionWriter
 from indexing.correction_store import load_correction
 from indexing.vector_index import unit_rows, unit_rows_into
+from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ _QUEUE_DEPTH = 1  # chunks waiting between two stages (each stage also holds one
 
 def _paired_source_kind(direction: str) -> str:
     if direction == "t2t":
-        raise ValueError("a t2t correction has no per-item paired source: re-index it with the projection variant")
+        raise InputError("a t2t correction has no per-item paired source: re-index it with the projection variant")
     return SOURCE_KIND[direction]
 
 
@@ -64,21 +65,21 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
             checkpoint_every: int | None = None) -> IndexVersionInfo:
     """Build (or resume) the corrected index version for `correction`; returns it once published."""
     if variant not in VARIANTS:
-        raise ValueError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+        raise InputError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
     if checkpoint_every is None:
         checkpoint_every = int(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT_EVERY)
     if checkpoint_every < 1 or chunk_size < 1:
-        raise ValueError("chunk_size and checkpoint_every must be positive")
+        raise InputError("chunk_size and checkpoint_every must be positive")
     stored = load_correction(collection, correction)
     corrector, info = stored.corrector, stored.info
     kind = info.target_kind
     if variant == "auto":
         variant = "projection" if corrector.kernel == "cosine" else "paired"
     if variant == "projection" and corrector.kernel != "cosine":
-        raise ValueError(f"correction {correction!r} uses the {corrector.kernel} kernel: only the paired variant applies")
+        raise InputError(f"correction {correction!r} uses the {corrector.kernel} kernel: only the paired variant applies")
     total = collection.embeddings.count(kind)
     if total == 0:
-        raise ValueError(f"the collection has no stored {kind} embeddings to re-index")
+        raise InputError(f"the collection has no stored {kind} embeddings to re-index")
     if variant == "projection":
         P = corrector.projection(n_components=info.parameters.get("n_components"),
                                  mode=info.parameters.get("mode", "nullify")).astype(np.float32)
@@ -89,7 +90,7 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
         source_kind = _paired_source_kind(info.direction)
         source_ids = collection.embeddings.ids(source_kind)  # once per job, not per chunk
         if not len(source_ids):
-            raise ValueError(f"the paired variant needs stored {source_kind} embeddings; this collection has none")
+            raise InputError(f"the paired variant needs stored {source_kind} embeddings; this collection has none")
         dim = corrector.feature_map_.n_output_features_
     apply_args = (collection, corrector, P, source_kind, source_ids)
     # The fit's time stamp: a job killed before the correction was fitted again (same name,
