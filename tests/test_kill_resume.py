@@ -49,10 +49,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module", autouse=True)
 def toy_encoder_specs():
-    import indexing
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(indexing, "load_encoder", toy_cli.toy_load_encoder(indexing.load_encoder))
+    with toy_cli.toy_specs_in_process():
         yield
 
 

@@ -9,6 +9,7 @@ that a kill can land part way through a build.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,17 @@ def toy_load_encoder(real):
         return real(spec, device=device)
 
     return load
+
+
+@contextlib.contextmanager
+def toy_specs_in_process():
+    """While open, `indexing.load_encoder` in this process resolves the test specs to the toy encoder."""
+    import indexing
+    import pytest
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(indexing, "load_encoder", toy_load_encoder(indexing.load_encoder))
+        yield
 
 
 def install() -> None:
