@@ -696,7 +696,6 @@ _AB_NEG_WEIGHT = ("known: prints the header and half the columns, then 'error: u
                   "NoneType.__format__'")
 _COMPONENTS = ("known: exit 0, correction stored 'projection: {} concept direction(s) holding 100.0%' "
                "though the centred concept has 2")
-_LEFT_COLLECTION = "known: one line, but leaves new/catalog.sqlite and new/.write.lock (an empty collection) behind"
 _NOT_UTF8_TEXT = "known: one line, only Python's 'utf-8' codec message: names neither the file nor the line"
 KNOWN = {
     **{f"listing_csv_more_fields-row{p}": _MALFORMED_LISTING.format("more") for p in (0, 2, 3)},
@@ -733,8 +732,6 @@ KNOWN = {
     "reindex_unknown_factory": ("known: one line, but leaves an index version in state 'building' (factory Nope99, "
                                 "0 vectors) and a hidden indexes/.image-c1-*.faiss.*.partial file, which a later "
                                 "successful reindex does not sweep"),
-    **{f"build_unknown_encoder-{i}": _LEFT_COLLECTION for i in range(4)},
-    "build_unknown_factory": _LEFT_COLLECTION,
     "report_prompts_not_utf8": _NOT_UTF8_TEXT,
     "evaluate_prompts_not_utf8": _NOT_UTF8_TEXT,
     "report_csv_more_fields": "known: exit 0, the surplus field is ignored and the report written",
