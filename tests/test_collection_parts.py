@@ -434,3 +434,31 @@ def test_creating_a_collection_leaves_no_create_lock(tmp_path, monkeypatch):
         assert result.exit_code == 0, result.output
         hidden = sorted(p.name for p in new.rglob(".*") if p.is_file())
         assert CREATE_LOCK_FILENAME not in hidden and hidden == [LOCK_FILENAME], hidden
+
+
+# -- a damaged collection file is one InputError naming it -----------------------------------
+@pytest.mark.parametrize("damage", ["truncated", "junk", "empty"])
+def test_a_damaged_embedding_file_is_an_input_error_naming_it(tmp_path, damage):
+    collection = _collection(tmp_path, [{}] * 6)
+    [shard] = (tmp_path / "coll" / "embeddings").rglob("*.npy")
+    data = shard.read_bytes()
+    shard.write_bytes({"truncated": data[: len(data) // 2], "junk": b"not numpy " * 20, "empty": b""}[damage])
+    with pytest.raises(InputError, match="damaged embedding file") as caught:
+        collection.embeddings.get("image", collection.item_ids())
+    assert str(shard) in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(InputError, match=shard.name):
+        list(collection.embeddings.iter_chunks("image"))
+    collection.close()
+
+
+def test_damaged_embedding_locations_in_the_catalog_are_an_input_error_naming_it(tmp_path):
+    import sqlite3
+
+    collection = _collection(tmp_path, [{}] * 6)
+    collection.close()
+    with sqlite3.connect(tmp_path / "coll" / "catalog.sqlite") as connection:
+        connection.execute("""UPDATE embeddings SET "row" = 'x' WHERE item_id = 3""")
+    with Collection.open(tmp_path / "coll") as reopened:
+        with pytest.raises(InputError, match="damaged catalog: unreadable embedding locations") as caught:
+            list(reopened.embeddings.iter_chunks("image"))
+    assert "catalog.sqlite" in str(caught.value)
