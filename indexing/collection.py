@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +76,8 @@ DEFAULT_COLLECTION_DIR = Path("sce-collection")
 CATALOG_FILENAME = "catalog.sqlite"
 EMBEDDINGS_DIRNAME = "embeddings"
 LOCK_FILENAME = ".write.lock"
+#: Taken while a catalog is created, and removed by its holder before it lets go (see
+#: :func:`_create_or_open_catalog`), so it is not left in the folder.
 CREATE_LOCK_FILENAME = ".create.lock"
 #: How long opening waits for another process that is creating the same collection.
 CREATE_WAIT_SECONDS = 60.0
@@ -134,6 +137,8 @@ class Collection:
         # process-wide (not per thread) and re-entrant: nested writing() blocks share it
         self._lock = FileLock(root / LOCK_FILENAME, timeout=0, thread_local=False)
         self._corrections: CorrectionRegistry | None = None
+        #: The topmost folder that ``open(create=True)`` made for this collection (None: it existed).
+        self.created_folder: Path | None = None
 
     # -- opening --------------------------------------------------------------------------
     @classmethod
@@ -156,9 +161,10 @@ class Collection:
         root = Path(root) if root is not None else DEFAULT_COLLECTION_DIR
         root = root.expanduser().absolute()
         target = db if db is not None else root / CATALOG_FILENAME
+        created: Path | None = None
         try:
             if create:
-                catalog = _create_or_open_catalog(root, target)
+                catalog, created = _create_or_open_catalog(root, target)
             else:
                 catalog = open_catalog(target, create=False)
         except FileNotFoundError as error:
@@ -166,6 +172,7 @@ class Collection:
                 f"no collection at {root if db is None else db} (build one first)"
             ) from error
         collection = cls(root, catalog)
+        collection.created_folder = created
         if index_dir is not None:
             with catalog.sessions.begin() as session:
                 catalog.set_info(session, "index_dir", str(Path(index_dir).expanduser().absolute()))
@@ -174,6 +181,29 @@ class Collection:
     def close(self) -> None:
         self.builder.clear_cache()
         self.catalog.dispose()
+
+    def discard_if_unused(self) -> bool:
+        """Close, and delete the folder ``open(create=True)`` made, if nothing was committed to it.
+
+        Undoes a first build that failed before it stored an item or a rejected file, so that a
+        refused build of a new collection leaves nothing behind. Not when another process holds
+        the write lock (it is using the collection), nor when the folder existed before. A
+        catalog kept elsewhere (``db=URL``) is not touched. Returns whether it deleted the folder.
+        """
+        folder = self.created_folder
+        try:
+            if folder is None or self.items_store.count() or self.items_store.failure_counts():
+                return False
+            with self.writing():
+                self.close()
+                shutil.rmtree(folder, ignore_errors=True)
+        except (CollectionBusyError, SQLAlchemyError, OSError) as error:  # keep it; the first error is the news
+            logger.debug("kept %s: %s", folder, error)
+            return False
+        finally:
+            self.close()
+        logger.debug("removed %s: the build that created it failed before storing anything", folder)
+        return True
 
     def __enter__(self) -> Collection:
         return self
@@ -500,16 +530,49 @@ class Collection:
         )
 
 
-def _create_or_open_catalog(root: Path, target: str | Path) -> Catalog:
+def _make_folder(root: Path) -> Path | None:
+    """Create ``root`` and its missing parents; return the topmost folder this call made."""
+    top: Path | None = None
+    for folder in [*reversed(root.parents), root]:
+        if folder.is_dir():
+            continue
+        try:
+            folder.mkdir()
+        except FileExistsError:  # made by another process just now: not ours to remove
+            continue
+        top = top or folder
+    return top
+
+
+def _create_or_open_catalog(root: Path, target: str | Path) -> tuple[Catalog, Path | None]:
     """Open the catalog at ``target``, creating it (and ``root``) if missing.
 
-    Processes creating the same collection take turns on a lock file in ``root``, so only
-    one of them creates the schema; the others then open what it created.
+    Returns it and the topmost folder this call created (None when ``root`` existed), which is
+    removed again when creating the catalog fails. Processes creating the same collection take
+    turns on a lock file in ``root``, so only one of them creates the schema; the others then
+    open what it created.
+
+    The lock is filelock's ``FileLock`` (flock on Unix): the kernel releases it when its holder
+    is killed, whereas a ``SoftFileLock`` left by a kill would make every later creator wait
+    :data:`CREATE_WAIT_SECONDS` and fail. It lives in ``root``, the one place this call must be
+    able to write anyway (the parent may be read-only or shared). flock leaves the file on
+    release, so its holder unlinks it before releasing it: a waiter that then locks the unlinked
+    file is one filelock detects (it re-checks ``st_nlink`` after locking and retries on a new
+    file), and even one that slipped through would be safe: creating a catalog with
+    :func:`~indexing.catalog.open_catalog` is idempotent across processes (a test checks both).
     """
-    root.mkdir(parents=True, exist_ok=True)
+    created = _make_folder(root)
+    lock_path = root / CREATE_LOCK_FILENAME
     try:
-        with FileLock(root / CREATE_LOCK_FILENAME, timeout=CREATE_WAIT_SECONDS):
-            return open_catalog(target, create=True)
+        with FileLock(lock_path, timeout=CREATE_WAIT_SECONDS):
+            try:
+                return open_catalog(target, create=True), created
+            except BaseException:
+                if created is not None:  # nothing in it is anyone else's yet
+                    shutil.rmtree(created, ignore_errors=True)
+                raise
+            finally:
+                lock_path.unlink(missing_ok=True)  # while held: see above
     except Timeout as error:
         raise CollectionBusyError(
             f"another process has been creating collection {root} for over "

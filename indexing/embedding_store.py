@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from indexing.atomic import write_atomically
 from indexing.catalog import IN_CHUNK, Catalog, Embedding, EmbeddingKind, EmbeddingShard, in_chunks
-from sce_correct.errors import NotFoundError
+from sce_correct.errors import InputError, NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -223,7 +223,12 @@ class EmbeddingStore:
         starts = np.r_[0, boundaries].tolist()
         stops = np.r_[boundaries, len(item_ids)].tolist()
         for start, stop in zip(starts, stops):
-            stored = np.load(self.directory / files[int(shard_ids[start])], mmap_mode="r")
+            path = self.directory / files[int(shard_ids[start])]
+            try:
+                stored = np.load(path, mmap_mode="r")
+            except (ValueError, EOFError) as error:  # truncated, overwritten: not an .npy array
+                raise InputError(f"{path}: damaged embedding file ({error}); restore the collection "
+                                 "from a backup or build it again") from error
             shard_rows, shard_items = rows[start:stop], item_ids[start:stop]
             first, last = int(shard_rows[0]), int(shard_rows[-1])
             if last - first + 1 == len(shard_rows):  # a run of rows (a full scan): no gather
@@ -273,9 +278,13 @@ class EmbeddingStore:
             parts = []
             with self.catalog.engine.connect() as connection:
                 for shard_id, count, pairs in connection.execute(statement):
-                    values = np.fromstring(pairs, dtype=np.int64, sep=",")
+                    try:  # numpy 2.4 raises on text it cannot parse; older ones warned and stopped short
+                        values = np.fromstring(pairs or "", dtype=np.int64, sep=",")
+                    except ValueError:
+                        values = np.zeros(0, dtype=np.int64)
                     if len(values) != 2 * count:
-                        raise ValueError(f"unreadable embedding locations of shard {shard_id}")
+                        raise InputError(f"{self.catalog.url}: damaged catalog: unreadable embedding "
+                                         f"locations of shard {shard_id}")
                     pairs = values.reshape(-1, 2)
                     parts.append(np.column_stack([pairs[:, 0], np.full(count, shard_id), pairs[:, 1]]))
             return np.concatenate(parts) if parts else np.zeros((0, 3), dtype=np.int64)

@@ -236,9 +236,11 @@ def write_shard(
 
 
 # -- the local runner -------------------------------------------------------------------------
-def resolve_encoder(encoder: str | Encoder | None, collection: Collection) -> Encoder:
+def resolve_encoder(encoder: str | Encoder | None, collection: Collection | None = None) -> Encoder:
     """An encoder object from a spec, an object, or (None) the collection's own encoder."""
     if encoder is None:
+        if collection is None:
+            raise InputError("no encoder given")
         encoder = collection.encoder_name
         if encoder is None:
             raise InputError("the collection has no encoder yet: pass one to build it")
@@ -355,8 +357,20 @@ def build_collection(
     ``options`` are those of :func:`run_build` (factory, image_root, batch_size, workers,
     shard_size, max_pixels, retry_failed, embedding_dtype, progress).
     """
-    with Collection.open(collection_dir, db, create=True, index_dir=index_dir) as collection:
-        return run_build(collection, source, encoder, **options)
+    # A refused build of a new collection leaves nothing behind: the encoder spec and the
+    # factory string are checked before anything is created (loading an encoder loads no
+    # weights), and a build that fails before storing anything removes the folder it created.
+    encoder = resolve_encoder(encoder)
+    if options.get("factory") is not None:
+        VectorIndex.create(encoder.dim, options["factory"])
+    collection = Collection.open(collection_dir, db, create=True, index_dir=index_dir)
+    try:
+        report = run_build(collection, source, encoder, **options)
+    except BaseException:
+        collection.discard_if_unused()
+        raise
+    collection.close()
+    return report
 
 
 def add_to_collection(

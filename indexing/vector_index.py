@@ -121,8 +121,14 @@ class VectorIndex:
             raise ValueError(f"dim must be positive, got {dim}")
         try:
             inner = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
-        except RuntimeError as error:
-            raise ValueError(f"invalid faiss index factory string {factory!r}: {error}") from error
+        except RuntimeError as error:  # faiss's message, without its C++ function and source line
+            import re  # here, so this hunk stays clear of the file's imports (being rewritten elsewhere)
+
+            from sce_correct.errors import InputError
+
+            reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: '.*?' failed: )?", "", str(error), flags=re.S)
+            raise InputError(f"--factory {factory!r} is not a faiss index factory string for {dim}-d vectors "
+                             f"(see faiss's index_factory docs): {reason}") from error
         return cls(faiss.IndexIDMap2(inner), factory)
 
     @classmethod

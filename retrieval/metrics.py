@@ -2,9 +2,10 @@
 
 Feature extraction, caching and file handling live elsewhere (`indexing`); every function
 here takes arrays (embeddings, class probabilities or decoded images) and returns a number
-or a small result dataclass. Inputs are validated up front and a ValueError names the
-argument and what is wrong with it (row counts that differ, too few samples, NaN, or
-embedding widths that differ, which almost always means two different encoders).
+or a small result dataclass. Inputs are validated up front and an InputError (from
+`sce_correct.errors`, also a ValueError) names the argument and what is wrong with it (row
+counts that differ, too few samples, NaN, or embedding widths that differ, which almost
+always means two different encoders).
 
 - `clip_score`: CLIPScore, w * max(cos(image, text), 0), per pair and mean.
 - `frechet_distance`, `frechet_distance_from_features`: Fréchet distance between Gaussian fits.
@@ -25,6 +26,7 @@ from scipy import linalg
 from scipy.special import rel_entr
 
 from sce_correct import rke_score, vendi_score
+from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -105,28 +107,28 @@ class InceptionScoreResult:
 
 
 def _as_features(x, name: str, *, min_rows: int = 1, why: str = "") -> np.ndarray:
-    """Return `x` as a finite float64 (n, d) array, or raise a ValueError naming `name`."""
+    """Return `x` as a finite float64 (n, d) array, or raise an InputError (a ValueError) naming `name`."""
     try:
         arr = np.asarray(x, dtype=np.float64)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"{name} must be a numeric (n, d) array: {exc}") from None
+        raise InputError(f"{name} must be a numeric (n, d) array: {exc}") from None
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D (n, d) array, got shape {arr.shape}")
+        raise InputError(f"{name} must be a 2-D (n, d) array, got shape {arr.shape}")
     if arr.shape[1] < 1:
-        raise ValueError(f"{name} has no feature columns (shape {arr.shape})")
+        raise InputError(f"{name} has no feature columns (shape {arr.shape})")
     if arr.shape[0] < min_rows:
         reason = f" {why}" if why else ""
-        raise ValueError(f"{name} needs at least {min_rows} rows{reason}, got {arr.shape[0]}")
+        raise InputError(f"{name} needs at least {min_rows} rows{reason}, got {arr.shape[0]}")
     finite = np.isfinite(arr)
     if not finite.all():
         bad = np.flatnonzero(~finite.all(axis=1))
-        raise ValueError(f"{name} contains NaN or inf in {bad.size} row(s), first at row {bad[0]}")
+        raise InputError(f"{name} contains NaN or inf in {bad.size} row(s), first at row {bad[0]}")
     return arr
 
 
 def _check_same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
     if a.shape[1] != b.shape[1]:
-        raise ValueError(
+        raise InputError(
             f"{name_a} has {a.shape[1]} dimensions but {name_b} has {b.shape[1]}: "
             "mixed encoders? Both must come from the same encoder."
         )
@@ -134,7 +136,7 @@ def _check_same_dim(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> N
 
 def _check_same_rows(a: np.ndarray, b: np.ndarray, name_a: str, name_b: str) -> None:
     if a.shape[0] != b.shape[0]:
-        raise ValueError(
+        raise InputError(
             f"{name_a} and {name_b} must pair up row by row, got {a.shape[0]} and {b.shape[0]} rows"
         )
 
@@ -143,7 +145,7 @@ def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     zero = np.flatnonzero(norms[:, 0] == 0)
     if zero.size:
-        raise ValueError(
+        raise InputError(
             f"{name} has {zero.size} all-zero row(s) (first at row {zero[0]}), "
             "which have no direction to normalise"
         )
@@ -153,14 +155,14 @@ def _unit_rows(x: np.ndarray, name: str) -> np.ndarray:
 def _positive_int(value, name: str, minimum: int = 1) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
             or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
 def _positive_float(value, name: str) -> float:
     value = float(value)
     if not np.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+        raise InputError(f"{name} must be a finite number > 0, got {value}")
     return value
 
 
@@ -227,7 +229,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
     (pytorch-fid, clean-fid) do: if the square root is not finite, it is recomputed on
     (sigma1 + eps I)(sigma2 + eps I) and a warning is logged; the trace terms keep the
     original covariances. Round-off can leave a small imaginary part on the square root; it
-    is dropped when the imaginary part of the diagonal is below 1e-3, otherwise a ValueError
+    is dropped when the imaginary part of the diagonal is below 1e-3, otherwise an InputError
     is raised. The result is not clipped, so identical inputs may give a tiny negative.
     """
     mu1 = np.atleast_1d(np.asarray(mu1, dtype=np.float64))
@@ -236,20 +238,20 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
     sigma2 = np.atleast_2d(np.asarray(sigma2, dtype=np.float64))
     for name, mu in (("mu1", mu1), ("mu2", mu2)):
         if mu.ndim != 1:
-            raise ValueError(f"{name} must be a 1-D mean vector, got shape {mu.shape}")
+            raise InputError(f"{name} must be a 1-D mean vector, got shape {mu.shape}")
     for name, sigma, mu in (("sigma1", sigma1, mu1), ("sigma2", sigma2, mu2)):
         if sigma.ndim != 2 or sigma.shape != (mu.size, mu.size):
-            raise ValueError(f"{name} must be a ({mu.size}, {mu.size}) covariance matching its "
+            raise InputError(f"{name} must be a ({mu.size}, {mu.size}) covariance matching its "
                              f"mean, got shape {sigma.shape}")
     if mu1.size != mu2.size:
-        raise ValueError(f"the two Gaussians have {mu1.size} and {mu2.size} dimensions: "
+        raise InputError(f"the two Gaussians have {mu1.size} and {mu2.size} dimensions: "
                          "mixed encoders? Both must come from the same encoder.")
     for name, arr in (("mu1", mu1), ("sigma1", sigma1), ("mu2", mu2), ("sigma2", sigma2)):
         if not np.isfinite(arr).all():
-            raise ValueError(f"{name} contains NaN or inf")
+            raise InputError(f"{name} contains NaN or inf")
     eps = float(eps)
     if not np.isfinite(eps) or eps <= 0:
-        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+        raise InputError(f"eps must be a finite number > 0, got {eps}")
 
     covmean = linalg.sqrtm(sigma1 @ sigma2)
     if not np.isfinite(covmean).all():
@@ -260,7 +262,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, *, eps: float = 1e-6) -> float:
     if np.iscomplexobj(covmean):
         largest = float(np.max(np.abs(np.diagonal(covmean).imag)))
         if largest > 1e-3:
-            raise ValueError(f"frechet_distance: the square root of the covariance product has "
+            raise InputError(f"frechet_distance: the square root of the covariance product has "
                              f"an imaginary diagonal part of {largest:.3g}; the covariances are "
                              "not valid (positive semi-definite) or badly conditioned")
         covmean = covmean.real
@@ -319,7 +321,7 @@ def kernel_inception_distance(feats_a, feats_b, *, n_subsets: int = 100, subset_
     gamma = 1.0 / a.shape[1] if gamma is None else _positive_float(gamma, "gamma")
     coef0 = float(coef0)
     if not np.isfinite(coef0):
-        raise ValueError(f"coef0 must be finite, got {coef0}")
+        raise InputError(f"coef0 must be finite, got {coef0}")
 
     m = min(subset_size, a.shape[0], b.shape[0])
     if m < subset_size:
@@ -438,14 +440,14 @@ def inception_score_from_probs(probs, n_splits: int = 10, *,
     p = _as_features(probs, "probs", min_rows=1)
     n_splits = _positive_int(n_splits, "n_splits")
     if p.shape[0] < n_splits:
-        raise ValueError(f"probs has {p.shape[0]} rows, fewer than n_splits={n_splits}; "
+        raise InputError(f"probs has {p.shape[0]} rows, fewer than n_splits={n_splits}; "
                          "need at least one image per split")
     if (p < 0).any():
-        raise ValueError("probs has negative entries; pass softmax probabilities, not logits")
+        raise InputError("probs has negative entries; pass softmax probabilities, not logits")
     row_sums = p.sum(axis=1)
     off = np.flatnonzero(np.abs(row_sums - 1.0) > 1e-3)
     if off.size:
-        raise ValueError(f"probs rows must sum to 1 (softmax probabilities); {off.size} row(s) "
+        raise InputError(f"probs rows must sum to 1 (softmax probabilities); {off.size} row(s) "
                          f"do not, first at row {off[0]} with sum {row_sums[off[0]]:.4g}")
     n = p.shape[0]
     scores = np.empty(n_splits)
@@ -466,15 +468,15 @@ def _image_pair(img_a, img_b) -> tuple[np.ndarray, np.ndarray]:
     a = np.asarray(img_a)
     b = np.asarray(img_b)
     if a.shape != b.shape:
-        raise ValueError(f"paired images must have the same shape, got {a.shape} and {b.shape}; "
+        raise InputError(f"paired images must have the same shape, got {a.shape} and {b.shape}; "
                          "resize one of them first")
     if a.ndim not in (2, 3):
-        raise ValueError(f"images must be H x W or H x W x C arrays, got shape {a.shape}")
+        raise InputError(f"images must be H x W or H x W x C arrays, got shape {a.shape}")
     for name, img in (("img_a", a), ("img_b", b)):
         if not np.issubdtype(img.dtype, np.number):
-            raise ValueError(f"{name} must be a numeric array, got dtype {img.dtype}")
+            raise InputError(f"{name} must be a numeric array, got dtype {img.dtype}")
         if not np.isfinite(img).all():
-            raise ValueError(f"{name} contains NaN or inf")
+            raise InputError(f"{name} contains NaN or inf")
     return a, b
 
 
@@ -504,7 +506,7 @@ def ssim(img_a, img_b, data_range: float = 255) -> float:
     a, b = _image_pair(img_a, img_b)
     data_range = _positive_float(data_range, "data_range")
     if min(a.shape[:2]) < 11:
-        raise ValueError(f"ssim needs images of at least 11 x 11 pixels for its window, got "
+        raise InputError(f"ssim needs images of at least 11 x 11 pixels for its window, got "
                          f"{a.shape[0]} x {a.shape[1]}")
     from skimage.metrics import structural_similarity
 

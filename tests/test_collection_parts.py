@@ -289,7 +289,8 @@ def test_processes_creating_the_same_collection_at_once(tmp_path, rounds):
         outcomes = sorted(results.get(timeout=180) for _ in processes)
         for process in processes:
             process.join(timeout=60)
-        # every process created or opened the one catalog, and its item is in it
+        # every process created or opened the one catalog, and its item is in it; the create lock is gone
+        assert not (root / ".create.lock").exists()
         assert [outcome[1] for outcome in outcomes] == ["ok"] * workers, outcomes
         with Collection.open(root) as collection:
             assert collection.encoder_name == "toy" and collection.dim == 4
@@ -343,3 +344,121 @@ def test_a_database_that_fails_is_one_catalog_error(tmp_path):
     result = CliRunner().invoke(app, ["index", "info", "-c", str(tmp_path / "coll")])
     assert result.exit_code == 1 and "not a database" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+# -- a refused build of a new collection leaves nothing behind --------------------------------
+def _listing(tmp_path: Path, n: int = 3) -> Path:
+    from conftest import make_image, write_csv
+
+    rows = [{"file": str(make_image(tmp_path / "imgs" / f"{i}.png", seed=i)), "caption": f"item {i}"}
+            for i in range(n)]
+    return write_csv(tmp_path / "list.csv", rows, ["file", "caption"])
+
+
+def _toy_encoders(monkeypatch) -> None:
+    """Any spec but 'clip' and 'open_clip:' (which the real parser refuses) is the toy encoder."""
+    import indexing
+    from conftest import ToyEncoder
+
+    real = indexing.load_encoder
+    monkeypatch.setattr(indexing, "load_encoder",
+                        lambda spec, device=None: real(spec) if spec in ("clip", "open_clip:") else ToyEncoder())
+
+
+def _assert_no_collection(new: Path) -> None:
+    result = CliRunner().invoke(app, ["index", "info", "-c", str(new)])
+    assert result.exit_code == 1 and "no collection" in result.output, result.output
+
+
+@pytest.mark.parametrize("options, fragment", [
+    (["--encoder", "clip"], "invalid encoder spec 'clip'"),
+    (["--encoder", "open_clip:"], "invalid encoder spec"),
+    (["--factory", "IVF0,Nope"], "--factory 'IVF0,Nope' is not a faiss index factory string"),
+    (["--factory", "Nope99"], "could not parse index string Nope99"),
+])
+@pytest.mark.parametrize("nested", [False, True])
+def test_a_refused_build_of_a_new_collection_leaves_nothing(tmp_path, monkeypatch, options, fragment, nested):
+    _toy_encoders(monkeypatch)
+    listing = _listing(tmp_path)
+    new = tmp_path / "a" / "b" / "new" if nested else tmp_path / "new"
+    result = CliRunner().invoke(app, ["index", "build", str(listing), "-c", str(new), *options, "-q"])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and fragment in lines[0], result.output
+    assert "Error in" not in lines[0] and ".cpp" not in lines[0]
+    assert not new.exists() and not (tmp_path / "a").exists()
+    _assert_no_collection(new)
+
+
+def test_a_new_collection_whose_build_fails_after_creating_it_is_removed(tmp_path, monkeypatch):
+    _toy_encoders(monkeypatch)
+    empty = tmp_path / "empty.csv"
+    empty.write_text("file,caption\n")  # refused when read, after the catalog was created
+    new = tmp_path / "x" / "new"
+    result = CliRunner().invoke(app, ["index", "build", str(empty), "-c", str(new), "-q"])
+    assert result.exit_code == 1 and "nothing listed" in result.output, result.output
+    assert not (tmp_path / "x").exists()
+    _assert_no_collection(new)
+
+
+def test_a_refused_build_keeps_a_folder_that_existed(tmp_path, monkeypatch):
+    _toy_encoders(monkeypatch)
+    folder = tmp_path / "mine"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("the user's")
+    result = CliRunner().invoke(app, ["index", "build", str(_listing(tmp_path)), "-c", str(folder),
+                                      "--factory", "Nope99", "-q"])
+    assert result.exit_code == 1
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+
+
+def test_a_failed_build_keeps_what_it_stored(tmp_path):
+    collection = Collection.open(tmp_path / "new", create=True)
+    assert collection.created_folder == tmp_path / "new"
+    collection.bind_encoder("toy", 4)
+    collection.add_items([NewItem(uri="/img/0.png", sha256="0" * 64, width=1, height=1)],
+                         np.ones((1, 4), dtype=np.float32))
+    assert collection.discard_if_unused() is False
+    with Collection.open(tmp_path / "new") as reopened:
+        assert len(reopened.item_ids()) == 1 and reopened.created_folder is None
+        assert reopened.discard_if_unused() is False
+    assert (tmp_path / "new").is_dir()
+
+
+def test_creating_a_collection_leaves_no_create_lock(tmp_path, monkeypatch):
+    from indexing.collection import CREATE_LOCK_FILENAME, LOCK_FILENAME
+
+    _toy_encoders(monkeypatch)
+    new = tmp_path / "new"
+    for command in ("build", "build", "add"):  # create, then open it again twice
+        result = CliRunner().invoke(app, ["index", command, str(_listing(tmp_path)), "-c", str(new), "-q"])
+        assert result.exit_code == 0, result.output
+        hidden = sorted(p.name for p in new.rglob(".*") if p.is_file())
+        assert CREATE_LOCK_FILENAME not in hidden and hidden == [LOCK_FILENAME], hidden
+
+
+# -- a damaged collection file is one InputError naming it -----------------------------------
+@pytest.mark.parametrize("damage", ["truncated", "junk", "empty"])
+def test_a_damaged_embedding_file_is_an_input_error_naming_it(tmp_path, damage):
+    collection = _collection(tmp_path, [{}] * 6)
+    [shard] = (tmp_path / "coll" / "embeddings").rglob("*.npy")
+    data = shard.read_bytes()
+    shard.write_bytes({"truncated": data[: len(data) // 2], "junk": b"not numpy " * 20, "empty": b""}[damage])
+    with pytest.raises(InputError, match="damaged embedding file") as caught:
+        collection.embeddings.get("image", collection.item_ids())
+    assert str(shard) in str(caught.value) and "\n" not in str(caught.value)
+    with pytest.raises(InputError, match=shard.name):
+        list(collection.embeddings.iter_chunks("image"))
+    collection.close()
+
+
+def test_damaged_embedding_locations_in_the_catalog_are_an_input_error_naming_it(tmp_path):
+    import sqlite3
+
+    collection = _collection(tmp_path, [{}] * 6)
+    collection.close()
+    with sqlite3.connect(tmp_path / "coll" / "catalog.sqlite") as connection:
+        connection.execute("""UPDATE embeddings SET "row" = 'x' WHERE item_id = 3""")
+    with Collection.open(tmp_path / "coll") as reopened:
+        with pytest.raises(InputError, match="damaged catalog: unreadable embedding locations") as caught:
+            list(reopened.embeddings.iter_chunks("image"))
+    assert "catalog.sqlite" in str(caught.value)

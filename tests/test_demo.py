@@ -139,3 +139,11 @@ def test_demo_examples_show_the_dominant_value_drop(sample_slice, tmp_path, caps
 
 def test_colour_words_are_the_colour_concept_sets_prompts():
     assert set(COLOURS) == set(load_concept_set(shipped_data("concepts", "colour.csv")).prompts)
+
+
+def test_a_missing_sample_corpus_is_a_not_found_error(tmp_path):
+    from sce_correct.errors import NotFoundError
+
+    with pytest.raises(NotFoundError, match=r"the sample corpus is missing .*captions\.csv"):
+        ensure_demo_collection(tmp_path / "coll", data_dir=tmp_path / "no-data", progress=False)
+    assert not (tmp_path / "coll").exists()

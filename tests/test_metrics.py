@@ -19,6 +19,7 @@ from retrieval.metrics import (
     inception_score_from_probs, kernel_inception_distance, psnr, rke_from_features, ssim,
     vendi_score_from_features,
 )
+from sce_correct.errors import InputError
 
 
 def gaussian_sets(seed: int, n_a: int, n_b: int, d: int, shift: float = 0.3):
@@ -105,7 +106,7 @@ def test_frechet_distance_adds_eps_offset_when_square_root_is_not_finite(monkeyp
 
 def test_frechet_distance_rejects_large_imaginary_square_root(monkeypatch):
     monkeypatch.setattr(scipy.linalg, "sqrtm", lambda m, *a, **k: np.eye(len(m)) * (1 + 0.5j))
-    with pytest.raises(ValueError, match="imaginary"):
+    with pytest.raises(InputError, match="imaginary"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3))
 
 
@@ -410,9 +411,15 @@ def test_ssim_falls_with_noise_and_is_symmetric():
     (lambda: inception_score_from_probs(-np.full((20, 4), 0.25), n_splits=2), "logits"),
     (lambda: psnr(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 9, 3), np.uint8)), "same shape"),
     (lambda: ssim(np.zeros((8, 8, 3), np.uint8), np.zeros((8, 8, 3), np.uint8)), "11 x 11"),
+    (lambda: clip_score([["a", "b"]], np.ones((1, 2))), "numeric"),
+    (lambda: kernel_inception_distance(np.ones((4, 3)), np.ones((4, 3)), coef0=float("inf")), "coef0"),
+    (lambda: kernel_inception_distance(np.ones((4, 3)), np.ones((4, 3)), gamma=-1.0), "gamma"),
+    (lambda: frechet_distance(np.zeros(3), np.eye(3), np.zeros(3), np.eye(3), eps=0.0), "eps"),
+    (lambda: frechet_distance(np.full(3, np.nan), np.eye(3), np.zeros(3), np.eye(3)), "NaN"),
+    (lambda: psnr(np.zeros((2, 2, 2, 2)), np.zeros((2, 2, 2, 2))), "H x W"),
 ])
-def test_bad_input_raises_a_named_value_error(call, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_input_raises_a_named_input_error(call, message):  # an InputError is a ValueError
+    with pytest.raises(InputError, match=message):
         call()
 
 
@@ -421,5 +428,5 @@ def test_nan_is_reported_with_the_argument_name():
     a[4, 1] = np.nan
     for fn in (frechet_distance_from_features, kernel_inception_distance, cmmd):
         message = r"feats_a contains NaN or inf in 1 row\(s\), first at row 4"
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(InputError, match=message):
             fn(a, b)

@@ -86,6 +86,22 @@ def test_invalid_factory_is_a_value_error():
         VectorIndex.create(8, "NotAnIndex,42")
 
 
+@pytest.mark.parametrize("factory, reason", [
+    ("Nope99", "could not parse index string Nope99"),
+    ("IVF0,Nope", "could not parse code description Nope in IVF0,Nope"),
+    ("PQ7", "should be a multiple of the number of subquantizers"),  # valid, but not for 8-d vectors
+])
+def test_invalid_factory_is_one_input_error_with_faiss_short_reason(factory, reason):
+    from sce_correct.errors import InputError
+
+    with pytest.raises(InputError) as caught:
+        VectorIndex.create(8, factory)
+    message = str(caught.value)
+    assert message.startswith(f"--factory {factory!r} is not a faiss index factory string"), message
+    assert "index_factory docs" in message and reason in message, message
+    assert "Error in" not in message and ".cpp" not in message and "\n" not in message, message
+
+
 def test_hnsw_cannot_remove_in_place(random_vectors):
     ids, vectors = random_vectors
     index = VectorIndex.create(32, "HNSW8")
