@@ -462,6 +462,7 @@ class Collection:
         dim = dim if dim is not None else self.dim
         if encoder is None or dim is None:
             raise InputError("the collection has no encoder yet; build it first")
+        VectorIndex.create(int(dim), factory)  # a bad factory string fails before a version is recorded
         with self.writing():
             with self.builder.build(
                 kind=kind, correction=correction, factory=factory or DEFAULT_FACTORY, encoder=encoder,

@@ -89,11 +89,14 @@ def parse_where(clauses: str | Iterable[str] | None) -> dict[str, str]:
     else:
         pieces = clauses
     where: dict[str, str] = {}
+    from_text = isinstance(clauses, str)
     for clause in pieces:
         if not isinstance(clause, str):
             raise InputError(f"a filter is written key=value, got {clause!r}")
         if not clause.strip():
-            continue
+            if from_text:  # blank lines of the UI's textbox
+                continue
+            raise InputError("a filter is written key=value (e.g. category=people), got an empty --where")
         key, sep, value = clause.partition("=")
         if not sep or not key.strip():
             raise InputError(f"a filter is written key=value (e.g. category=people), got {clause.strip()!r}")

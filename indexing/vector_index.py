@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -122,10 +123,6 @@ class VectorIndex:
         try:
             inner = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
         except RuntimeError as error:  # faiss's message, without its C++ function and source line
-            import re  # here, so this hunk stays clear of the file's imports (being rewritten elsewhere)
-
-            from sce_correct.errors import InputError
-
             reason = re.sub(r"^Error in .*? at \S+:\d+: (Error: '.*?' failed: )?", "", str(error), flags=re.S)
             raise InputError(f"--factory {factory!r} is not a faiss index factory string for {dim}-d vectors "
                              f"(see faiss's index_factory docs): {reason}") from error

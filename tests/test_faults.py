@@ -484,10 +484,8 @@ def search_opts(*opts, query="item 3"):
     return lambda d, w: ["search", query, "-c", w.coll, *map(str, opts)]
 
 
-for value in (10**12, 2**62, 2**63, 10**30):
-    refused(f"search_k_huge-{value}", search_opts("-k", value), match=r"-k|top.k|results")
-refused("search_k_huge_corrected", search_opts("-k", 10**12, "--correction", "c1"), match=r"-k|top.k|results")
-refused("search_k_huge_ab", search_opts("-k", 10**12, "--ab", "c1"), match=r"-k|top.k|results")
+# A -k beyond the collection's size is not an error: it is capped at the size (see
+# test_k_beyond_the_collection_returns_every_item_once below).
 for value in (0, -1, -(10**12)):
     refused(f"search_k-{value}", search_opts("-k", value), match=r"-k|top.k")
 for value in (0, -3):
@@ -771,7 +769,7 @@ def sce_process(*args, cwd: Path) -> subprocess.CompletedProcess:
 
 
 SUBPROCESS_CASES = [c for c in REFUSED if c.id in {
-    "search_image-truncated_png_45", "concept_more_fields-row4", "listing_csv_not_utf8-0", "search_k_huge-1000000000000",
+    "search_image-truncated_png_45", "concept_more_fields-row4", "listing_csv_not_utf8-0", "search_k--1",
     "report_where_not_key_value-0", "reindex_unknown_correction", "listing_empty-header_only.csv",
     "fit_components_beyond_concept-8", "search_k-0", "report_mismatch-one_based_names",
 }]
@@ -800,3 +798,15 @@ def test_an_overflowing_strength_never_reaches_a_published_index(world: World, c
     assert not re.search(r"ready\s+image\s+correction=s308", info), info
     hits = invoke("search", "item 3", "--correction", "s308", "--strategy", "reindexed", "--json", "-c", world.coll)
     assert hits.exit_code != 0 or all(np.isfinite(h["score"]) for h in json.loads(hits.stdout))
+
+
+@pytest.mark.parametrize("opts", [("-k", 10**12), ("-k", 2**63), ("-k", 10**30), ("-k", 10**12, "--correction", "c1"),
+                                  ("-k", 10**12, "--ab", "c1")], ids=["1e12", "2^63", "1e30", "corrected", "ab"])
+def test_k_beyond_the_collection_returns_every_item_once(opts, world: World, case_dir: Path):
+    """Handled correctly rather than refused: -k is capped at the collection's size, with
+    no allocation of k rows, and every item appears once (in each column of an A/B)."""
+    result = invoke(*search_opts(*opts)(case_dir, world))
+    assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+    rows = [line for line in result.stdout.splitlines() if re.match(r"\s*\d+\s", line)]
+    assert len(rows) == len(world.images), result.stdout
+    assert snapshot(world.coll) == world.pristine

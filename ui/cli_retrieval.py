@@ -293,6 +293,9 @@ def report_command(
                 raise InputError(f"{len(pairs)} pairs but --limit {limit}; --limit applies to collection reports")
             report = report_for_pairs(indexing.load_encoder(encoder or "default"), pairs, progress=not quiet, **kw)
         else:
+            if images is not None:
+                raise InputError(f"--images {images} needs --prompts (the prompts its images pair with); "
+                                 "without --prompts the report is of the collection")
             clauses = parse_where(where)  # a bad clause fails before anything is loaded
             with _open(collection, db) as opened:
                 report = report_for_collection(opened, opened.load_encoder(), where=clauses, limit=limit, **kw)
