@@ -25,7 +25,7 @@ from indexing.collection import Collection
 from indexing.correction_store import CorrectionInfo, list_corrections
 from indexing.shipped_data import shipped_data
 from sce_correct.errors import InputError, NotFoundError
-from ui.app_uploads import DEFAULT_MAX_PIXELS
+from ui.app_uploads import DEFAULT_MAX_PIXELS, stage_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +124,14 @@ class AppState:
         """Drop cached correctors after a fit or re-index (a replaced correction must be re-read)."""
         self._retriever = None
 
+    def stage_upload(self, table: Any, images: Any, what: str, missing: str) -> tuple[Path, Path]:
+        """Copy an uploaded table and its images into a fresh scratch folder (``what``), checked
+        as `ui.app_uploads.stage_pairs` checks them; ``missing``: the message when no table came."""
+        tables = uploaded_files(table)
+        if not tables:
+            raise InputError(missing)
+        return stage_pairs(tables[0], uploaded_files(images), self.scratch(what), max_pixels=self.max_pixels)
+
     def scratch(self, what: str) -> Path:
         """A new folder in the app's scratch space (plots, staged uploads, reports)."""
         path = self.work_dir / f"{what}-{uuid.uuid4().hex[:10]}"
@@ -167,15 +175,10 @@ class AppState:
     def concept_set(self, choice: str | None, table: Any, images: Any):
         """The chosen shipped concept set, or the uploaded one (staged: only its uploaded images)."""
         from retrieval.concepts import load_concept_set
-        from ui.app_uploads import stage_pairs
-
         if choice == UPLOAD_CHOICE or (not choice and uploaded_files(table)):
-            tables = uploaded_files(table)
-            if not tables:
-                raise InputError("upload a concept CSV (columns prompt,image or source,target), "
-                                 "or pick one of the shipped concept sets")
-            staged, _ = stage_pairs(tables[0], uploaded_files(images), self.scratch("concept"),
-                                    max_pixels=self.max_pixels)
+            staged, _ = self.stage_upload(table, images, "concept",
+                                          "upload a concept CSV (columns prompt,image or source,target), "
+                                          "or pick one of the shipped concept sets")
             return load_concept_set(staged)
         if not choice:
             raise InputError("pick one of the shipped concept sets or upload one")

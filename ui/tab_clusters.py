@@ -18,7 +18,6 @@ from indexing.items import parse_where
 from sce_correct.errors import InputError
 from ui.app_errors import bind
 from ui.app_state import UPLOAD_CHOICE, AppState, score_markdown, uploaded_files
-from ui.app_uploads import stage_pairs
 
 MAX_MODES = 6
 
@@ -48,14 +47,11 @@ class PairedSetActions:
             pairs = PairedSet(concept_set.prompts, list(concept_set.images), f"concept set {concept_set.source.name}")
             return report_for_pairs(state.encoder, pairs, **kwargs)
         if source == UPLOAD_CHOICE:
-            tables = uploaded_files(table)
-            if not tables:
-                raise InputError("upload a prompts file (CSV/JSONL with image and prompt columns, or a text file "
-                                 "with one prompt a line) and its images")
-            staged, images_dir = stage_pairs(tables[0], uploaded_files(images), state.scratch("pairs"),
-                                             max_pixels=state.max_pixels)
+            staged, images_dir = state.stage_upload(
+                table, images, "pairs", "upload a prompts file (CSV/JSONL with image and prompt columns, or a text "
+                                        "file with one prompt a line) and its images")
             pairs = load_pairs(staged, images_dir if staged.suffix.lower() == ".txt" else None)
-            pairs = replace(pairs, source=f"uploaded {Path(tables[0]).name}")
+            pairs = replace(pairs, source=f"uploaded {Path(uploaded_files(table)[0]).name}")
             return report_for_pairs(state.encoder, pairs, **kwargs)
         raise InputError(f"unknown report source {source!r}")
 
