@@ -18,8 +18,8 @@ catalog. The index versions are then synced from the stored embeddings
 (:meth:`Collection.sync_index`), as after a build.
 
 Memory: the vectors are memory-mapped and copied ``chunk_rows`` rows at a time, the metadata
-read per file in batches of as many rows; the catalog's URIs are held as a set, as
-``sce index add`` does. ``benchmarks/bench_import.py`` measures the peak.
+read per file in batches of as many rows, and which paths the catalog holds already is asked
+per chunk (not held as a set of every URI). ``benchmarks/bench_import.py`` measures the peak.
 """
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from sqlalchemy import func, select
 from tqdm.auto import tqdm
 
-from indexing.catalog import EmbeddingKind
+from indexing.catalog import EmbeddingKind, Item, in_chunks
 from indexing.collection import Collection, IndexVersionInfo, NewItem
 from indexing.embedding_layout import CAPTION_COLUMN, PATH_COLUMN, LayoutShard, read_layout
 from indexing.readers import metadata_value
@@ -47,7 +48,7 @@ ITEM_COLUMNS = ("sha256", "width", "height")
 #: The exporting collection's item id: not metadata here (the catalog gives its own ids).
 ID_COLUMN = "id"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-DEFAULT_CHUNK_ROWS = 16384
+DEFAULT_CHUNK_ROWS = 8192
 
 
 @dataclass
@@ -139,9 +140,9 @@ def import_embeddings(
         if factory is not None:
             VectorIndex.create(layout.dim, factory)  # a bad factory fails before anything is written
         collection.embeddings.remove_unreferenced_files()
-        known = collection.known_uris(include_failures=False)
-        seen: set[str] = set()
         catalog = collection.catalog
+        with catalog.session() as session:  # items above this id are this import's
+            last_id = int(session.scalar(select(func.max(Item.id))) or 0)
         bar = tqdm(total=layout.rows, unit="row", desc="importing", disable=not progress)
         try:
             with bar, catalog.sessions.begin() as session:
@@ -149,7 +150,7 @@ def import_embeddings(
                     catalog.set_info(session, "encoder", name)
                     catalog.set_info(session, "dim", str(layout.dim))
                 for shard in layout.shards:
-                    _import_shard(collection, session, shard, name, known, seen, report, int(chunk_rows), bar)
+                    _import_shard(collection, session, shard, name, last_id, report, int(chunk_rows), bar)
         except BaseException:
             collection.embeddings.remove_unreferenced_files()  # the shards of the rolled-back rows
             raise
@@ -163,12 +164,14 @@ def import_embeddings(
     return report
 
 
-def _import_shard(collection: Collection, session: Any, shard: LayoutShard, encoder: str, known: set[str],
-                  seen: set[str], report: ImportReport, chunk_rows: int, bar: Any) -> None:
+def _import_shard(collection: Collection, session: Any, shard: LayoutShard, encoder: str, last_id: int,
+                  report: ImportReport, chunk_rows: int, bar: Any) -> None:
     """Write one shard's new rows (items, image and caption embeddings) inside ``session``.
 
-    ``known``: URIs in the catalog before the import; ``seen``: those this import took (a
-    path listed twice is taken once)."""
+    Which paths are in the catalog already is asked of the catalog per chunk, inside the
+    import's transaction (so it sees the rows this import wrote: a path listed twice is taken
+    once), rather than held as a set of every URI: memory stays a chunk's worth. Items with
+    ids above ``last_id`` are this import's."""
     images = shard.vectors("image")
     texts = shard.vectors("text") if shard.text is not None else None
     image_dtype = _stored_dtype(images)
@@ -176,16 +179,19 @@ def _import_shard(collection: Collection, session: Any, shard: LayoutShard, enco
     start = 0
     for columns in shard.metadata_batches(chunk_rows):
         count = len(columns[PATH_COLUMN])
+        chunk = [_new_item(shard, start + offset, {key: values[offset] for key, values in columns.items()})
+                 for offset in range(count)]
+        present = _present(session, [item.uri for item in chunk])
         rows, items = [], []
-        for offset in range(count):
-            item = _new_item(shard, start + offset, {key: values[offset] for key, values in columns.items()})
-            if item.uri in known:
-                report.already_known += 1
+        for offset, item in enumerate(chunk):
+            held = present.get(item.uri)
+            if held is not None:
+                if held > last_id:
+                    report.repeated_paths += 1
+                else:
+                    report.already_known += 1
                 continue
-            if item.uri in seen:
-                report.repeated_paths += 1
-                continue
-            seen.add(item.uri)
+            present[item.uri] = last_id + 1  # taken now: a repeat later in this chunk is one
             rows.append(start + offset)
             items.append(item)
         if items:
@@ -206,6 +212,14 @@ def _import_shard(collection: Collection, session: Any, shard: LayoutShard, enco
                     report.captions_added += int(keep.sum())
         start += count
         bar.update(count)
+
+
+def _present(session: Any, uris: list[str]) -> dict[str, int]:
+    """uri -> item id of those of ``uris`` the catalog holds (as this transaction sees it)."""
+    found: dict[str, int] = {}
+    for chunk in in_chunks(list(dict.fromkeys(uris))):
+        found.update(session.execute(select(Item.uri, Item.id).where(Item.uri.in_(chunk))).all())
+    return found
 
 
 def _stored_dtype(array: np.ndarray) -> str:

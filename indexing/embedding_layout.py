@@ -43,7 +43,7 @@ IMAGE_DIR, TEXT_DIR, METADATA_DIR = "img_emb", "text_emb", "metadata"
 IMAGE_PREFIX, TEXT_PREFIX, METADATA_PREFIX = "img_emb_", "text_emb_", "metadata_"
 PATH_COLUMN, CAPTION_COLUMN = "image_path", "caption"
 #: Rows checked for NaN/inf, or read from a parquet file, at a time.
-CHECK_ROWS = 65536
+CHECK_ROWS = 8192
 
 _NUMBER = r"(\d+)"
 
@@ -99,7 +99,9 @@ def open_vectors(path: Path) -> np.ndarray:
     except FileNotFoundError:
         raise NotFoundError(f"{path}: missing") from None
     except (ValueError, EOFError, OSError) as error:
-        raise InputError(f"{path}: not a readable .npy array ({error})") from None
+        # numpy reads a file without its header as pickled data: not a reason worth repeating
+        reason = "" if "pickle" in str(error) else f" ({' '.join(str(error).split())})"
+        raise InputError(f"{path}: not a readable .npy array file{reason}") from None
     if not isinstance(array, np.ndarray):
         raise InputError(f"{path}: not a .npy array")
     if array.ndim != 2:
@@ -112,15 +114,17 @@ def open_vectors(path: Path) -> np.ndarray:
 
 
 def check_finite(path: Path, array: np.ndarray, rows: int = CHECK_ROWS) -> None:
-    """InputError naming ``path`` and its first bad row when ``array`` holds NaN or infinite values."""
+    """InputError naming ``path``, its first bad row and how many there are when ``array`` holds
+    NaN or infinite values (read ``rows`` rows at a time)."""
+    first, bad = None, 0
     for start in range(0, len(array), rows):
-        block = np.asarray(array[start : start + rows])
-        good = np.isfinite(block).all(axis=1)
+        good = np.isfinite(np.asarray(array[start : start + rows])).all(axis=1)
         if not good.all():
-            bad = int(np.count_nonzero(~good))
-            first = start + int(np.flatnonzero(~good)[0])
-            raise InputError(f"{path}: row {first} holds NaN or infinite values ({bad} such rows in "
-                             f"rows {start}-{start + len(block) - 1}); nothing was imported")
+            bad += int(np.count_nonzero(~good))
+            first = start + int(np.flatnonzero(~good)[0]) if first is None else first
+    if first is not None:
+        raise InputError(f"{path}: row {first} holds NaN or infinite values ({bad} of its {len(array)} rows do); "
+                         "nothing was imported")
 
 
 def _parquet(path: Path):

@@ -446,7 +446,7 @@ def test_export_then_import_round_trips(built, float16):
     args = ["--float16"] if float16 else []
     r = invoke("index", "export", out, "-c", coll, "--shard-size", "15", *args, "-q")
     assert r.exit_code == 0, r.output
-    assert "exported 40 image vectors" in r.output and "3 shards" in r.output
+    assert "exported 40 image vectors" in r.output and "3 shard(s)" in r.output
     vectors, rows, shards = read_folder(out)
     assert shards == 3 and len(rows) == 40 and vectors.dtype == (np.float16 if float16 else np.float32)
     assert not [p for p in tmp.iterdir() if p.name.startswith(".export")]

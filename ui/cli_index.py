@@ -376,4 +376,4 @@ def export_command(
                                        dtype="float16" if float16 else "float32", progress=not quiet)
         extra = f", {report.captions} caption embeddings in text_emb/" if report.captions else ""
         typer.echo(f"exported {report.rows} {report.kind} vectors ({report.source}, dim {report.dim}, {report.dtype}) "
-                   f"in {report.shards} shards to {report.out_dir}{extra}")
+                   f"in {report.shards} shard(s) to {report.out_dir}{extra}")

@@ -247,7 +247,7 @@ def search_command(
         from retrieval.search import Retriever
 
         if sum(given is not None for given in (query, image, vector)) != 1:
-            raise InputError("give a text query, --image PATH or --vector Q.npy (one of them)")
+            raise InputError("give a text query or --image PATH or --vector Q.npy (one of them)")
         if ab and correction and ab != correction:
             raise InputError("--ab already names the correction; drop --correction")
         rows = _read_query_vectors(vector) if vector is not None else None
