@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from indexing.catalog import EmbeddingKind, Item, in_chunks
 from indexing.collection import Collection, IndexVersionInfo, NewItem
-from indexing.embedding_layout import CAPTION_COLUMN, PATH_COLUMN, LayoutShard, read_layout
+from indexing.embedding_layout import CAPTION_COLUMN, PATH_COLUMN, LayoutShard, read_layout, release_pages
 from indexing.readers import metadata_value
 from indexing.vector_index import VectorIndex
 from sce_correct.errors import InputError, MissingDependencyError
@@ -212,6 +212,9 @@ def _import_shard(collection: Collection, session: Any, shard: LayoutShard, enco
                     report.captions_added += int(keep.sum())
         start += count
         bar.update(count)
+        for mapped in (images, texts):
+            if mapped is not None:
+                release_pages(mapped)  # the rows just copied: resident no more
 
 
 def _present(session: Any, uris: list[str]) -> dict[str, int]:

@@ -23,6 +23,7 @@ a partial export and a failed one leaves nothing.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -113,11 +114,25 @@ def open_vectors(path: Path) -> np.ndarray:
     return array
 
 
+def release_pages(array: np.ndarray) -> None:
+    """Drop the pages of a memory-mapped array from this process's resident set (the kernel
+    keeps them in its page cache): a scan then holds about a chunk of the file resident, not
+    all of it. A no-op for arrays that are not memory maps, or where madvise is missing."""
+    handle = getattr(array, "_mmap", None)  # numpy's memmap keeps its mmap.mmap here
+    if handle is not None and hasattr(handle, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+        try:
+            handle.madvise(mmap.MADV_DONTNEED)
+        except (OSError, ValueError):  # a closed or unusual mapping: only a memory hint was lost
+            pass
+
+
 def check_finite(path: Path, array: np.ndarray, rows: int = CHECK_ROWS) -> None:
     """InputError naming ``path``, its first bad row and how many there are when ``array`` holds
     NaN or infinite values (read ``rows`` rows at a time)."""
     first, bad = None, 0
     for start in range(0, len(array), rows):
+        if start % (8 * rows) == 0:
+            release_pages(array)
         good = np.isfinite(np.asarray(array[start : start + rows])).all(axis=1)
         if not good.all():
             bad += int(np.count_nonzero(~good))
@@ -293,4 +308,5 @@ class LayoutWriter:
 
 
 __all__ = ["EmbeddingLayout", "LayoutShard", "LayoutWriter", "read_layout", "open_vectors", "check_finite",
+           "release_pages",
            "IMAGE_DIR", "TEXT_DIR", "METADATA_DIR", "PATH_COLUMN", "CAPTION_COLUMN"]
