@@ -103,6 +103,7 @@ class Retriever:
         self.collection = collection
         self._encoder = encoder  # None: the collection's own, loaded when a text/image query needs it
         self.nprobe = check_nprobe(nprobe)
+        self._dim = collection.dim  # the embedding space's dimension, checked against each query
         self._corrections: dict[str, CorrectionView] = {}
 
     @property
@@ -169,7 +170,7 @@ class Retriever:
         q = np.asarray(query, dtype=np.float64).reshape(1, -1)
         if not np.isfinite(q).all():
             raise InputError("the query vector contains NaN or infinite values")
-        dim = self.collection.dim
+        dim = self._dim
         if dim is not None and q.shape[1] != dim:
             raise InputError(f"the query vector has dimension {q.shape[1]}; the collection's embeddings "
                              f"have dimension {dim}")

@@ -376,6 +376,25 @@ def test_search_vector_json_equals_the_retriever(built, extra):
     assert len(single) == 1 and [h["id"] for h in single[0]["hits"]] == [h["id"] for h in objects[0]["hits"]][:3]
 
 
+def test_search_vector_ab_json_equals_compare(built):
+    from retrieval.compare import compare
+
+    tmp, coll = built
+    queries = np.random.default_rng(8).standard_normal((2, DIM))
+    np.save(tmp / "q.npy", queries)
+    out = invoke("search", "--vector", tmp / "q.npy", "--ab", "no-tone", "-k", "6", "--json", "-c", coll)
+    assert out.exit_code == 0, out.output
+    lines = json_lines(out.output)
+    with Collection.open(coll) as opened:
+        retriever = Retriever(opened)
+        for number, (row, data) in enumerate(zip(queries, lines)):
+            expected = compare(retriever, row, "q", "no-tone", k=6)
+            assert data["query"] == number and data["ms"] >= 0 and data["strategy"] == expected.strategy
+            assert [h["item_id"] for h in data["corrected"]] == [h.item_id for h in expected.corrected]
+            assert [h["item_id"] for h in data["original"]] == [h.item_id for h in expected.original]
+            assert data["overlap_at_k"] == pytest.approx(expected.overlap_at_k)
+
+
 def test_search_vector_with_nprobe_on_an_ivf_import(tmp_path):
     emb = write_layout(tmp_path / "emb", random_shards(sizes=(200, 100), dtype="float32"))
     coll = tmp_path / "coll"

@@ -310,9 +310,9 @@ def _search_vectors(retriever, rows, *, k: int, kind: str, correction: str | Non
 
     from retrieval.compare import compare
 
-    def run(row):
+    def run(row, number=0):
         if ab:
-            return compare(retriever, row, "vector", ab, k=k, kind=kind, strategy=strategy, attribute=attribute,
+            return compare(retriever, row, f"vector {number}", ab, k=k, kind=kind, strategy=strategy, attribute=attribute,
                            negative_weight=negative_weight)
         return retriever.search(row, k, kind=kind, correction=correction, strategy=strategy,
                                 negative_weight=negative_weight)
@@ -320,11 +320,11 @@ def _search_vectors(retriever, rows, *, k: int, kind: str, correction: str | Non
     run(rows[0])  # loads what the searches read (index file, correction); not timed
     for number, row in enumerate(rows):
         started = time.perf_counter()
-        result = run(row)
+        result = run(row, number)
         ms = (time.perf_counter() - started) * 1000.0
         if ab:
             if as_json:
-                typer.echo(json.dumps({"query": number, **result.to_dict(), "ms": ms}, default=str))
+                typer.echo(json.dumps({**result.to_dict(), "query": number, "ms": ms}, default=str))
             else:
                 _print_ab(result, f"vector {number} ({ms:.1f} ms)", ab)
             continue
