@@ -202,8 +202,8 @@ def read_layout(emb_dir: str | Path, *, check_values: bool = True) -> EmbeddingL
     dim: int | None = None
     first: Path | None = None
     for number in expected:
-        rows = int(_parquet(metadata[number]).metadata.num_rows)
-        names = _parquet(metadata[number]).schema_arrow.names
+        table = _parquet(metadata[number])  # the footer only
+        rows, names = int(table.metadata.num_rows), table.schema_arrow.names
         if PATH_COLUMN not in names:
             raise InputError(f"{metadata[number]}: no {PATH_COLUMN!r} column (found {', '.join(names) or 'none'})")
         for path in (images.get(number), texts.get(number)):
