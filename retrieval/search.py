@@ -104,6 +104,7 @@ class Retriever:
         self._encoder = encoder  # None: the collection's own, loaded when a text/image query needs it
         self.nprobe = check_nprobe(nprobe)
         self._dim = collection.dim  # the embedding space's dimension, checked against each query
+        self._encoded = False  # whether a query has been encoded (the weights are loaded)
         self._corrections: dict[str, CorrectionView] = {}
 
     @property
@@ -140,15 +141,21 @@ class Retriever:
         return unit(self._encode(lambda encoder: encoder.encode_images([image])[0]))
 
     def _encode(self, run) -> np.ndarray:
-        """``run(encoder)``; weights that cannot be loaded on first use (a hub model offline) are an
-        :class:`EncoderUnavailableError`, a user's mistake (an unreadable image) stays itself."""
+        """``run(encoder)``. Encoders load their weights on first use: until one query has been
+        encoded, a failure (weights that cannot be downloaded offline, a missing package) is an
+        :class:`EncoderUnavailableError` saying why; a user's mistake (an unreadable image)
+        stays itself, and later failures are what they are."""
         encoder = self.encoder
         try:
-            return run(encoder)
+            vector = run(encoder)
         except SceError:
             raise
-        except (OSError, ImportError) as error:
+        except (OSError, ImportError, RuntimeError) as error:
+            if self._encoded:
+                raise
             raise _unavailable(encoder.name, error) from error
+        self._encoded = True
+        return vector
 
     def correction(self, name: str) -> CorrectionView:
         if name not in self._corrections:

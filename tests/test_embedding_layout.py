@@ -5,7 +5,6 @@ them, so the reader is checked against the format, not against our own writer.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -447,6 +446,19 @@ def test_text_queries_say_why_an_unloadable_encoder_fails_and_vectors_still_work
     hits = json_lines(out.output)[0]["hits"]
     images = np.concatenate([s[0] for s in random_shards(dtype="float32")])
     assert [h["id"] for h in hits] == (np.argsort(-(unit(images) @ unit(q)))[:5] + 1).tolist()
+
+
+def test_weights_that_fail_to_load_on_first_use_are_one_line_too(tmp_path, monkeypatch):
+    class Offline(ToyEncoder):  # a hub model: constructed fine, its weights fail to download
+        def encode_texts(self, texts, batch_size=256, progress=False):
+            raise RuntimeError("Failed to download weights for tag 'x': no network")
+
+    monkeypatch.setattr(indexing, "load_encoder", lambda spec, device=None: Offline(name="offline"))
+    emb = write_layout(tmp_path / "emb", random_shards(dtype="float32"))
+    coll = tmp_path / "coll"
+    assert invoke("index", "import", emb, "-c", coll, "--encoder", "offline", "-q").exit_code == 0
+    line = one_error_line(invoke("search", "a dog", "-c", coll))
+    assert "offline-16" in line and "cannot be loaded here" in line and "no network" in line and "--vector" in line
 
 
 # -- export -----------------------------------------------------------------------------------
