@@ -323,6 +323,43 @@ def test_a_failure_while_writing_rolls_everything_back(tmp_path, monkeypatch):
     assert catalog_state(coll)[0][2] == 65
 
 
+def test_a_killed_import_leaves_all_or_nothing_and_a_rerun_completes_it(tmp_path):
+    """SIGKILL a real `sce index import` process part way: nothing is committed (not even the
+    encoder), and the rerun ends where an uninterrupted import ends (no orphan embedding files)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    emb = write_layout(tmp_path / "emb", random_shards(sizes=(10000, 10000, 10000), dtype="float32"))
+    cli = [sys.executable, str(Path(__file__).with_name("toy_cli.py")), "index", "import", str(emb), "--encoder", TOY,
+           "-q"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    reference = tmp_path / "reference"
+    subprocess.run([*cli, "-c", str(reference)], check=True, env=env, capture_output=True)
+    coll = tmp_path / "coll"
+    process = subprocess.Popen([*cli, "-c", str(coll)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not list((coll / "embeddings" / "image").glob("*.npy")) and time.monotonic() < deadline:
+        time.sleep(0.01)  # the first embedding file of the (uncommitted) transaction is written
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    # killed within ~10 ms of its first write, long before the one commit: nothing is in the catalog
+    assert list((coll / "embeddings" / "image").glob("*.npy"))
+    with Collection.open(coll) as opened:
+        assert opened.items_store.count() == 0 and opened.encoder_name is None
+    rerun = subprocess.run([*cli, "-c", str(coll)], env=env, capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr
+    (got, _), (want, _) = catalog_state(coll), catalog_state(reference)
+    assert got[:4] == want[:4] and got[5] == want[5]  # encoder, dim, counts, every item's row
+    assert [(state, count) for _, state, count in got[4]] == [(state, count) for _, state, count in want[4]]
+    with Collection.open(coll) as opened:
+        referenced = {Path(p).name for p in opened.embeddings.catalog.engine.connect().exec_driver_sql(
+            "SELECT file FROM embedding_shards").scalars()}
+    assert {p.name for p in (coll / "embeddings").rglob("*.npy")} == referenced  # the killed run's files are gone
+
+
 # -- search by vector -------------------------------------------------------------------------
 @pytest.fixture
 def built(tmp_path):
