@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_SUFFIXES", "PATH_COLUMNS", "TEXT_COLUMNS", "TABLE_SUFFIXES",
            "SourceRecord", "file_uri", "walk_image_files", "list_image_files", "read_folder", "read_table_source",
-           "read_source"]
+           "read_source", "metadata_value"]
 
 
 @dataclass(frozen=True)
@@ -194,3 +194,7 @@ def _clean(value: Any) -> Any:
     if isinstance(value, (list, dict)):
         return json.loads(json.dumps(value, default=str))
     return str(value)
+
+
+#: How every reader of item metadata cleans a value (:func:`_clean`); ``sce index import`` too.
+metadata_value = _clean

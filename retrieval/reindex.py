@@ -34,6 +34,7 @@ import queue
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,16 +61,28 @@ def _paired_source_kind(direction: str) -> str:
     return SOURCE_KIND[direction]
 
 
-def reindex(collection: Collection, correction: str, *, variant: str = "auto", chunk_size: int = 65536,
-            factory: str | None = None, progress: bool = True,
-            checkpoint_every: int | None = None) -> IndexVersionInfo:
-    """Build (or resume) the corrected index version for `correction`; returns it once published."""
+@dataclass(frozen=True)
+class CorrectionPlan:
+    """How a correction turns stored embeddings into the vectors its re-indexed version holds."""
+
+    correction: str
+    kind: str          # the embedding kind it corrects (its index)
+    variant: str       # "projection" or "paired"
+    dim: int           # the corrected vectors' dimension
+    info: Any          # the stored correction's CorrectionInfo
+    apply_args: tuple  # (collection, corrector, P, source kind, source ids) for _apply
+
+    def apply(self, ids: np.ndarray, raw: np.ndarray) -> np.ndarray:
+        """The vectors a re-index of this correction stores for ``ids`` and their stored ``raw``
+        vectors: P x of the unit x (projection), or the paired correction renormalised."""
+        vectors = _apply(*self.apply_args, ids, raw)
+        return vectors if self.variant == "projection" else unit_rows(vectors)
+
+
+def plan_correction(collection: Collection, correction: str, variant: str = "auto") -> CorrectionPlan:
+    """The :class:`CorrectionPlan` of ``correction`` (checked: variant, kernel, stored embeddings)."""
     if variant not in VARIANTS:
         raise InputError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-    if checkpoint_every is None:
-        checkpoint_every = int(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT_EVERY)
-    if checkpoint_every < 1 or chunk_size < 1:
-        raise InputError("chunk_size and checkpoint_every must be positive")
     stored = load_correction(collection, correction)
     corrector, info = stored.corrector, stored.info
     kind = info.target_kind
@@ -77,9 +90,6 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
         variant = "projection" if corrector.kernel == "cosine" else "paired"
     if variant == "projection" and corrector.kernel != "cosine":
         raise InputError(f"correction {correction!r} uses the {corrector.kernel} kernel: only the paired variant applies")
-    total = collection.embeddings.count(kind)
-    if total == 0:
-        raise InputError(f"the collection has no stored {kind} embeddings to re-index")
     if variant == "projection":
         P = corrector.projection(n_components=info.parameters.get("n_components"),
                                  mode=info.parameters.get("mode", "nullify")).astype(np.float32)
@@ -92,7 +102,25 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
         if not len(source_ids):
             raise InputError(f"the paired variant needs stored {source_kind} embeddings; this collection has none")
         dim = corrector.feature_map_.n_output_features_
-    apply_args = (collection, corrector, P, source_kind, source_ids)
+    return CorrectionPlan(correction, kind, variant, int(dim), info,
+                          (collection, corrector, P, source_kind, source_ids))
+
+
+def reindex(collection: Collection, correction: str, *, variant: str = "auto", chunk_size: int = 65536,
+            factory: str | None = None, progress: bool = True,
+            checkpoint_every: int | None = None) -> IndexVersionInfo:
+    """Build (or resume) the corrected index version for `correction`; returns it once published."""
+    if variant not in VARIANTS:
+        raise InputError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
+    if checkpoint_every is None:
+        checkpoint_every = int(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT_EVERY)
+    if checkpoint_every < 1 or chunk_size < 1:
+        raise InputError("chunk_size and checkpoint_every must be positive")
+    plan = plan_correction(collection, correction, variant)  # the variant, kernel and sources checked
+    kind, variant, info, dim, apply_args = plan.kind, plan.variant, plan.info, plan.dim, plan.apply_args
+    total = collection.embeddings.count(kind)
+    if total == 0:
+        raise InputError(f"the collection has no stored {kind} embeddings to re-index")
     # The fit's time stamp: a job killed before the correction was fitted again (same name,
     # --replace) must not be resumed with the new one, which would mix two corrections.
     parameters = {"variant": variant, "correction_fitted_at": info.created_at.isoformat(),

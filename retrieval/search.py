@@ -7,6 +7,10 @@ Strategies for a correction:
 - "reindexed": search the index version built by `sce index reindex` (any correction).
 - "negative": the baseline users know from other vector databases, q - a * concept, on the
   original index; `concept` is the mean prompt direction stored with the correction.
+
+Searching by vector needs no encoder: a :class:`Retriever` made without one loads the
+collection's encoder only when a text or image query needs it, so a collection whose encoder
+cannot be loaded here (imported embeddings of another tool's model) is still searched by vector.
 """
 from __future__ import annotations
 
@@ -20,11 +24,22 @@ import numpy as np
 from indexing.collection import Collection, IndexVersionInfo, SearchHit
 from indexing.correction_store import StoredCorrection, load_correction
 from retrieval.corrections import unit
-from sce_correct.errors import InputError, NotFoundError
+from sce_correct.errors import InputError, MissingDependencyError, NotFoundError, SceError
 
 logger = logging.getLogger(__name__)
 
 STRATEGIES = ("auto", "query", "reindexed", "negative")
+
+
+class EncoderUnavailableError(MissingDependencyError):
+    """The collection's encoder cannot be loaded or run here; searches by vector still work."""
+
+
+def _unavailable(name: str | None, error: BaseException) -> EncoderUnavailableError:
+    reason = " ".join(str(error).split()) or type(error).__name__
+    return EncoderUnavailableError(
+        f"the collection's encoder {name!r} cannot be loaded here ({reason}); text and image queries need it, "
+        "a search by vector does not (sce search --vector Q.npy)")
 
 
 @dataclass
@@ -82,21 +97,65 @@ class Retriever:
     original one and a re-indexed version alike; :meth:`search` can override it per call.
     """
 
-    def __init__(self, collection: Collection, encoder, *, nprobe: int | None = None):
-        collection.check_encoder(encoder.name, encoder.dim)
+    def __init__(self, collection: Collection, encoder=None, *, nprobe: int | None = None):
+        if encoder is not None:
+            collection.check_encoder(encoder.name, encoder.dim)
         self.collection = collection
-        self.encoder = encoder
+        self._encoder = encoder  # None: the collection's own, loaded when a text/image query needs it
         self.nprobe = check_nprobe(nprobe)
+        self._dim = collection.dim  # the embedding space's dimension, checked against each query
+        self._encoded = False  # whether a query has been encoded (the weights are loaded)
         self._corrections: dict[str, CorrectionView] = {}
+
+    @property
+    def encoder(self):
+        """The query encoder (the collection's own, loaded on first use when none was given);
+        :class:`EncoderUnavailableError` when it cannot be loaded here."""
+        if self._encoder is None:
+            name = self.collection.encoder_name
+            if name is None:
+                raise InputError(f"collection {self.collection.root} has no encoder yet; build it first")
+            try:
+                encoder = self.collection.load_encoder()
+                dim = encoder.dim  # an open_clip hub model is built to learn it
+            except EncoderUnavailableError:
+                raise
+            except (SceError, OSError, ImportError, RuntimeError) as error:
+                raise _unavailable(name, error) from error
+            self.collection.check_encoder(encoder.name, dim)
+            self._encoder = encoder
+        return self._encoder
+
+    @property
+    def encoder_name(self) -> str | None:
+        """The encoder the searched versions must have been built with (no loading)."""
+        return self._encoder.name if self._encoder is not None else self.collection.encoder_name
 
     # -- queries ----------------------------------------------------------------------------
     def embed_text(self, text: str) -> np.ndarray:
         if not text or not text.strip():
             raise InputError("the text query is empty")
-        return unit(self.encoder.encode_texts([text.strip()])[0])
+        return unit(self._encode(lambda encoder: encoder.encode_texts([text.strip()])[0]))
 
     def embed_image(self, image: str | Path) -> np.ndarray:
-        return unit(self.encoder.encode_images([image])[0])
+        return unit(self._encode(lambda encoder: encoder.encode_images([image])[0]))
+
+    def _encode(self, run) -> np.ndarray:
+        """``run(encoder)``. Encoders load their weights on first use: until one query has been
+        encoded, a failure (weights that cannot be downloaded offline, a missing package) is an
+        :class:`EncoderUnavailableError` saying why; a user's mistake (an unreadable image)
+        stays itself, and later failures are what they are."""
+        encoder = self.encoder
+        try:
+            vector = run(encoder)
+        except SceError:
+            raise
+        except (OSError, ImportError, RuntimeError) as error:
+            if self._encoded:
+                raise
+            raise _unavailable(encoder.name, error) from error
+        self._encoded = True
+        return vector
 
     def correction(self, name: str) -> CorrectionView:
         if name not in self._corrections:
@@ -118,6 +177,10 @@ class Retriever:
         q = np.asarray(query, dtype=np.float64).reshape(1, -1)
         if not np.isfinite(q).all():
             raise InputError("the query vector contains NaN or infinite values")
+        dim = self._dim
+        if dim is not None and q.shape[1] != dim:
+            raise InputError(f"the query vector has dimension {q.shape[1]}; the collection's embeddings "
+                             f"have dimension {dim}")
         if correction is None:
             return SearchResult(self._search(q, k, self._version(kind, None), nprobe), kind, None, "original")
         view = self.correction(correction)
@@ -162,7 +225,7 @@ class Retriever:
     def _search(self, q: np.ndarray, k: int, version: IndexVersionInfo, nprobe: int | None) -> list[SearchHit]:
         """The one call that searches a faiss index: every strategy ends here."""
         k = min(k, max(int(version.count), 1))  # more than the index holds cannot be found
-        return self.collection.search(q, k, version=version, encoder=self.encoder.name, nprobe=nprobe)[0]
+        return self.collection.search(q, k, version=version, encoder=self.encoder_name, nprobe=nprobe)[0]
 
 
 def check_k(k) -> int:

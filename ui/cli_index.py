@@ -309,3 +309,71 @@ def gc_command(
             typer.echo(f"{verb} {path}")
         typer.echo(f"{verb} {len(report.removed)} retired index files ({report.freed_bytes / 1e6:.1f} MB); "
                    f"kept the files of {len(report.kept)} retired versions")
+
+
+# ------------------------------------------------------------------------- import / export
+@index_app.command("import")
+def import_command(
+    emb_dir: Annotated[Path, typer.Argument(help="Embedding folder in clip-retrieval's layout: img_emb/img_emb_{i}.npy, "
+                                                 "metadata/metadata_{i}.parquet, optional text_emb/text_emb_{i}.npy.")],
+    collection: CollectionOption = DEFAULT_COLLECTION,
+    db: DbOption = None,
+    encoder: Annotated[Optional[str], typer.Option(
+        help="Spec of the encoder that made the vectors, recorded without loading it (e.g. 'default', "
+             "'open_clip:ViT-B-32:laion2b_s34b_b79k', or another tool's model name: then search with --vector). "
+             "Default: the collection's.")] = None,
+    index_dir: Annotated[Optional[Path], typer.Option(help="Where index files go. Default: COLLECTION/indexes.")] = None,
+    factory: FactoryOption = None,
+    quiet: QuietOption = False,
+) -> None:
+    """Import precomputed embeddings (nothing is re-encoded); image paths already in the collection are skipped."""
+    configure_logging(quiet)
+    with reporting_errors():
+        from indexing.collection import Collection
+        from indexing.embedding_import import import_embeddings
+        from sce_correct.errors import InputError
+
+        opened = Collection.open(collection, db, create=True, index_dir=index_dir)
+        try:
+            spec = encoder or opened.encoder_name
+            if spec is None:
+                raise InputError("--encoder: name the encoder that made the embeddings (the collection has none yet)")
+            report = import_embeddings(opened, emb_dir, encoder_spec=spec, progress=not quiet, factory=factory)
+        except BaseException:
+            opened.discard_if_unused()  # a refused import of a new collection leaves nothing behind
+            raise
+        opened.close()
+        typer.echo(f"imported {report.added} items from {report.source} ({report.shards} shards, {report.rows} rows; "
+                   f"{report.already_known} already in the collection, {report.repeated_paths} listed twice) "
+                   f"in {report.seconds:.1f}s; encoder {report.encoder} (dim {report.dim}); "
+                   f"{report.captions_added} caption embeddings")
+        for version in (report.index_version, report.caption_index_version):
+            if version is not None:
+                typer.echo(f"index {version.name}: {version.count} vectors, {version.factory}, {version.file}")
+
+
+@index_app.command("export")
+def export_command(
+    out_dir: Annotated[Path, typer.Argument(help="A new or empty folder: img_emb/ (or text_emb/) and metadata/ go there.")],
+    collection: CollectionOption = DEFAULT_COLLECTION,
+    db: DbOption = None,
+    correction: Annotated[Optional[str], typer.Option(
+        help="Export what this correction's index holds (its re-indexed version, else the correction applied "
+             "to the stored embeddings). Default: the stored embeddings.")] = None,
+    kind: Annotated[str, typer.Option(help="image (img_emb/) or caption (text_emb/).")] = "image",
+    shard_size: Annotated[int, typer.Option(min=1, help="Rows per shard.")] = 100_000,
+    float16: Annotated[bool, typer.Option("--float16", help="Write float16 vectors (half the size).")] = False,
+    quiet: QuietOption = False,
+) -> None:
+    """Write the collection's embeddings in clip-retrieval's layout (the inverse of `sce index import`)."""
+    configure_logging(quiet)
+    with reporting_errors():
+        from indexing.collection import Collection
+        from retrieval.embedding_export import export_embeddings
+
+        with Collection.open(collection, db) as opened:
+            report = export_embeddings(opened, out_dir, correction=correction, kind=kind, shard_rows=shard_size,
+                                       dtype="float16" if float16 else "float32", progress=not quiet)
+        extra = f", {report.captions} caption embeddings in text_emb/" if report.captions else ""
+        typer.echo(f"exported {report.rows} {report.kind} vectors ({report.source}, dim {report.dim}, {report.dtype}) "
+                   f"in {report.shards} shard(s) to {report.out_dir}{extra}")

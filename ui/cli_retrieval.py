@@ -193,9 +193,40 @@ def _hit_line(hit) -> str:
     return f"{hit.rank:>3} {hit.score:6.3f} {hit.caption or hit.uri}"
 
 
+def _read_query_vectors(path: Path):
+    """The (n, d) float rows of a .npy file of shape (d,) or (n, d); anything else is one line naming it."""
+    import numpy as np
+
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise InputError(f"--vector {path}: no such file") from None
+    except (ValueError, EOFError, OSError) as error:
+        raise InputError(f"--vector {path}: not a readable .npy array ({' '.join(str(error).split())})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu" or array.ndim not in (1, 2):
+        shape = getattr(array, "shape", "?")
+        raise InputError(f"--vector {path}: expected a float array of shape (d,) or (n, d), got "
+                         f"{getattr(array, 'dtype', type(array).__name__)} of shape {shape}")
+    rows = np.atleast_2d(array).astype(np.float64)
+    if not rows.size:
+        raise InputError(f"--vector {path}: no query vectors (shape {array.shape})")
+    bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
+    if len(bad):
+        raise InputError(f"--vector {path}: row {int(bad[0])} holds NaN or infinite values")
+    return rows
+
+
+def _hit_dict(hit) -> dict:
+    return {"rank": hit.rank, "id": hit.item_id, "uri": hit.uri, "score": hit.score, "caption": hit.caption,
+            "metadata": hit.metadata}
+
+
 def search_command(
     query: Annotated[Optional[str], typer.Argument(help="Text to search for.")] = None,
     image: Annotated[Optional[Path], typer.Option(help="Search with an image instead of text.")] = None,
+    vector: Annotated[Optional[Path], typer.Option(
+        help="Search with query vectors: a .npy of shape (d,) or (n, d) in the collection's embedding space; "
+             "needs no encoder. With --json: one JSON object per row (hits, ms).")] = None,
     k: Annotated[int, typer.Option("-k", "--top-k", min=1, help="Number of results.")] = 10,
     correction: Annotated[Optional[str], typer.Option(help="Search with this correction applied.")] = None,
     ab: Annotated[Optional[str], typer.Option(help="Compare original and corrected results side by side.")] = None,
@@ -215,43 +246,95 @@ def search_command(
         from retrieval.compare import compare
         from retrieval.search import Retriever
 
-        if (query is None) == (image is None):
-            raise InputError("give a text query or --image PATH (one of them)")
+        if sum(given is not None for given in (query, image, vector)) != 1:
+            raise InputError("give a text query or --image PATH or --vector Q.npy (one of them)")
         if ab and correction and ab != correction:
             raise InputError("--ab already names the correction; drop --correction")
+        rows = _read_query_vectors(vector) if vector is not None else None
         with _open(collection, db) as opened:
-            retriever = Retriever(opened, opened.load_encoder(), nprobe=nprobe)
+            retriever = Retriever(opened, nprobe=nprobe)  # the encoder is loaded only for a text or image query
+            if rows is not None:
+                _search_vectors(retriever, rows, k=k, kind=kind, correction=correction or None, ab=ab,
+                                strategy=strategy, negative_weight=negative_weight, attribute=attribute,
+                                as_json=as_json)
+                return
             vec = retriever.embed_text(query) if query is not None else retriever.embed_image(image)
             label = query if query is not None else str(image)
             if ab:
                 cmp = compare(retriever, vec, label, ab, k=k, kind=kind, strategy=strategy, attribute=attribute,
                               negative_weight=negative_weight)
-                k = cmp.k
                 if as_json:
                     typer.echo(json.dumps(cmp.to_dict(), indent=2, default=str))
                     return
-                width = max(30, (shutil.get_terminal_size((120, 20)).columns - 5) // 2)
-                typer.echo(f"query: {label}   correction: {ab} ({cmp.strategy})   overlap@{k}: {cmp.overlap_at_k:.2f}")
-                _columns(["original"] + [_hit_line(h) for h in cmp.original],
-                         [f"corrected ({ab})"] + [_hit_line(h) for h in cmp.corrected], width)
-                if cmp.concept_strength_original is not None:
-                    typer.echo(f"concept strength of the results: {cmp.concept_strength_original:.3f} -> "
-                               f"{cmp.concept_strength_corrected:.3f}")
-                if attribute:
-                    typer.echo(f"share of results with {attribute}: {cmp.attribute_share_original:.2f} -> "
-                               f"{cmp.attribute_share_corrected:.2f}")
+                _print_ab(cmp, label, ab)
                 return
             hits = retriever.search(vec, k, kind=kind, correction=correction, strategy=strategy,
                                     negative_weight=negative_weight).hits
         if as_json:
             typer.echo(json.dumps([h.__dict__ for h in hits], indent=2, default=str))
             return
-        if not hits:
-            typer.echo("no results")
-            return
-        typer.echo(f"{'rank':>4}  {'score':>6}  {'id':>6}  uri  caption")
-        for hit in hits:
-            typer.echo(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.item_id:>6}  {hit.uri}  {hit.caption or ''}")
+        _print_hits(hits)
+
+
+def _print_hits(hits) -> None:
+    if not hits:
+        typer.echo("no results")
+        return
+    typer.echo(f"{'rank':>4}  {'score':>6}  {'id':>6}  uri  caption")
+    for hit in hits:
+        typer.echo(f"{hit.rank:>4}  {hit.score:6.3f}  {hit.item_id:>6}  {hit.uri}  {hit.caption or ''}")
+
+
+def _print_ab(cmp, label: str, ab: str) -> None:
+    k = cmp.k
+    width = max(30, (shutil.get_terminal_size((120, 20)).columns - 5) // 2)
+    typer.echo(f"query: {label}   correction: {ab} ({cmp.strategy})   overlap@{k}: {cmp.overlap_at_k:.2f}")
+    _columns(["original"] + [_hit_line(h) for h in cmp.original],
+             [f"corrected ({ab})"] + [_hit_line(h) for h in cmp.corrected], width)
+    if cmp.concept_strength_original is not None:
+        typer.echo(f"concept strength of the results: {cmp.concept_strength_original:.3f} -> "
+                   f"{cmp.concept_strength_corrected:.3f}")
+    if cmp.attribute_share_original is not None:
+        typer.echo(f"share of results with {cmp.attribute}: {cmp.attribute_share_original:.2f} -> "
+                   f"{cmp.attribute_share_corrected:.2f}")
+
+
+def _search_vectors(retriever, rows, *, k: int, kind: str, correction: str | None, ab: str | None, strategy: str,
+                    negative_weight: float, attribute: str | None, as_json: bool) -> None:
+    """One search (or A/B comparison) per query row; ``ms`` times the search and catalog join alone.
+
+    The first row is searched once before timing, so that loading the index file (and the
+    correction) is not counted; a search then runs faiss and joins the hits to the catalog.
+    """
+    import time
+
+    from retrieval.compare import compare
+
+    def run(row, number=0):
+        if ab:
+            return compare(retriever, row, f"vector {number}", ab, k=k, kind=kind, strategy=strategy, attribute=attribute,
+                           negative_weight=negative_weight)
+        return retriever.search(row, k, kind=kind, correction=correction, strategy=strategy,
+                                negative_weight=negative_weight)
+
+    run(rows[0])  # loads what the searches read (index file, correction); not timed
+    for number, row in enumerate(rows):
+        started = time.perf_counter()
+        result = run(row, number)
+        ms = (time.perf_counter() - started) * 1000.0
+        if ab:
+            if as_json:
+                typer.echo(json.dumps({**result.to_dict(), "query": number, "ms": ms}, default=str))
+            else:
+                _print_ab(result, f"vector {number} ({ms:.1f} ms)", ab)
+            continue
+        if as_json:
+            typer.echo(json.dumps({"query": number, "kind": result.kind, "correction": result.correction,
+                                   "strategy": result.strategy, "hits": [_hit_dict(h) for h in result.hits],
+                                   "ms": ms}, default=str))
+        else:
+            typer.echo(f"query {number} ({ms:.1f} ms, {result.strategy})")
+            _print_hits(result.hits)
 
 
 # ------------------------------------------------------------------------------------ report
