@@ -84,7 +84,7 @@ def schur_modes(text_emb, image_emb, *, n_modes: int = 8, top: int = 16, kernel:
     """Top eigen-directions of the Schur complement S: the image variety the prompts leave unexplained."""
     _check_counts(n_modes, top)
     dec, _ = decompose(text_emb, image_emb, kernel=kernel, sigma=sigma, rff_dim=rff_dim, ridge=ridge,
-                       seed=seed, method=method)
+                       seed=seed, method=method, keep_features=True)
     if isinstance(dec, _Primal):
         return _primal_modes(dec.S, dec.phi_i, float(np.trace(dec.C_I)), n_modes, top)
     return _dual_modes(dec.K_I, dec.sqrt_G, n_modes, top)
