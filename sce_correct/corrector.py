@@ -112,7 +112,7 @@ class SchurCorrector:
             phi_s, phi_t = phi_s.astype(dtype, copy=False), phi_t.astype(dtype, copy=False)
             max_norm = _max_row_norm(phi_s)
             # copy=False: the accumulator shifts the fresh feature rows in place
-            acc = CovarianceAccumulator().update(phi_s, phi_t, copy=False)
+            acc = CovarianceAccumulator()._add(phi_s, phi_t)
             return self._fit_covariances(acc.covariances(center=self.center), fmap, ridge, max_norm,
                                          source.shape[1])
         source_mean = target_mean = None

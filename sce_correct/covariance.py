@@ -64,12 +64,15 @@ class CovarianceAccumulator:
             Y = as_matrix(Y, "Y")
             if len(Y) != len(X):
                 raise InputError(f"X and Y must have the same number of rows (pairs), got {len(X)} and {len(Y)}")
-        self._check_dims(X.shape[1], None if Y is None else Y.shape[1])
         if copy:
             X = X.copy()
             Y = None if Y is None else Y.copy()
-        batch = _batch_sums(X, Y)
-        self._combine(*batch)
+        return self._add(X, Y)
+
+    def _add(self, X: np.ndarray, Y: np.ndarray | None) -> "CovarianceAccumulator":
+        """`update` of validated float32/float64 arrays the accumulator may overwrite."""
+        self._check_dims(X.shape[1], None if Y is None else Y.shape[1])
+        self._combine(*_batch_sums(X, Y))
         return self
 
     def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
@@ -151,9 +154,13 @@ class CovarianceAccumulator:
 
 
 def _shift(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Shift A in place by its mean rounded to A's dtype (so the subtraction is exact);
-    returns (that shift, the mean of the shifted rows), float64."""
-    k = (A.sum(axis=0, dtype=np.float64) / len(A)).astype(A.dtype)
+    """Shift A in place by (about) its mean, a vector of A's dtype so the subtraction is exact
+    for rows near it; returns (that shift, the mean of the shifted rows), float64.
+
+    The shift only has to be near the mean (a BLAS gemv in A's precision); the sum of the
+    shifted rows, which the mean and M are corrected with, is accumulated in float64.
+    """
+    k = (np.ones(len(A), dtype=A.dtype) @ A) / A.dtype.type(len(A))
     A -= k
     return k.astype(np.float64), A.sum(axis=0, dtype=np.float64) / len(A)
 

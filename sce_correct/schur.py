@@ -173,7 +173,8 @@ def decompose(text_emb, image_emb, *, kernel="cosine", sigma=None, rff_dim=2500,
         phi_t = fmap.transform(text).astype(dtype, copy=False)
         phi_i = fmap.transform(image).astype(dtype, copy=False)
         # copy=False: the accumulator shifts the fresh feature rows in place (no extra copy)
-        acc = CovarianceAccumulator().update(phi_t, phi_i, copy=keep_features)
+        acc = CovarianceAccumulator()._add(phi_t.copy() if keep_features else phi_t,
+                                           phi_i.copy() if keep_features else phi_i)
         return _Primal(acc.covariances(), ridge, phi_i if keep_features else None), (kernel, sigma, method, n)
     phi_t = fmap.transform(text).astype(np.float64, copy=False)
     phi_i = fmap.transform(image).astype(np.float64, copy=False)
@@ -245,7 +246,7 @@ def accumulate_features(batches, fmap, *, kernel: str, names=("text_emb", "image
         dtype = feature_dtype(a, b, kernel)
         phi_a = fmap.transform(a).astype(dtype, copy=False)
         max_norm = max(max_norm, float(np.sqrt(np.max(np.einsum("ij,ij->i", phi_a, phi_a)))))
-        acc.update(phi_a, fmap.transform(b).astype(dtype, copy=False), copy=False)
+        acc._add(phi_a, fmap.transform(b).astype(dtype, copy=False))
     if acc.n < 2:
         raise InputError(f"need at least 2 pairs, got {acc.n}")
     return acc, max_norm
