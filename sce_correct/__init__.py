@@ -13,7 +13,7 @@ from .corrector import SchurCorrector
 from .covariance import CovarianceAccumulator, Covariances, covariances
 from .errors import ConflictError, InputError, NotFoundError, SceError
 from .features import CosineFeatures, RandomFourierFeatures, gaussian_kernel, median_pairwise_distance
-from .modes import Mode, kernel_modes, schur_modes
+from .modes import Mode, ModeRanker, kernel_modes, paired_spectra_and_modes, schur_modes
 from .schur import SchurSpectra, schur_spectra, schur_spectra_batches
 from .scores import (SCEReport, matrix_entropy_score, report_from_spectra, rke_score, sce_score, sce_score_batches,
                      sce_score_from_covariances, vendi_score)
@@ -22,6 +22,7 @@ __all__ = [
     "CosineFeatures", "RandomFourierFeatures", "gaussian_kernel", "median_pairwise_distance",
     "CovarianceAccumulator", "Covariances", "covariances", "sce_score_batches", "sce_score_from_covariances",
     "SCEReport", "sce_score", "report_from_spectra", "matrix_entropy_score", "vendi_score", "rke_score",
-    "SchurSpectra", "schur_spectra", "schur_spectra_batches", "SchurCorrector", "Mode", "schur_modes", "kernel_modes",
+    "SchurSpectra", "schur_spectra", "schur_spectra_batches", "SchurCorrector",
+    "Mode", "ModeRanker", "schur_modes", "kernel_modes", "paired_spectra_and_modes",
     "SceError", "InputError", "NotFoundError", "ConflictError",
 ]
