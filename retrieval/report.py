@@ -21,7 +21,7 @@ from indexing.encoders.encoder import encode_texts_once
 from retrieval.pairs import PairedSet
 from sce_correct.errors import InputError
 from sce_correct.features import median_sample_rows
-from sce_correct.schur import choose_method
+from sce_correct.schur import choose_method, paired_inputs
 
 # Items per read of the embedding store when a report streams a collection: few enough for
 # the store's indexed `IN (...)` lookup (it reads its whole location table above 5,000 ids).
@@ -78,14 +78,27 @@ def report_from_embeddings(text_emb: np.ndarray, image_emb: np.ndarray, uris: li
                            source: str = "", kernel: str = "cosine", sigma: float | None = None,
                            rff_dim: int = 2500, ridge: float = 1e-4, seed: int = 0, n_modes: int = 6,
                            top: int = 8, spectrum_size: int = 50) -> PairedReport:
-    spectra = sc.schur_spectra(text_emb, image_emb, kernel=kernel, sigma=sigma, rff_dim=rff_dim, ridge=ridge,
-                               seed=seed)
+    """The report of embeddings in memory. With at least as many pairs as feature dimensions
+    it is the collection's computation with one batch (one covariance pass gives the spectra
+    and both kinds of modes); fewer pairs work in the dual (n x n)."""
+    text, image, sigma = paired_inputs(text_emb, image_emb, kernel=kernel, sigma=sigma, seed=seed)
     # One feature map for the whole report: the original modes use the bandwidth the score used
     # (texts and images), so both kinds of modes live in the same feature space.
-    kw = dict(kernel=kernel, sigma=spectra.sigma, rff_dim=rff_dim, seed=seed)
-    original = sc.kernel_modes(image_emb, n_modes=n_modes, top=top, **kw)
-    schur = sc.schur_modes(text_emb, image_emb, n_modes=n_modes, top=top, ridge=ridge, **kw)
+    kw = dict(kernel=kernel, sigma=sigma, rff_dim=rff_dim, seed=seed)
+    features = _feature_dim(kernel, text.shape[1], rff_dim)
+    if features is not None and choose_method("auto", len(text), features) == "primal":
+        spectra, original, schur = sc.paired_spectra_and_modes([(text, image)], lambda: [image], n_modes=n_modes,
+                                                               top=top, ridge=ridge, **kw)
+    else:
+        spectra = sc.schur_spectra(text, image, ridge=ridge, **kw)
+        original = sc.kernel_modes(image, n_modes=n_modes, top=top, **kw)
+        schur = sc.schur_modes(text, image, n_modes=n_modes, top=top, ridge=ridge, **kw)
     return _report(source, spectra, original, schur, uris, prompts, ridge=ridge, spectrum_size=spectrum_size)
+
+
+def _feature_dim(kernel: str, dim: int, rff_dim) -> int | None:
+    """D of the kernel's feature map; None for the exact gaussian kernel (no finite map) or a bad name."""
+    return {"cosine": int(dim), "gaussian": 2 * int(rff_dim)}.get(kernel)
 
 
 def _report(source: str, spectra: sc.SchurSpectra, original: list[sc.Mode], schur: list[sc.Mode], uris, prompts,
@@ -127,8 +140,7 @@ def report_for_collection(collection, encoder, *, where: dict[str, str] | None =
         what = f" matching {where}" if where else ""
         raise InputError(f"the collection has {len(ids)} captioned item(s){what}; a report needs at least 2")
     described = "collection" + (f" where {where}" if where else "")
-    kernel = kwargs.get("kernel", "cosine")
-    features = {"cosine": encoder.dim, "gaussian": 2 * int(kwargs.get("rff_dim", 2500))}.get(kernel)
+    features = _feature_dim(kwargs.get("kernel", "cosine"), encoder.dim, kwargs.get("rff_dim", 2500))
     if features is None or choose_method("auto", len(ids), features) == "dual":
         return _report_in_memory(collection, encoder, ids, described, seed=seed, **kwargs)
     return _report_streamed(collection, encoder, ids, described, seed=seed, chunk_rows=chunk_rows, **kwargs)

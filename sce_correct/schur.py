@@ -145,9 +145,9 @@ def feature_dtype(a: np.ndarray, b: np.ndarray, kernel: str):
     return np.float32 if a.dtype == b.dtype == np.float32 and kernel == "cosine" else np.float64
 
 
-def decompose(text_emb, image_emb, *, kernel="cosine", sigma=None, rff_dim=2500, ridge=1e-4,
-              seed=0, method="auto", keep_features=False):
-    """Validated inputs -> a `_Primal` or `_Dual` decomposition, plus (kernel, sigma, method, n)."""
+def paired_inputs(text_emb, image_emb, *, kernel="cosine", sigma=None, seed=0):
+    """(text, image, sigma): the pairs validated and the bandwidth resolved (None for the
+    cosine kernel, else ``sigma`` or the median heuristic on texts and images)."""
     text, image = as_pair(text_emb, image_emb, "text_emb", "image_emb")
     if text.shape[1] != image.shape[1]:
         raise InputError(
@@ -155,9 +155,15 @@ def decompose(text_emb, image_emb, *, kernel="cosine", sigma=None, rff_dim=2500,
             "texts and images must come from the same encoder space"
         )
     check_choice(kernel, "kernel", KERNELS)
+    return text, image, resolve_sigma(kernel, sigma, text, image, seed)
+
+
+def decompose(text_emb, image_emb, *, kernel="cosine", sigma=None, rff_dim=2500, ridge=1e-4,
+              seed=0, method="auto", keep_features=False):
+    """Validated inputs -> a `_Primal` or `_Dual` decomposition, plus (kernel, sigma, method, n)."""
+    text, image, sigma = paired_inputs(text_emb, image_emb, kernel=kernel, sigma=sigma, seed=seed)
     ridge = check_ridge(ridge)
     n, d = text.shape
-    sigma = resolve_sigma(kernel, sigma, text, image, seed)
     if kernel == "gaussian-exact":
         if method == "primal":
             raise InputError("kernel 'gaussian-exact' has no finite feature map: use method 'dual' or 'auto'")

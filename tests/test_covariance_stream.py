@@ -316,10 +316,10 @@ def _captioned_collection(tmp_path: Path, n: int, dim: int, store_captions: bool
     return collection, encoder
 
 
-def _in_memory(collection, encoder, where, **kw):
-    """The report computed from every vector loaded at once, through the in-memory functions."""
+def _in_memory(collection, encoder, where, *, kernel, ridge, n_modes, top, rff_dim=2500):
+    """The report's numbers from every vector loaded at once, through the in-memory functions
+    of sce_correct (not the report's code): score, spectra, and modes as (uri, caption, score)."""
     from indexing.encoders.encoder import encode_texts_once
-    from retrieval.report import report_from_embeddings
 
     ids = collection.item_ids(where, captioned=True)
     records = collection.items(ids)
@@ -329,7 +329,15 @@ def _in_memory(collection, encoder, where, **kw):
         text = collection.embeddings.get(EmbeddingKind.CAPTION, ids)
     except KeyError:
         text = encode_texts_once(encoder, captions)
-    return report_from_embeddings(text, image, [records[i].uri for i in ids.tolist()], captions, **kw)
+    kw = dict(kernel=kernel, rff_dim=rff_dim)
+    spectra = sc.schur_spectra(text, image, ridge=ridge, **kw)
+    kw["sigma"] = spectra.sigma
+    modes = {"original_modes": sc.kernel_modes(image, n_modes=n_modes, top=top, **kw),
+             "schur_modes": sc.schur_modes(text, image, n_modes=n_modes, top=top, ridge=ridge, **kw)}
+    items = {kind: [[(int(i), records[int(ids[i])].uri, captions[i], float(score))
+                     for i, score in zip(m.top_indices, m.top_scores)] for m in found]
+             for kind, found in modes.items()}
+    return sc.report_from_spectra(spectra, ridge=ridge), spectra, modes, items
 
 
 @pytest.mark.parametrize("kernel,n,store_captions", [("cosine", 300, True), ("cosine", 300, False),
@@ -359,15 +367,28 @@ def test_collection_report_is_streamed_and_equals_the_in_memory_report(tmp_path,
     assert len(requested) - len(chunked) == (2 if kernel == "gaussian" else 0)
     assert sum(chunked) >= (2 + store_captions) * (n // 2)  # both passes read every image
     assert got.source == f"collection where {where}, {n // 2} items"
-    assert got.score.sigma == want.score.sigma  # the same median sample, read from the store
+    score, spectra, modes, items = want
+    assert got.score.sigma == score.sigma  # the same median sample, read from the store
     # float32 vectors: the products run in float32, batch by batch here, so ~1e-7 apart
     for field in ("image_diversity", "text_diversity", "image_share", "text_share", "vendi", "rke"):
-        assert getattr(got.score, field) == pytest.approx(getattr(want.score, field), rel=1e-6), field
-    for field in ("spectrum_image", "spectrum_explained", "spectrum_schur"):
-        np.testing.assert_allclose(getattr(got, field), getattr(want, field), rtol=1e-5, atol=1e-9)
+        assert getattr(got.score, field) == pytest.approx(getattr(score, field), rel=1e-6), field
+    for field, name in (("spectrum_image", "image"), ("spectrum_explained", "explained"),
+                        ("spectrum_schur", "schur")):
+        np.testing.assert_allclose(getattr(got, field), getattr(spectra, name)[:50], rtol=1e-5, atol=1e-9)
     for kind in ("original_modes", "schur_modes"):
-        for a, b in zip(getattr(got, kind), getattr(want, kind), strict=True):
-            assert a.eigenvalue == pytest.approx(b.eigenvalue, rel=1e-6)
-            assert [(i.index, i.uri, i.prompt) for i in a.items] == [(i.index, i.uri, i.prompt) for i in b.items]
-            np.testing.assert_allclose([i.score for i in a.items], [i.score for i in b.items], rtol=1e-5)
+        for view, mode, expected in zip(getattr(got, kind), modes[kind], items[kind], strict=True):
+            assert view.eigenvalue == pytest.approx(mode.eigenvalue, rel=1e-6)
+            assert [(i.index, i.uri, i.prompt) for i in view.items] == [e[:3] for e in expected]
+            np.testing.assert_allclose([i.score for i in view.items], [e[3] for e in expected], rtol=1e-5)
+    # the in-memory report of the loaded rows is the same computation with one batch
+    from retrieval.report import report_from_embeddings
+    ids = collection.item_ids(where, captioned=True)
+    records = collection.items(ids)
+    text = (real_get(EmbeddingKind.CAPTION, ids) if store_captions
+            else encoder.encode_texts([records[i].caption for i in ids.tolist()]))
+    whole = report_from_embeddings(text, real_get(EmbeddingKind.IMAGE, ids), [records[i].uri for i in ids.tolist()],
+                                   [records[i].caption for i in ids.tolist()], **kw)
+    assert whole.score.image_diversity == pytest.approx(got.score.image_diversity, rel=1e-6)
+    assert [[i.index for i in m.items] for m in whole.schur_modes] == [[i.index for i in m.items]
+                                                                      for m in got.schur_modes]
     collection.close()
