@@ -17,6 +17,7 @@ import numpy as np
 from scipy import linalg
 
 from ._checks import as_matrix, check_ridge
+from .covariance import CovarianceAccumulator
 from .errors import InputError
 from .features import gaussian_kernel, make_feature_map
 from .schur import (SchurSpectra, _Primal, _spectra, accumulate_features, choose_method, decompose, resolve_sigma,
@@ -162,7 +163,8 @@ def kernel_modes(image_emb, *, n_modes: int = 8, top: int = 16, kernel: str = "c
     phi = make_feature_map(kernel, sigma=sigma, rff_dim=rff_dim, seed=seed).fit(image).transform(image)
     phi = phi.astype(np.float64, copy=False)
     if choose_method(method, n, phi.shape[1]) == "primal":
-        return _primal_modes(symmetric_part(phi.T @ phi) / n, phi, 1.0, n_modes, top)
+        C_I = CovarianceAccumulator()._add(phi.copy(), None).covariances().C_XX
+        return _primal_modes(C_I, phi, 1.0, n_modes, top)
     return _dual_modes(phi @ phi.T, None, n_modes, top)
 
 
