@@ -112,7 +112,7 @@ class SchurCorrector:
             phi_s, phi_t = phi_s.astype(dtype, copy=False), phi_t.astype(dtype, copy=False)
             max_norm = _max_row_norm(phi_s)
             # copy=False: the accumulator shifts the fresh feature rows in place
-            acc = CovarianceAccumulator()._add(phi_s, phi_t)
+            acc = CovarianceAccumulator(with_yy=False)._add(phi_s, phi_t)  # Gamma and R need no C_target
             return self._fit_covariances(acc.covariances(center=self.center), fmap, ridge, max_norm,
                                          source.shape[1])
         source_mean = target_mean = None
@@ -140,7 +140,8 @@ class SchurCorrector:
             raise InputError("method 'dual' needs every row in memory; fit_batches works in the primal form")
         self.__dict__.pop("accumulator_", None)
         fmap, _ = streaming_feature_map(self.kernel, self.sigma, self.rff_dim, self.seed)
-        acc, max_norm = accumulate_features(batches, fmap, kernel=self.kernel, names=("source_emb", "target_emb"))
+        acc, max_norm = accumulate_features(batches, fmap, kernel=self.kernel, names=("source_emb", "target_emb"),
+                                            accumulator=CovarianceAccumulator(with_yy=False))
         return self._fit_covariances(acc.covariances(center=self.center), fmap, ridge, max_norm,
                                      fmap.n_features_in_)
 
@@ -160,12 +161,12 @@ class SchurCorrector:
         if not hasattr(self, "accumulator_"):
             self._partial_map, _ = streaming_feature_map(self.kernel, self.sigma, self.rff_dim, self.seed)
             self._partial_norm = 0.0
-            acc = CovarianceAccumulator()
+            acc = CovarianceAccumulator(with_yy=False)
         else:
             acc = self.accumulator_
         fmap = self._partial_map
         # Sums on a copy: a batch that fails (bad rows, a singular C_source) leaves the fit as it was.
-        trial = CovarianceAccumulator().merge(acc)
+        trial = CovarianceAccumulator(with_yy=False).merge(acc)
         trial, batch_norm = accumulate_features([(source_emb, target_emb)], fmap, kernel=self.kernel,
                                                 names=("source_emb", "target_emb"), accumulator=trial)
         max_norm = max(self._partial_norm, batch_norm)

@@ -47,9 +47,13 @@ class CovarianceAccumulator:
     one side alone), ``merge(other)`` adds another accumulator's partial sums (for example
     from a worker that saw other shards), ``covariances(center=...)`` finalises. The result
     does not depend on how the rows were split into batches or merged, up to rounding.
+
+    ``with_yy=False`` skips Y'Y (``C_YY`` is then None): a regression of Y on X needs only
+    C_XX, C_XY and the means, and saves a third of the products.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, with_yy: bool = True) -> None:
+        self.with_yy = bool(with_yy)
         self.n = 0
         self._dims: tuple[int, int | None] | None = None
         self._ref_x = self._rel_x = self._ref_y = self._rel_y = None
@@ -72,7 +76,7 @@ class CovarianceAccumulator:
     def _add(self, X: np.ndarray, Y: np.ndarray | None) -> "CovarianceAccumulator":
         """`update` of validated float32/float64 arrays the accumulator may overwrite."""
         self._check_dims(X.shape[1], None if Y is None else Y.shape[1])
-        self._combine(*_batch_sums(X, Y))
+        self._combine(*_batch_sums(X, Y, self.with_yy))
         return self
 
     def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
@@ -81,6 +85,8 @@ class CovarianceAccumulator:
             raise InputError(f"can only merge another CovarianceAccumulator, got {type(other).__name__}")
         if other.n == 0:
             return self
+        if other.with_yy != self.with_yy and other._ref_y is not None:
+            raise InputError("cannot merge an accumulator with Y'Y sums and one without (with_yy differs)")
         self._check_dims(*other._dims)
         self._combine(other.n, other._ref_x, other._rel_x, other._ref_y, other._rel_y,
                       other._M_xx, other._M_yy, other._M_xy)
@@ -135,7 +141,8 @@ class CovarianceAccumulator:
             self._M_xx = M_xx.copy()
             if ref_y is not None:
                 self._ref_y, self._rel_y = ref_y.copy(), rel_y.copy()
-                self._M_yy, self._M_xy = M_yy.copy(), M_xy.copy()
+                self._M_yy = None if M_yy is None else M_yy.copy()
+                self._M_xy = M_xy.copy()
             return
         na, n = self.n, self.n + nb
         f = na * nb / n
@@ -145,8 +152,9 @@ class CovarianceAccumulator:
         self._rel_x += dx * (nb / n)
         if ref_y is not None:
             dy = (ref_y - self._ref_y) + rel_y - self._rel_y
-            self._M_yy += M_yy
-            self._M_yy += f * np.outer(dy, dy)
+            if self._M_yy is not None:
+                self._M_yy += M_yy
+                self._M_yy += f * np.outer(dy, dy)
             self._M_xy += M_xy
             self._M_xy += f * np.outer(dx, dy)
             self._rel_y += dy * (nb / n)
@@ -165,7 +173,7 @@ def _shift(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return k.astype(np.float64), A.sum(axis=0, dtype=np.float64) / len(A)
 
 
-def _batch_sums(X: np.ndarray, Y: np.ndarray | None):
+def _batch_sums(X: np.ndarray, Y: np.ndarray | None, with_yy: bool = True):
     """(n, ref_x, rel_x, ref_y, rel_y, M_xx, M_yy, M_xy) of one batch: mean = ref + rel;
     X and Y are overwritten."""
     nb = len(X)
@@ -178,6 +186,13 @@ def _batch_sums(X: np.ndarray, Y: np.ndarray | None):
     M_xx -= np.outer(t_x, t_x)
     if Y is None:
         return nb, ref_x, rel_x, None, None, M_xx, None, None
+    if not with_yy:
+        # With X shifted, sum (x - m_x)(y - m_y)' = X_s'Y - n rel_x m_y': no cancellation, so Y
+        # needs no shift when Y'Y is not wanted.
+        mean_y = Y.sum(axis=0, dtype=np.float64) / nb
+        M_xy = (X.T @ Y).astype(np.float64, copy=False)
+        M_xy -= np.outer(rel_x * nb, mean_y)
+        return nb, ref_x, rel_x, np.zeros_like(mean_y), mean_y, M_xx, None, M_xy
     ref_y, rel_y = _shift(Y)
     t_y = rel_y * np.sqrt(nb)
     M_yy = (Y.T @ Y).astype(np.float64, copy=False)

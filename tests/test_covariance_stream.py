@@ -102,6 +102,21 @@ def test_merge_in_any_order_equals_one_pass():
     assert left.merge(sc.CovarianceAccumulator()).n == 1500  # an empty accumulator adds nothing
 
 
+@pytest.mark.parametrize("center", [False, True])
+def test_without_yy_the_other_blocks_are_the_same(center):
+    X, Y = paired_data(n=900, d=5, offset=30.0)
+    full, cross = sc.CovarianceAccumulator(), sc.CovarianceAccumulator(with_yy=False)
+    for rows in splits(900, [300, 1, 599]):
+        full.update(X[rows], Y[rows])
+        cross.update(X[rows], Y[rows])
+    a, b = full.covariances(center=center), cross.covariances(center=center)
+    assert b.C_YY is None
+    for got, want in ((b.C_XX, a.C_XX), (b.C_XY, a.C_XY), (b.mean_y, a.mean_y)):
+        assert relative_error(got, want) < 1e-12
+    with pytest.raises(sc.InputError, match="with_yy"):
+        full.merge(cross)
+
+
 def test_float32_batches_are_summed_in_float64():
     """float32 rows: products in float32 per batch, sums in float64: ~1e-6 of the float64
     numbers of the same values, even with an offset and 200 batches."""
