@@ -21,7 +21,7 @@ from ._checks import as_matrix, as_pair, check_choice, check_ridge
 from .errors import InputError
 from .covariance import CovarianceAccumulator, Covariances
 from .features import CosineFeatures, RandomFourierFeatures, make_feature_map
-from .schur import (accumulate_features, choose_method, explained_covariance, feature_dtype, ridge_cholesky,
+from .schur import (accumulate_features, choose_method, explained_covariance, ridge_cholesky, row_blocks,
                     streaming_feature_map, symmetric_part)
 
 DIRECTIONS = ("t2i", "i2t", "t2t")
@@ -104,17 +104,16 @@ class SchurCorrector:
         fmap = make_feature_map(self.kernel, sigma=self.sigma, rff_dim=self.rff_dim, seed=self.seed)
         # One draw of random features, shared by both sides (sigma's median heuristic sees both).
         fmap.fit(source if self.kernel == "cosine" else np.vstack([source, target]))
-        phi_s, phi_t = fmap.transform(source), fmap.transform(target)
-        n, D = phi_s.shape
+        n, D = len(source), fmap.n_output_features_
         method = choose_method(self.method, n, D)
         if method == "primal":
-            dtype = feature_dtype(source, target, self.kernel)
-            phi_s, phi_t = phi_s.astype(dtype, copy=False), phi_t.astype(dtype, copy=False)
-            max_norm = _max_row_norm(phi_s)
-            # copy=False: the accumulator shifts the fresh feature rows in place
-            acc = CovarianceAccumulator(with_yy=False)._add(phi_s, phi_t)  # Gamma and R need no C_target
+            # Gamma and R need no C_target (with_yy=False); row blocks, as in sce_score
+            acc, max_norm = accumulate_features(row_blocks(source, target), fmap, kernel=self.kernel,
+                                                names=("source_emb", "target_emb"),
+                                                accumulator=CovarianceAccumulator(with_yy=False))
             return self._fit_covariances(acc.covariances(center=self.center), fmap, ridge, max_norm,
                                          source.shape[1])
+        phi_s, phi_t = fmap.transform(source), fmap.transform(target)
         source_mean = target_mean = None
         if self.center:
             source_mean, target_mean = phi_s.mean(axis=0), phi_t.mean(axis=0)
