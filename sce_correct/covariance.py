@@ -49,11 +49,16 @@ class CovarianceAccumulator:
     does not depend on how the rows were split into batches or merged, up to rounding.
 
     ``with_yy=False`` skips Y'Y (``C_YY`` is then None): a regression of Y on X needs only
-    C_XX, C_XY and the means, and saves a third of the products.
+    C_XX, C_XY and the means, and saves a third of the products. ``shift=False`` skips the
+    per-batch shift (two passes over each batch): the uncentred covariances are as exact
+    without it (the Chan terms cancel algebraically, whatever the means), the centred ones are
+    not for data far from the origin, so they are refused; the means then have the precision
+    of the rows' dtype.
     """
 
-    def __init__(self, with_yy: bool = True) -> None:
+    def __init__(self, with_yy: bool = True, shift: bool = True) -> None:
         self.with_yy = bool(with_yy)
+        self.shift = bool(shift)
         self.n = 0
         self._dims: tuple[int, int | None] | None = None
         self._ref_x = self._rel_x = self._ref_y = self._rel_y = None
@@ -76,7 +81,7 @@ class CovarianceAccumulator:
     def _add(self, X: np.ndarray, Y: np.ndarray | None) -> "CovarianceAccumulator":
         """`update` of validated float32/float64 arrays the accumulator may overwrite."""
         self._check_dims(X.shape[1], None if Y is None else Y.shape[1])
-        self._combine(*_batch_sums(X, Y, self.with_yy))
+        self._combine(*_batch_sums(X, Y, self.with_yy, self.shift))
         return self
 
     def merge(self, other: "CovarianceAccumulator") -> "CovarianceAccumulator":
@@ -87,6 +92,7 @@ class CovarianceAccumulator:
             return self
         if other.with_yy != self.with_yy and other._ref_y is not None:
             raise InputError("cannot merge an accumulator with Y'Y sums and one without (with_yy differs)")
+        self.shift = self.shift and other.shift
         self._check_dims(*other._dims)
         self._combine(other.n, other._ref_x, other._rel_x, other._ref_y, other._rel_y,
                       other._M_xx, other._M_yy, other._M_xy)
@@ -98,6 +104,8 @@ class CovarianceAccumulator:
         C = sum x y' / n) or, with ``center``, of the rows minus their means."""
         if self.n == 0:
             raise InputError("no rows were added: the covariances need at least one pair")
+        if center and not self.shift:
+            raise InputError("centred covariances need the per-batch shift: accumulate with shift=True")
         n = self.n
         mean_x, mean_y = self.mean_x, self.mean_y
 
@@ -161,6 +169,12 @@ class CovarianceAccumulator:
         self.n = n
 
 
+def _mean_only(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(0, mean) with the mean in A's precision (a BLAS gemv): A is left as it is."""
+    k = (np.ones(len(A), dtype=A.dtype) @ A) / A.dtype.type(len(A))
+    return np.zeros(A.shape[1]), k.astype(np.float64)
+
+
 def _shift(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Shift A in place by (about) its mean, a vector of A's dtype so the subtraction is exact
     for rows near it; returns (that shift, the mean of the shifted rows), float64.
@@ -173,13 +187,14 @@ def _shift(A: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return k.astype(np.float64), A.sum(axis=0, dtype=np.float64) / len(A)
 
 
-def _batch_sums(X: np.ndarray, Y: np.ndarray | None, with_yy: bool = True):
+def _batch_sums(X: np.ndarray, Y: np.ndarray | None, with_yy: bool = True, shift: bool = True):
     """(n, ref_x, rel_x, ref_y, rel_y, M_xx, M_yy, M_xy) of one batch: mean = ref + rel;
     X and Y are overwritten."""
     nb = len(X)
     if Y is not None and X.dtype != Y.dtype:  # one product precision for both sides
         X, Y = X.astype(np.float64, copy=False), Y.astype(np.float64, copy=False)
-    ref_x, rel_x = _shift(X)
+    centre = _shift if shift else _mean_only
+    ref_x, rel_x = centre(X)
     t_x = rel_x * np.sqrt(nb)  # t t' = n rel rel', exactly symmetric
     # X'X is one BLAS syrk; t t' removes what the shift left of the mean (tiny).
     M_xx = (X.T @ X).astype(np.float64, copy=False)
@@ -189,11 +204,11 @@ def _batch_sums(X: np.ndarray, Y: np.ndarray | None, with_yy: bool = True):
     if not with_yy:
         # With X shifted, sum (x - m_x)(y - m_y)' = X_s'Y - n rel_x m_y': no cancellation, so Y
         # needs no shift when Y'Y is not wanted.
-        mean_y = Y.sum(axis=0, dtype=np.float64) / nb
+        mean_y = Y.sum(axis=0, dtype=np.float64) / nb if shift else _mean_only(Y)[1]
         M_xy = (X.T @ Y).astype(np.float64, copy=False)
         M_xy -= np.outer(rel_x * nb, mean_y)
         return nb, ref_x, rel_x, np.zeros_like(mean_y), mean_y, M_xx, None, M_xy
-    ref_y, rel_y = _shift(Y)
+    ref_y, rel_y = centre(Y)
     t_y = rel_y * np.sqrt(nb)
     M_yy = (Y.T @ Y).astype(np.float64, copy=False)
     M_yy -= np.outer(t_y, t_y)

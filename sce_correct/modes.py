@@ -163,7 +163,7 @@ def kernel_modes(image_emb, *, n_modes: int = 8, top: int = 16, kernel: str = "c
     phi = make_feature_map(kernel, sigma=sigma, rff_dim=rff_dim, seed=seed).fit(image).transform(image)
     phi = phi.astype(np.float64, copy=False)
     if choose_method(method, n, phi.shape[1]) == "primal":
-        C_I = CovarianceAccumulator()._add(phi.copy(), None).covariances().C_XX
+        C_I = CovarianceAccumulator(shift=False)._add(phi, None).covariances().C_XX  # phi is left as it is
         return _primal_modes(C_I, phi, 1.0, n_modes, top)
     return _dual_modes(phi @ phi.T, None, n_modes, top)
 
@@ -184,7 +184,7 @@ def paired_spectra_and_modes(pair_batches, image_batches, *, n_modes: int = 8, t
     _check_counts(n_modes, top)
     fmap, sigma = streaming_feature_map(kernel, sigma, rff_dim, seed)
     ridge = check_ridge(ridge)
-    acc, _ = accumulate_features(pair_batches, fmap, kernel=kernel)
+    acc, _ = accumulate_features(pair_batches, fmap, kernel=kernel, accumulator=CovarianceAccumulator(shift=False))
     cov = acc.covariances()
     dec = _Primal(cov, ridge)
     spectra = _spectra((dec.C_I, dec.R, dec.S), kernel, sigma, "primal", cov.n)

@@ -176,7 +176,8 @@ def decompose(text_emb, image_emb, *, kernel="cosine", sigma=None, rff_dim=2500,
     method = choose_method(method, n, D)
     if method == "primal":
         if not keep_features:
-            acc, _ = accumulate_features(row_blocks(text, image), fmap, kernel=kernel)
+            acc, _ = accumulate_features(row_blocks(text, image), fmap, kernel=kernel,
+                                         accumulator=CovarianceAccumulator(shift=False))  # uncentred only
             return _Primal(acc.covariances(), ridge), (kernel, sigma, method, n)
         dtype = feature_dtype(text, image, kernel)
         phi_t = fmap.transform(text).astype(dtype, copy=False)
@@ -276,7 +277,7 @@ def schur_spectra_batches(batches, *, kernel="cosine", sigma=None, rff_dim=2500,
     O(D^2) memory (primal form; the gaussian kernel needs ``sigma``)."""
     ridge = check_ridge(ridge)
     fmap, sigma = streaming_feature_map(kernel, sigma, rff_dim, seed)
-    acc, _ = accumulate_features(batches, fmap, kernel=kernel)
+    acc, _ = accumulate_features(batches, fmap, kernel=kernel, accumulator=CovarianceAccumulator(shift=False))
     return spectra_from_covariances(acc.covariances(), ridge=ridge, kernel=kernel, sigma=sigma)
 
 

@@ -117,6 +117,22 @@ def test_without_yy_the_other_blocks_are_the_same(center):
         full.merge(cross)
 
 
+def test_without_the_shift_uncentred_covariances_stay_exact():
+    """shift=False (the score's accumulator): the uncentred numbers need no shift, even 1e6 off
+    the origin and merged; centred ones are refused."""
+    rng = np.random.default_rng(13)
+    X = rng.normal(size=(3000, 6)) + 1e6
+    Y = rng.normal(size=(3000, 4)) - 1e6
+    parts = [sc.CovarianceAccumulator(shift=False).update(X[r], Y[r]) for r in splits(3000, [1000, 7, 1993])]
+    merged = parts[2].merge(parts[0]).merge(parts[1])
+    got = merged.covariances()
+    for a, b in zip((got.C_XX, got.C_YY, got.C_XY), exact_covariances(X, Y, False)):
+        assert relative_error(a, b) < 1e-12
+    with pytest.raises(sc.InputError, match="shift=True"):
+        merged.covariances(center=True)
+    assert not sc.CovarianceAccumulator().merge(parts[1]).shift  # a merge keeps the weaker guarantee
+
+
 def test_float32_batches_are_summed_in_float64():
     """float32 rows: products in float32 per batch, sums in float64: ~1e-6 of the float64
     numbers of the same values, even with an offset and 200 batches."""
