@@ -6,10 +6,11 @@ collection of a million pairs is summed shard by shard in O(D^2) memory; the in-
 computation is the same code with one batch.
 
 Numerics: the state is (n, means, M = sum of outer products of the rows minus their mean),
-float64, as in Chan, Golub and LeVeque's pairwise update. Each batch is shifted by its own
-mean (rounded to the batch's dtype, so the shift is exact) before its products, so a large
-common offset costs no precision; batches and partial sums from several workers combine
-with the pairwise formula in any order. The products of float32 rows run in float32 (BLAS
+float64, as in Chan, Golub and LeVeque's pairwise update, each mean kept as a reference
+point plus a small offset. Each batch is shifted by (about) its own mean, a vector of the
+batch's dtype, before its products, so a large common offset costs no precision; batches and
+partial sums from several workers combine with the pairwise formula in any order. Sums
+wanted only uncentred (the SCE score) skip the shift (``shift=False``): they do not need it. The products of float32 rows run in float32 (BLAS
 sgemm/ssyrk: twice as fast; the package's float32 policy, see ``_checks.as_matrix``) and are
 summed in float64.
 """
@@ -92,10 +93,10 @@ class CovarianceAccumulator:
             return self
         if other.with_yy != self.with_yy and other._ref_y is not None:
             raise InputError("cannot merge an accumulator with Y'Y sums and one without (with_yy differs)")
-        self.shift = self.shift and other.shift
         self._check_dims(*other._dims)
         self._combine(other.n, other._ref_x, other._rel_x, other._ref_y, other._rel_y,
                       other._M_xx, other._M_yy, other._M_xy)
+        self.shift = self.shift and other.shift
         return self
 
     # -- results ------------------------------------------------------------------------------
