@@ -19,8 +19,10 @@ from scipy import linalg
 
 from ._checks import as_matrix, as_pair, check_choice, check_ridge
 from .errors import InputError
+from .covariance import CovarianceAccumulator, Covariances
 from .features import CosineFeatures, RandomFourierFeatures, make_feature_map
-from .schur import choose_method, ridge_cholesky, symmetric_part
+from .schur import (accumulate_features, choose_method, explained_covariance, ridge_cholesky, row_blocks,
+                    streaming_feature_map, symmetric_part)
 
 DIRECTIONS = ("t2i", "i2t", "t2t")
 FILE_FORMAT = "sce_correct.SchurCorrector"
@@ -91,51 +93,114 @@ class SchurCorrector:
     # -- fitting -----------------------------------------------------------------------------
     def fit(self, source_emb, target_emb) -> "SchurCorrector":
         """Learn Gamma from preliminary pairs: row i of `source_emb` pairs with row i of `target_emb`."""
-        check_choice(self.direction, "direction", DIRECTIONS)
-        check_choice(self.kernel, "kernel", ("cosine", "gaussian"))
-        ridge = check_ridge(self.ridge)
-        self._check_strength()
+        ridge = self._check_params()
         source, target = as_pair(source_emb, target_emb, "source_emb", "target_emb")
         if source.shape[1] != target.shape[1]:
             raise InputError(
                 f"source_emb has {source.shape[1]} columns and target_emb {target.shape[1]}: "
                 "both sides must come from the same encoder space"
             )
+        self.__dict__.pop("accumulator_", None)  # a new fit starts new sums
         fmap = make_feature_map(self.kernel, sigma=self.sigma, rff_dim=self.rff_dim, seed=self.seed)
         # One draw of random features, shared by both sides (sigma's median heuristic sees both).
         fmap.fit(source if self.kernel == "cosine" else np.vstack([source, target]))
+        n, D = len(source), fmap.n_output_features_
+        method = choose_method(self.method, n, D)
+        if method == "primal":
+            # Gamma and R need no C_target (with_yy=False); row blocks, as in sce_score
+            acc, max_norm = accumulate_features(row_blocks(source, target), fmap, kernel=self.kernel,
+                                                names=("source_emb", "target_emb"),
+                                                accumulator=CovarianceAccumulator(with_yy=False))
+            return self._fit_covariances(acc.covariances(center=self.center), fmap, ridge, max_norm,
+                                         source.shape[1])
         phi_s, phi_t = fmap.transform(source), fmap.transform(target)
         source_mean = target_mean = None
         if self.center:
             source_mean, target_mean = phi_s.mean(axis=0), phi_t.mean(axis=0)
             phi_s, phi_t = phi_s - source_mean, phi_t - target_mean
-        n, D = phi_s.shape
-        method = choose_method(self.method, n, D)
-        if method == "primal":
-            C_S = symmetric_part((phi_s.T @ phi_s).astype(np.float64, copy=False)) / n
-            C_ST = (phi_s.T @ phi_t).astype(np.float64, copy=False) / n
-            gamma = linalg.cho_solve(ridge_cholesky(C_S, ridge, "C_source"), C_ST, check_finite=False)
-            R = symmetric_part(C_ST.T @ gamma)
-        else:
-            phi_s = phi_s.astype(np.float64, copy=False)
-            phi_t = phi_t.astype(np.float64, copy=False)
-            # Push-through identity: (Phi_S'Phi_S + n eps I)^-1 Phi_S' = Phi_S' (K_S + n eps I)^-1.
-            K_S = symmetric_part(phi_s @ phi_s.T)
-            A = linalg.cho_solve(ridge_cholesky(K_S, n * ridge, "K_source"), phi_t, check_finite=False)
-            gamma = phi_s.T @ A
-            R = symmetric_part(phi_t.T @ (K_S @ A)) / n
+        phi_s = phi_s.astype(np.float64, copy=False)
+        phi_t = phi_t.astype(np.float64, copy=False)
+        # Push-through identity: (Phi_S'Phi_S + n eps I)^-1 Phi_S' = Phi_S' (K_S + n eps I)^-1.
+        K_S = symmetric_part(phi_s @ phi_s.T)
+        A = linalg.cho_solve(ridge_cholesky(K_S, n * ridge, "K_source"), phi_t, check_finite=False)
+        gamma = phi_s.T @ A
+        R = symmetric_part(phi_t.T @ (K_S @ A)) / n
         self._check_strength_bound(phi_s, gamma)
+        return self._set_fit(fmap, gamma, R, n, source.shape[1], "dual", source_mean, target_mean)
+
+    def fit_batches(self, batches) -> "SchurCorrector":
+        """`fit` on pairs given as an iterable of (source_emb, target_emb) batches, in O(D^2) memory.
+
+        The same Gamma as `fit` on the stacked rows (up to rounding), always in the primal
+        form; the gaussian kernel needs ``sigma`` (its median heuristic needs every row).
+        """
+        ridge = self._check_params()
+        if self.method == "dual":
+            raise InputError("method 'dual' needs every row in memory; fit_batches works in the primal form")
+        self.__dict__.pop("accumulator_", None)
+        fmap, _ = streaming_feature_map(self.kernel, self.sigma, self.rff_dim, self.seed)
+        acc, max_norm = accumulate_features(batches, fmap, kernel=self.kernel, names=("source_emb", "target_emb"),
+                                            accumulator=CovarianceAccumulator(with_yy=False))
+        return self._fit_covariances(acc.covariances(center=self.center), fmap, ridge, max_norm,
+                                     fmap.n_features_in_)
+
+    def partial_fit(self, source_emb, target_emb) -> "SchurCorrector":
+        """Add a batch of pairs to the running sums and refit on every pair seen so far
+        (scikit-learn's incremental convention; `fit` or `fit_batches` start over).
+
+        Each call solves the D x D problem again; to fit once over many batches use
+        `fit_batches`. The running sums are kept in ``accumulator_`` (not saved by `save`).
+        """
+        ridge = self._check_params()
+        if self.method == "dual":
+            raise InputError("method 'dual' needs every row in memory; partial_fit works in the primal form")
+        if hasattr(self, "gamma_") and not hasattr(self, "accumulator_"):
+            raise InputError("this SchurCorrector was fitted without running sums (fit or load): "
+                             "partial_fit cannot continue it; fit again with partial_fit or fit_batches")
+        if not hasattr(self, "accumulator_"):
+            self._partial_map, _ = streaming_feature_map(self.kernel, self.sigma, self.rff_dim, self.seed)
+            self._partial_norm = 0.0
+            acc = CovarianceAccumulator(with_yy=False)
+        else:
+            acc = self.accumulator_
+        fmap = self._partial_map
+        # Sums on a copy: a batch that fails (bad rows, a singular C_source) leaves the fit as it was.
+        trial = CovarianceAccumulator(with_yy=False).merge(acc)
+        trial, batch_norm = accumulate_features([(source_emb, target_emb)], fmap, kernel=self.kernel,
+                                                names=("source_emb", "target_emb"), accumulator=trial)
+        max_norm = max(self._partial_norm, batch_norm)
+        self._fit_covariances(trial.covariances(center=self.center), fmap, ridge, max_norm, fmap.n_features_in_)
+        self.accumulator_, self._partial_norm = trial, max_norm
+        return self
+
+    def _check_params(self) -> float:
+        check_choice(self.direction, "direction", DIRECTIONS)
+        check_choice(self.kernel, "kernel", ("cosine", "gaussian"))
+        ridge = check_ridge(self.ridge)
+        self._check_strength()
+        return ridge
+
+    def _fit_covariances(self, cov: Covariances, fmap, ridge: float, max_norm: float, n_features_in: int):
+        """The primal fit from the source (X) / target (Y) feature covariances."""
+        R, gamma = explained_covariance(cov.C_XX, cov.C_XY, ridge, what="C_source", with_gamma=True)
+        source_mean = target_mean = None
+        if cov.centered:
+            source_mean, target_mean = cov.mean_x, cov.mean_y
+            max_norm = max_norm + float(np.linalg.norm(source_mean))  # ||phi - m|| <= ||phi|| + ||m||
+        self._check_reach(max_norm, gamma)
+        return self._set_fit(fmap, gamma, R, cov.n, n_features_in, "primal", source_mean, target_mean)
+
+    def _set_fit(self, fmap, gamma, R, n, n_features_in, method, source_mean, target_mean):
         self.feature_map_ = fmap
         self.gamma_ = gamma
         self.n_samples_ = n
-        self.n_features_in_ = source.shape[1]
+        self.n_features_in_ = n_features_in
         self.method_ = method
         self.source_mean_, self.target_mean_ = source_mean, target_mean
         if self.kernel == "cosine":
-            lam, vec = linalg.eigh(R, check_finite=False)
-            order = np.argsort(lam)[::-1]
-            self.explained_eigvals_ = np.clip(lam[order], 0.0, None)
-            self.explained_eigvecs_ = vec[:, order]
+            lam, vec = np.linalg.eigh(R)  # LAPACK syevd, ascending
+            self.explained_eigvals_ = np.clip(lam[::-1], 0.0, None)
+            self.explained_eigvecs_ = np.ascontiguousarray(vec[:, ::-1])
         else:
             self.explained_eigvals_ = None
             self.explained_eigvecs_ = None
@@ -352,11 +417,14 @@ class SchurCorrector:
 
     def _check_strength_bound(self, phi_s: np.ndarray, gamma: np.ndarray) -> None:
         """InputError when strength * Gamma' phi(source) could exceed MAX_CORRECTION_NORM."""
-        if not len(phi_s):
-            return
+        if len(phi_s):
+            self._check_reach(_max_row_norm(phi_s), gamma)
+
+    def _check_reach(self, max_norm: float, gamma: np.ndarray) -> None:
+        """The same, for source rows of norm at most ``max_norm``."""
         s = abs(float(self.strength))
         # ||Gamma' x|| <= ||Gamma||_F ||x||: an upper bound that costs O(D^2), not a product.
-        reach = float(np.linalg.norm(gamma)) * float(np.sqrt(np.max(np.einsum("ij,ij->i", phi_s, phi_s))))
+        reach = float(np.linalg.norm(gamma)) * float(max_norm)
         if reach > 0 and s * reach > MAX_CORRECTION_NORM:
             limit = MAX_CORRECTION_NORM / reach
             step = 10.0 ** (np.floor(np.log10(limit)) - 2)  # three significant digits, rounded down
@@ -372,3 +440,8 @@ class SchurCorrector:
                 f"projection needs the cosine kernel (this corrector uses {self.kernel!r}): "
                 "its corrected features live in the random-feature space, not the encoder's"
             )
+
+
+def _max_row_norm(phi: np.ndarray) -> float:
+    return float(np.sqrt(np.max(np.einsum("ij,ij->i", phi, phi)))) if len(phi) else 0.0
+

@@ -8,7 +8,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .schur import SchurSpectra, schur_spectra
+from .covariance import Covariances
+from .schur import SchurSpectra, schur_spectra, schur_spectra_batches, spectra_from_covariances
 
 
 def _eigvals(eigvals) -> np.ndarray:
@@ -81,6 +82,26 @@ def sce_score(text_emb, image_emb, *, kernel: str = "cosine", sigma: float | Non
     spectra = schur_spectra(text_emb, image_emb, kernel=kernel, sigma=sigma, rff_dim=rff_dim,
                             ridge=ridge, seed=seed, method=method)
     return report_from_spectra(spectra, ridge=ridge)
+
+
+def sce_score_batches(batches, *, kernel: str = "cosine", sigma: float | None = None, rff_dim: int = 2500,
+                      ridge: float = 1e-4, seed: int = 0) -> SCEReport:
+    """`sce_score` of pairs given as an iterable of (text_emb, image_emb) batches (for example
+    shards of a collection), in O(D^2) memory: the covariances are summed batch by batch.
+
+    The same numbers as `sce_score` on the stacked rows (primal form; when n < D the
+    in-memory form works in the dual, equal up to rounding). The gaussian kernel needs
+    ``sigma``; "gaussian-exact" has no streaming form.
+    """
+    spectra = schur_spectra_batches(batches, kernel=kernel, sigma=sigma, rff_dim=rff_dim, ridge=ridge, seed=seed)
+    return report_from_spectra(spectra, ridge=ridge)
+
+
+def sce_score_from_covariances(cov: Covariances, *, ridge: float = 1e-4, kernel: str = "cosine",
+                               sigma: float | None = None) -> SCEReport:
+    """The SCE report from already accumulated uncentred covariances (X = text features, Y =
+    image features), e.g. partial sums of several workers merged with CovarianceAccumulator.merge."""
+    return report_from_spectra(spectra_from_covariances(cov, ridge=ridge, kernel=kernel, sigma=sigma), ridge=ridge)
 
 
 def report_from_spectra(spectra: SchurSpectra, *, ridge: float) -> SCEReport:
