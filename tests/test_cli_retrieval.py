@@ -124,8 +124,8 @@ def test_search_nprobe_reaches_every_strategy(tmp_path, monkeypatch):
         out = invoke("search", query, "-k", "10", "--nprobe", nprobe, "--json", *extra, "-c", coll)
         assert out.exit_code == 0, out.output
         data = json.loads(out.output)
-        if isinstance(data, list):
-            return [h["item_id"] for h in data]
+        if "hits" in data:
+            return [h["id"] for h in data["hits"]]
         return [h["item_id"] for h in data["original"]] + [h["item_id"] for h in data["corrected"]]
 
     differs = 0

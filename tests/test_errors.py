@@ -223,8 +223,8 @@ def test_a_k_too_large_to_allocate_returns_the_whole_index(setup, ab):
         assert len(data["original"]) == len(data["corrected"]) == 24
         assert data["k"] == 24 and math.isclose(data["overlap_at_k"], 1.0)  # the same 24 items, re-ranked
     else:
-        assert len(data) == 24 and sorted(h["item_id"] for h in data) == list(range(1, 25))
-    plain = json.loads(invoke("search", "item 3", "-k", huge, "--json", "-c", coll).output)
+        assert len(data["hits"]) == 24 and sorted(h["id"] for h in data["hits"]) == list(range(1, 25))
+    plain = json.loads(invoke("search", "item 3", "-k", huge, "--json", "-c", coll).output)["hits"]
     scores = [h["score"] for h in plain]
     assert len(plain) == 24 and scores == sorted(scores, reverse=True) and np.isfinite(scores).all()
 

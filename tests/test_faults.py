@@ -147,8 +147,8 @@ def assert_consistent(coll: Path) -> None:
     assert {c for _, c, _, _ in versions} >= {"-", "c1"}, info
     for name, _, count, note in versions:
         assert int(count) == items and not note.strip(), info
-    hits = json.loads(invoke("search", "item 3", "-k", str(items), "--json", "-c", coll).stdout)
-    assert len(hits) == items and len({h["item_id"] for h in hits}) == items
+    hits = json.loads(invoke("search", "item 3", "-k", str(items), "--json", "-c", coll).stdout)["hits"]
+    assert len(hits) == items and len({h["id"] for h in hits}) == items
     assert all(np.isfinite(h["score"]) for h in hits)
     assert not [p for p in (coll / "indexes").iterdir() if p.name.startswith(".")]  # no staging left
 
@@ -797,7 +797,7 @@ def test_an_overflowing_strength_never_reaches_a_published_index(world: World, c
     info = invoke("index", "info", "-c", world.coll).stdout
     assert not re.search(r"ready\s+image\s+correction=s308", info), info
     hits = invoke("search", "item 3", "--correction", "s308", "--strategy", "reindexed", "--json", "-c", world.coll)
-    assert hits.exit_code != 0 or all(np.isfinite(h["score"]) for h in json.loads(hits.stdout))
+    assert hits.exit_code != 0 or all(np.isfinite(h["score"]) for h in json.loads(hits.stdout)["hits"])
 
 
 @pytest.mark.parametrize("opts", [("-k", 10**12), ("-k", 2**63), ("-k", 10**30), ("-k", 10**12, "--correction", "c1"),

@@ -101,7 +101,7 @@ def observe(coll: Path) -> dict:
         rows = np.stack([index.reconstruct(int(i)) for i in ids]) if len(ids) else np.zeros((0, index.d))
         key = (version["kind"], version.get("correction"))
         vectors[key] = {uri_of[int(i)]: row for i, row in zip(ids, rows)}
-    searches = {q: [h["uri"] for h in __import__("json").loads(invoke("search", q, "-k", "8", "--json", "-c", coll))]
+    searches = {q: [h["uri"] for h in __import__("json").loads(invoke("search", q, "-k", "8", "--json", "-c", coll))["hits"]]
                 for q in QUERIES}
     # A kill after the job published its version makes the rerun publish another one (and retire
     # the first, whose file stays until a retention rule removes it): count only unnamed files.

@@ -260,20 +260,9 @@ def search_command(
                 return
             vec = retriever.embed_text(query) if query is not None else retriever.embed_image(image)
             label = query if query is not None else str(image)
-            if ab:
-                cmp = compare(retriever, vec, label, ab, k=k, kind=kind, strategy=strategy, attribute=attribute,
-                              negative_weight=negative_weight)
-                if as_json:
-                    typer.echo(json.dumps(cmp.to_dict(), indent=2, default=str))
-                    return
-                _print_ab(cmp, label, ab)
-                return
-            hits = retriever.search(vec, k, kind=kind, correction=correction, strategy=strategy,
-                                    negative_weight=negative_weight).hits
-        if as_json:
-            typer.echo(json.dumps([h.__dict__ for h in hits], indent=2, default=str))
-            return
-        _print_hits(hits)
+            _search_vectors(retriever, vec[None, :], k=k, kind=kind, correction=correction or None, ab=ab,
+                            strategy=strategy, negative_weight=negative_weight, attribute=attribute,
+                            as_json=as_json, labels=[label])
 
 
 def _print_hits(hits) -> None:
@@ -300,11 +289,14 @@ def _print_ab(cmp, label: str, ab: str) -> None:
 
 
 def _search_vectors(retriever, rows, *, k: int, kind: str, correction: str | None, ab: str | None, strategy: str,
-                    negative_weight: float, attribute: str | None, as_json: bool) -> None:
-    """One search (or A/B comparison) per query row; ``ms`` times the search and catalog join alone.
+                    negative_weight: float, attribute: str | None, as_json: bool,
+                    labels: list[str] | None = None) -> None:
+    """One search (or A/B comparison) per query row, printed as a table or one JSON line each.
 
-    The first row is searched once before timing, so that loading the index file (and the
-    correction) is not counted; a search then runs faiss and joins the hits to the catalog.
+    ``labels``: what the rows are (a text query, an image path); without them a row is named
+    by its number in the .npy. ``ms`` times the search and catalog join alone: the first row
+    is searched once before timing, so that loading the index file (and the correction) is
+    not counted; a search then runs faiss and joins the hits to the catalog.
     """
     import time
 
@@ -322,18 +314,20 @@ def _search_vectors(retriever, rows, *, k: int, kind: str, correction: str | Non
         started = time.perf_counter()
         result = run(row, number)
         ms = (time.perf_counter() - started) * 1000.0
+        name = labels[number] if labels else number
         if ab:
             if as_json:
-                typer.echo(json.dumps({**result.to_dict(), "query": number, "ms": ms}, default=str))
+                typer.echo(json.dumps({**result.to_dict(), "query": name, "ms": ms}, default=str))
             else:
-                _print_ab(result, f"vector {number} ({ms:.1f} ms)", ab)
+                _print_ab(result, str(name) if labels else f"vector {number} ({ms:.1f} ms)", ab)
             continue
         if as_json:
-            typer.echo(json.dumps({"query": number, "kind": result.kind, "correction": result.correction,
+            typer.echo(json.dumps({"query": name, "kind": result.kind, "correction": result.correction,
                                    "strategy": result.strategy, "hits": [_hit_dict(h) for h in result.hits],
                                    "ms": ms}, default=str))
         else:
-            typer.echo(f"query {number} ({ms:.1f} ms, {result.strategy})")
+            if not labels:
+                typer.echo(f"query {number} ({ms:.1f} ms, {result.strategy})")
             _print_hits(result.hits)
 
 
