@@ -108,10 +108,18 @@ def _ordered_quiet_execution(ray: Any) -> Iterator[Any]:
     saved = context.execution_options.preserve_order, context.enable_progress_bars
     context.execution_options.preserve_order = True
     context.enable_progress_bars = False
+    # Ray Data logs each execution at INFO, and warns that its bars are off: ours are on
+    loggers = {logging.getLogger("ray.data"): logging.DEBUG if logger.isEnabledFor(logging.DEBUG) else logging.WARNING,
+               logging.getLogger("ray.data._internal.progress"): logging.ERROR}
+    levels = {each: each.level for each in loggers}
+    for each, level in loggers.items():
+        each.setLevel(level)
     try:
         yield context
     finally:
         context.execution_options.preserve_order, context.enable_progress_bars = saved
+        for each, level in levels.items():
+            each.setLevel(level)
 
 
 def actor_pool(ray: Any, actors: int | None) -> Any:

@@ -33,7 +33,8 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -60,16 +61,35 @@ def _paired_source_kind(direction: str) -> str:
     return SOURCE_KIND[direction]
 
 
-def reindex(collection: Collection, correction: str, *, variant: str = "auto", chunk_size: int = 65536,
-            factory: str | None = None, progress: bool = True,
-            checkpoint_every: int | None = None) -> IndexVersionInfo:
-    """Build (or resume) the corrected index version for `correction`; returns it once published."""
+@dataclass
+class ReindexPlan:
+    """What a re-index job computes, worked out before any vector is read: the correction's
+    variant and the inputs of :func:`corrected_vectors` (every engine applies the same)."""
+
+    correction: str
+    kind: str
+    variant: str
+    total: int  # stored vectors of `kind`
+    dim: int  # of the corrected vectors
+    corrector: Any
+    projection: np.ndarray | None  # P (projection variant)
+    source_kind: str | None  # the paired variant's source vectors, and the ids that have one
+    source_ids: np.ndarray | None
+    parameters: dict[str, Any]  # recorded on the index version
+
+    @property
+    def normalize_output(self) -> bool:
+        """A projection's P x is stored as it is (scores equal the query-side correction's)."""
+        return self.variant != "projection"
+
+    def apply_args(self, collection: Collection) -> tuple:
+        return (collection, self.corrector, self.projection, self.source_kind, self.source_ids)
+
+
+def plan_reindex(collection: Collection, correction: str, variant: str = "auto") -> ReindexPlan:
+    """Check the request and work out the job (an InputError names what is wrong)."""
     if variant not in VARIANTS:
         raise InputError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-    if checkpoint_every is None:
-        checkpoint_every = int(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT_EVERY)
-    if checkpoint_every < 1 or chunk_size < 1:
-        raise InputError("chunk_size and checkpoint_every must be positive")
     stored = load_correction(collection, correction)
     corrector, info = stored.corrector, stored.info
     kind = info.target_kind
@@ -92,23 +112,43 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
         if not len(source_ids):
             raise InputError(f"the paired variant needs stored {source_kind} embeddings; this collection has none")
         dim = corrector.feature_map_.n_output_features_
-    apply_args = (collection, corrector, P, source_kind, source_ids)
     # The fit's time stamp: a job killed before the correction was fitted again (same name,
     # --replace) must not be resumed with the new one, which would mix two corrections.
     parameters = {"variant": variant, "correction_fitted_at": info.created_at.isoformat(),
                   "correction_parameters": {k: v for k, v in info.parameters.items() if k != "concept_vector"}}
+    return ReindexPlan(correction, kind, variant, total, dim, corrector, P, source_kind, source_ids, parameters)
+
+
+#: ``runner(collection, plan, chunk_size, writer, bar) -> vectors computed``: corrects and stages
+#: every stored vector of ``plan.kind`` not in ``writer.done_ids`` (the local one: :func:`_run_local`).
+Runner = Callable[[Collection, ReindexPlan, int, IndexVersionWriter, Any], int]
+
+
+def reindex(collection: Collection, correction: str, *, variant: str = "auto", chunk_size: int = 65536,
+            factory: str | None = None, progress: bool = True,
+            checkpoint_every: int | None = None, runner: Runner | None = None) -> IndexVersionInfo:
+    """Build (or resume) the corrected index version for `correction`; returns it once published.
+
+    ``runner``: what computes the vectors (default this process's pipeline; the Ray engine,
+    :mod:`retrieval.ray_reindex`, passes its own); the version is written here either way.
+    """
+    if checkpoint_every is None:
+        checkpoint_every = int(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT_EVERY)
+    if checkpoint_every < 1 or chunk_size < 1:
+        raise InputError("chunk_size and checkpoint_every must be positive")
+    plan = plan_reindex(collection, correction, variant)
     started = time.perf_counter()
-    with collection.new_index_version(kind=kind, correction=correction, factory=factory, dim=dim,
-                                      parameters=parameters, checkpoint_every=checkpoint_every,
-                                      expected_count=total) as writer:
+    with collection.new_index_version(kind=plan.kind, correction=correction, factory=factory, dim=plan.dim,
+                                      parameters=plan.parameters, checkpoint_every=checkpoint_every,
+                                      expected_count=plan.total) as writer:
         resumed = writer.resumed
         if writer.needs_training:  # before the loop: a resumed job may have nothing left to add
-            sample_ids, sample_raw = collection.embeddings.sample(kind, 50_000)
-            writer.train(_apply(*apply_args, sample_ids, sample_raw))
-        bar = tqdm(total=total, desc=f"re-index {correction}", unit="vec", disable=not progress, initial=resumed)
+            sample_ids, sample_raw = collection.embeddings.sample(plan.kind, 50_000)
+            writer.train(corrected_vectors(collection, plan, sample_ids, sample_raw))
+        bar = tqdm(total=plan.total, desc=f"re-index {correction}", unit="vec", disable=not progress,
+                   initial=resumed)
         try:
-            computed = _run(collection, kind, chunk_size, writer, apply_args,
-                            normalize_output=(variant != "projection"), bar=bar)
+            computed = (runner or _run_local)(collection, plan, chunk_size, writer, bar)
         finally:
             bar.close()
         version = writer.version
@@ -116,6 +156,18 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
                 correction, computed, resumed, time.perf_counter() - started)
     logger.info("published index version %s for correction %s", version.name, correction)
     return collection.version(version.name)
+
+
+def corrected_vectors(collection: Collection, plan: ReindexPlan, ids: np.ndarray, raw: np.ndarray,
+                      out: np.ndarray | None = None, is_unit: bool = False) -> np.ndarray:
+    """The corrected vectors of one chunk of stored vectors (``raw``, of items ``ids``); see :func:`_apply`."""
+    return _apply(*plan.apply_args(collection), ids, raw, out, is_unit)
+
+
+def _run_local(collection: Collection, plan: ReindexPlan, chunk_size: int, writer: IndexVersionWriter,
+               bar: Any) -> int:
+    return _run(collection, plan.kind, chunk_size, writer, plan.apply_args(collection),
+                normalize_output=plan.normalize_output, bar=bar)
 
 
 def _apply(collection, corrector, P, source_kind, source_ids, ids, raw, out=None, is_unit=False) -> np.ndarray:
