@@ -482,7 +482,8 @@ def build_runner(engine: str) -> Callable[..., BuildReport]:
     if engine == "local":
         return run_build
     if engine == "ray":
-        from indexing.ray_engine import run_build_on_ray
+        from indexing.ray_engine import import_ray, run_build_on_ray
 
+        import_ray()  # a missing Ray is one line, before anything is created
         return run_build_on_ray
     raise InputError(f"--engine must be one of {', '.join(ENGINES)}; got {engine!r}")

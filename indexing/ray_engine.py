@@ -101,7 +101,7 @@ def ray_cluster(address: str | None = None, *, num_cpus: int | None = None,
 
 
 @contextlib.contextmanager
-def _ordered_quiet_execution(ray: Any) -> Iterator[Any]:
+def quiet_ordered_execution(ray: Any) -> Iterator[Any]:
     """Ray Data's context for our jobs: outputs in input order (so items get the local engine's
     ids), and our own progress bar instead of Ray's."""
     context = ray.data.DataContext.get_current()
@@ -122,12 +122,18 @@ def _ordered_quiet_execution(ray: Any) -> Iterator[Any]:
             each.setLevel(level)
 
 
-def actor_pool(ray: Any, actors: int | None) -> Any:
-    """A fixed-size actor pool: ``actors``, or one per CPU of the cluster."""
+def actor_pool(ray: Any, actors: int | None, batches: int) -> Any:
+    """A fixed-size actor pool: ``actors``, or one per CPU of the cluster; never more than
+    there are ``batches`` to give them."""
     size = actors if actors is not None else max(1, int(ray.cluster_resources().get("CPU", 1)))
     if size < 1:
         raise InputError(f"--actors must be at least 1; got {size}")
-    return ray.data.ActorPoolStrategy(size=size)
+    return ray.data.ActorPoolStrategy(size=max(1, min(size, batches)))
+
+
+def blocks_for(rows: int, batch_size: int) -> int:
+    """Input blocks of a dataset of ``rows``: one per batch (so every actor gets work), at most 1024."""
+    return max(1, min(-(-rows // batch_size), 1024))
 
 
 # -- the encoder in the actors -------------------------------------------------------------------
@@ -246,15 +252,16 @@ def run_build_on_ray(
                                        image_root=image_root, retry_failed=retry_failed)
         recipe = encoder_recipe(encoder)
         writer = ShardWriter(collection, report, shard_size, embedding_dtype)
-        with ray_cluster(address, num_cpus=num_cpus) as ray, _ordered_quiet_execution(ray):
+        with ray_cluster(address, num_cpus=num_cpus) as ray, quiet_ordered_execution(ray):
             if pending:
                 records = {record.uri: record for record in pending}
                 rows = [{"uri": r.uri, "path": "" if r.path is None else str(r.path), "error": r.error or ""}
                         for r in pending]
-                dataset = ray.data.from_items(rows, override_num_blocks=max(1, min(len(rows) // batch_size, 1024)))
+                blocks = blocks_for(len(rows), batch_size)
+                dataset = ray.data.from_items(rows, override_num_blocks=blocks)
                 dataset = dataset.map_batches(
                     EncodeImages, fn_constructor_kwargs={"recipe": recipe, "max_pixels": max_pixels, "workers": workers},
-                    batch_size=batch_size, batch_format="numpy", compute=actor_pool(ray, actors),
+                    batch_size=batch_size, batch_format="numpy", compute=actor_pool(ray, actors, blocks),
                 )
                 with tqdm(total=len(pending), unit="img", desc="indexing (ray)", disable=not progress) as bar:
                     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
@@ -279,10 +286,11 @@ def _embed_captions_on_ray(ray: Any, collection: Collection, recipe: tuple[Any, 
     ids, texts = pending_captions(collection)
     if not len(ids):
         return
+    blocks = blocks_for(len(ids), batch_size)
     dataset = ray.data.from_items([{"id": int(i), "caption": t} for i, t in zip(ids.tolist(), texts)],
-                                  override_num_blocks=max(1, min(len(ids) // batch_size, 1024)))
+                                  override_num_blocks=blocks)
     dataset = dataset.map_batches(EncodeTexts, fn_constructor_kwargs={"recipe": recipe}, batch_size=batch_size,
-                                  batch_format="numpy", compute=actor_pool(ray, actors))
+                                  batch_format="numpy", compute=actor_pool(ray, actors, blocks))
     with tqdm(total=len(ids), desc="captions (ray)", unit="text", disable=not progress) as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
             collection.store_embeddings(EmbeddingKind.CAPTION, batch["id"], batch["embedding"])
