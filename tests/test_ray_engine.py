@@ -251,7 +251,7 @@ def test_killed_ray_build_and_reindex_resume_to_the_same_collection(ray_cluster,
     each rerun must end where an uninterrupted run ends (tests/test_kill_resume.py's checks: items,
     index vectors, searches, files, no leftovers). The drivers join the module's cluster: a
     killed driver's actors are removed by the cluster."""
-    from test_kill_resume import COLL, kill_at, kill_moments, leftovers, observe, run_to_completion
+    from test_kill_resume import COLL, kill_at, leftovers, observe, run_to_completion
     from test_kill_resume import assert_same as same
 
     address = ray_cluster.get_runtime_context().gcs_address
@@ -275,7 +275,7 @@ def test_killed_ray_build_and_reindex_resume_to_the_same_collection(ray_cluster,
 
     jobs = [
         ("build", ["index", "build", listing, "-c", coll, "--encoder", "toy", "--batch-size", "2", "--shard-size", "4",
-                   "--workers", "0", *ray_args], build_reset, 0.2,
+                   "--workers", "0", *ray_args], build_reset, 0.5,
          lambda: _count(coll, "SELECT count(*) FROM items") > 0,  # the first shard is committed
          lambda: _count(coll, "SELECT count(*) FROM items") < images
          or _count(coll, "SELECT count(*) FROM index_versions WHERE state = 'ready'") < 2),
@@ -295,7 +295,9 @@ def test_killed_ray_build_and_reindex_resume_to_the_same_collection(ray_cluster,
         reference = observe(coll)
         assert leftovers(coll) == []
         landed[name] = 0
-        for number, moment in enumerate(kill_moments(timing, 100 + seed)[:KILLS]):
+        rng = np.random.default_rng(100 + seed)  # one moment in each of KILLS slices of the work
+        edges = np.linspace(0.8 * timing.started, 0.97 * timing.total, KILLS + 1)
+        for number, moment in enumerate(float(rng.uniform(a, b)) for a, b in zip(edges[:-1], edges[1:])):
             reset()
             running = kill_at(argv, moment, delay)
             landed[name] += running and mid_work()
