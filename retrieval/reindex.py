@@ -20,6 +20,10 @@ vector is copied once. Every ``checkpoint_every`` vectors the vectors added sinc
 checkpoint are saved as a segment (numpy files, fsync'ed, by a background thread while the
 writer goes on) and recorded; a killed job resumes from its segments. Publishing is one ``faiss.write_index`` of the whole index.
 
+:func:`plan_reindex` (what to compute), :func:`corrected_vectors` (the correction of one chunk)
+and the version writer are shared by every engine; ``reindex(runner=...)`` swaps only the
+middle, e.g. :mod:`retrieval.ray_reindex` computes the vectors on Ray Data actors.
+
 Environment (for tests and tuning; the Python arguments take precedence):
 - ``SCE_REINDEX_CHECKPOINT_EVERY``: the checkpoint interval in vectors (default 200,000);
 - ``SCE_REINDEX_PAUSE_AFTER_CHECKPOINT``: seconds to stop after each durable checkpoint.
