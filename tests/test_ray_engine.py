@@ -130,6 +130,7 @@ def assert_same(got: dict, want: dict) -> None:
 
 
 # -- in this process -----------------------------------------------------------------------------
+@pytest.mark.slow  # ~40 s on this loaded 2-core machine: four Ray datasets, each starting its actors
 def test_build_and_add_on_ray_equal_local(ray_cluster, corpus):
     encoder = ToyEncoder()
     options = {"batch_size": 4, "shard_size": 8, "workers": 0, "progress": False}
@@ -140,7 +141,7 @@ def test_build_and_add_on_ray_equal_local(ray_cluster, corpus):
         assert report.rejected["duplicate"] == 2 and report.rejected["missing"] == 1, report.rejected
         assert sum(report.rejected.values()) == 4, report.rejected
         added = add_to_collection(corpus["more"], corpus["root"] / engine, encoder=encoder, engine=engine,
-                                  **options, **extra)
+                                  **options, **({"actors": 1} if extra else {}))
         assert (added.added, added.rejected["duplicate"]) == (6, 1), engine
     local, on_ray = snapshot(corpus["root"] / "local", encoder), snapshot(corpus["root"] / "ray", encoder)
     assert len(local["items"]) == 36 and len(local["stored"]["caption"][0]) == 30  # the added files have none
