@@ -25,7 +25,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,7 +49,7 @@ from indexing.pipeline import (
     prepare_image,
 )
 from indexing.readers import SourceRecord
-from sce_correct.errors import InputError, MissingDependencyError
+from sce_correct.errors import InputError, MissingDependencyError, SceError
 
 if TYPE_CHECKING:  # pragma: no cover
     from indexing.encoders import Encoder
@@ -136,6 +136,36 @@ def blocks_for(rows: int, batch_size: int) -> int:
     return max(1, min(-(-rows // batch_size), 1024))
 
 
+# -- a user's mistake met in an actor ----------------------------------------------------------------
+ERROR_COLUMN = "sce_error"
+
+
+def returning_sce_errors(call: Callable[..., dict[str, np.ndarray]]) -> Callable[..., dict[str, np.ndarray]]:
+    """Wrap a ``map_batches`` ``__call__``: an SceError it raises (a missing checkpoint, a
+    damaged embedding file) comes back as a one-row batch naming it, which
+    :func:`raise_sce_error` raises again in the driver as the same error class with the same
+    message; Ray would deliver it wrapped in its own exception, with the worker's traceback."""
+
+    @functools.wraps(call)
+    def wrapper(self: Any, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        try:
+            return call(self, batch)
+        except SceError as error:
+            base = next(kind for kind in type(error).__mro__ if kind.__module__ == SceError.__module__)
+            return {ERROR_COLUMN: np.array([f"{base.__name__}:{error}"], dtype=object)}
+
+    return wrapper
+
+
+def raise_sce_error(batch: dict[str, np.ndarray]) -> None:
+    """Raise the SceError an actor returned in ``batch`` (see :func:`returning_sce_errors`), if any."""
+    if ERROR_COLUMN in batch:
+        from sce_correct import errors
+
+        name, _, message = str(batch[ERROR_COLUMN][0]).partition(":")
+        raise getattr(errors, name, SceError)(message)
+
+
 # -- the encoder in the actors -------------------------------------------------------------------
 def encoder_recipe(encoder: Encoder) -> tuple[Any, Any]:
     """What an actor needs to make the encoder: (``indexing.load_encoder``, its spec) when its
@@ -170,6 +200,7 @@ class EncodeImages:
         self.prepare = functools.partial(prepare_image, preprocess=self.encoder.preprocess, max_pixels=max_pixels)
         self.workers = workers
 
+    @returning_sce_errors
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         records = [SourceRecord(str(uri), Path(str(path)) if path else None, error=str(error) or None)
                    for uri, path, error in zip(batch["uri"], batch["path"], batch["error"])]
@@ -198,6 +229,7 @@ class EncodeTexts:
     def __init__(self, recipe: tuple[Any, Any]) -> None:
         self.encoder = _make_encoder(recipe)
 
+    @returning_sce_errors
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         vectors = np.asarray(self.encoder.encode_texts([str(text) for text in batch["caption"]]), dtype=np.float32)
         return {"id": np.asarray(batch["id"], dtype=np.int64), "embedding": vectors.reshape(len(batch["id"]), -1)}
@@ -265,6 +297,7 @@ def run_build_on_ray(
                 )
                 with tqdm(total=len(pending), unit="img", desc="indexing (ray)", disable=not progress) as bar:
                     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                        raise_sce_error(batch)
                         images, vectors, rejections = _encoded_rows(batch, records)
                         keep = writer.keep_new(images)
                         writer.add([images[i] for i in keep], vectors[keep], rejections)
@@ -293,6 +326,7 @@ def _embed_captions_on_ray(ray: Any, collection: Collection, recipe: tuple[Any, 
                                   batch_format="numpy", compute=actor_pool(ray, actors, blocks))
     with tqdm(total=len(ids), desc="captions (ray)", unit="text", disable=not progress) as bar:
         for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            raise_sce_error(batch)
             collection.store_embeddings(EmbeddingKind.CAPTION, batch["id"], batch["embedding"])
             bar.update(len(batch["id"]))
     logger.info("stored %d caption embeddings", len(ids))

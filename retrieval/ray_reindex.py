@@ -19,7 +19,14 @@ from typing import Any
 import numpy as np
 
 from indexing.collection import Collection, IndexVersionInfo, IndexVersionWriter
-from indexing.ray_engine import quiet_ordered_execution, actor_pool, import_ray, ray_cluster
+from indexing.ray_engine import (
+    actor_pool,
+    import_ray,
+    quiet_ordered_execution,
+    raise_sce_error,
+    ray_cluster,
+    returning_sce_errors,
+)
 from retrieval.reindex import ReindexPlan, Runner, corrected_vectors, reindex
 
 logger = logging.getLogger(__name__)
@@ -36,6 +43,7 @@ class CorrectBlocks:
         self.plan = plan
         self.ids = ids
 
+    @returning_sce_errors
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         block_ids, vectors = [], []
         for start, stop in zip(batch["start"].tolist(), batch["stop"].tolist()):
@@ -73,6 +81,7 @@ def ray_runner(address: str | None = None, *, num_cpus: int | None = None, actor
             )
             computed = 0
             for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                raise_sce_error(batch)
                 writer.add(batch["id"], batch["vector"], check_new=False, normalize=plan.normalize_output)
                 computed += len(batch["id"])
                 bar.update(len(batch["id"]))

@@ -26,6 +26,7 @@ from indexing.pipeline import add_to_collection, build_collection
 from retrieval.concepts import load_concept_set
 from retrieval.corrections import fit_concept_correction
 from retrieval.reindex import reindex
+from sce_correct.errors import InputError
 
 TESTS = Path(__file__).resolve().parent
 REPO = TESTS.parent
@@ -187,6 +188,35 @@ def test_cli_engine_ray_build_and_reindex(ray_cluster, corpus, toy_specs):
                      for e in ("local", "ray"))
     assert [(h["item_id"], h["uri"], h["rank"]) for h in on_ray] == [(h["item_id"], h["uri"], h["rank"]) for h in local]
     np.testing.assert_allclose([h["score"] for h in on_ray], [h["score"] for h in local], rtol=1e-5)
+
+
+class FailingEncoder(ToyEncoder):
+    """Raises a user's error (as a missing checkpoint would) when asked to encode images."""
+
+    def encode_image_batch(self, batch):
+        raise InputError("checkpoint /nowhere/model.pt: no such file")
+
+
+def test_a_users_error_in_an_actor_is_raised_as_itself(ray_cluster, corpus):
+    """Not Ray's wrapper with the worker's traceback: the error class and message the actor met."""
+    from retrieval.ray_reindex import reindex_on_ray
+
+    with pytest.raises(InputError) as raised:
+        build_collection(corpus["listing"], corpus["root"] / "failing", encoder=FailingEncoder(), engine="ray",
+                         actors=1, progress=False)
+    assert type(raised.value) is InputError and str(raised.value) == "checkpoint /nowhere/model.pt: no such file"
+    coll = corpus["root"] / "coll"
+    encoder = ToyEncoder()
+    build_collection(corpus["listing"], coll, encoder=encoder, progress=False)
+    with Collection.open(coll) as collection:
+        fit_concept_correction(collection, encoder, load_concept_set(corpus["concept"]), name="c1", n_components=2)
+    shards = sorted((coll / "embeddings").rglob("*.npy"))
+    for shard in shards:
+        shard.write_bytes(b"not an npy file")
+    with Collection.open(coll) as collection, pytest.raises(InputError, match="damaged embedding file") as raised:
+        reindex_on_ray(collection, "c1", progress=False, actors=1)
+    assert any(str(shard) in str(raised.value) for shard in shards)
+    assert "UserCodeException" not in str(raised.value) and "Traceback" not in str(raised.value)
 
 
 def test_without_ray_engine_ray_is_one_line(corpus, monkeypatch, toy_specs):
