@@ -131,7 +131,6 @@ def assert_same(got: dict, want: dict) -> None:
 
 
 # -- in this process -----------------------------------------------------------------------------
-@pytest.mark.slow  # ~40 s on this loaded 2-core machine: four Ray datasets, each starting its actors
 def test_build_and_add_on_ray_equal_local(ray_cluster, corpus):
     encoder = ToyEncoder()
     options = {"batch_size": 4, "shard_size": 8, "workers": 0, "progress": False}
