@@ -22,6 +22,14 @@ def captioned_items(collection: Collection) -> tuple[np.ndarray, list[str]]:
     return collection.items_store.captions()
 
 
+def pending_captions(collection: Collection) -> tuple[np.ndarray, list[str]]:
+    """(ids, captions) of the captioned items that have no stored caption vector yet."""
+    ids, captions = captioned_items(collection)
+    have = collection.embeddings.ids(EmbeddingKind.CAPTION)
+    todo = ~np.isin(ids, have)
+    return ids[todo], [c for c, t in zip(captions, todo) if t]
+
+
 def embed_captions(collection: Collection, encoder, *, batch_size: int = 1024, progress: bool = False,
                    factory: str | None = None) -> IndexVersionInfo | None:
     """Encode the captions that have no stored vector yet, store them and sync the caption index.
@@ -30,10 +38,7 @@ def embed_captions(collection: Collection, encoder, *, batch_size: int = 1024, p
     Returns the caption index version, or None when no item has a caption.
     """
     collection.check_encoder(encoder.name, encoder.dim)
-    ids, captions = captioned_items(collection)
-    have = collection.embeddings.ids(EmbeddingKind.CAPTION)
-    todo = ~np.isin(ids, have)
-    ids, captions = ids[todo], [c for c, t in zip(captions, todo) if t]
+    ids, captions = pending_captions(collection)
     with tqdm(total=len(ids), desc="captions", unit="text", disable=not progress or not len(ids)) as bar:
         for start in range(0, len(ids), batch_size):
             chunk_ids = ids[start:start + batch_size]

@@ -1,7 +1,11 @@
 """The indexing pipeline: reader -> decode/preprocess (threads) -> encoder batches -> writer.
 
-Each stage is a plain function over records or batches, so another runner (Ray Data,
-Spark) can run the same stages on many machines; :func:`run_build` is the local runner.
+Each stage is a plain function over records or batches, so another runner can run the same
+stages on many machines: :func:`begin_build` (read, check, select what is new),
+:func:`prepare_image` / :func:`encode_batch` (decode, preprocess, encode), :class:`ShardWriter`
+(drop duplicates, commit shards) and :func:`finish_build` (sync the index, captions).
+:func:`run_build` is the local runner; ``indexing.ray_engine`` runs the same stages on Ray
+Data (``engine="ray"``).
 
 Faults in files never stop a build: every file that cannot become an item (missing, empty,
 truncated, not an image, a decompression bomb, a duplicate of an indexed file, a subfolder
@@ -13,6 +17,7 @@ nothing; the index is then synced from the stored embeddings.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -20,7 +25,7 @@ import logging
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,13 +59,19 @@ R = TypeVar("R")
 
 
 @dataclass
-class PreparedImage:
-    """A decoded, preprocessed image and what the catalog needs to know about it."""
+class LoadedImage:
+    """A decoded image's facts that the catalog records (what a writer needs of it)."""
 
     record: SourceRecord
     sha256: str
     width: int
     height: int
+
+
+@dataclass
+class PreparedImage(LoadedImage):
+    """A decoded, preprocessed image: its facts and the encoder's input."""
+
     pixels: torch.Tensor
 
 
@@ -168,15 +179,32 @@ def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
         yield batch
 
 
+@contextlib.contextmanager
+def bombs_rejected() -> Iterator[None]:
+    """While open, PIL's DecompressionBombWarning is an error, so a worker rejects the file.
+
+    PIL only warns between its own limit and twice that; whichever process decodes (this
+    one, or a Ray worker) opens this around its decoding.
+    """
+    with warnings.catch_warnings():
+        from PIL import Image
+
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
 # -- stage 3: dedup and encode --------------------------------------------------------------
+ImageT = TypeVar("ImageT", bound=LoadedImage)
+
+
 def drop_duplicates(
-    prepared: list[PreparedImage],
+    prepared: list[ImageT],
     indexed: Callable[[list[str]], dict[str, tuple[int, str]]],
     seen_in_run: dict[str, str],
-) -> tuple[list[PreparedImage], list[Rejection]]:
+) -> tuple[list[ImageT], list[Rejection]]:
     """Split a batch into new images and duplicates (of indexed items or of this run's)."""
     existing = indexed([image.sha256 for image in prepared])
-    kept: list[PreparedImage] = []
+    kept: list[ImageT] = []
     duplicates: list[Rejection] = []
     for image in prepared:
         if image.sha256 in existing:
@@ -214,7 +242,7 @@ def encode_batch(encoder: Encoder, prepared: list[PreparedImage]) -> np.ndarray:
 # -- stage 4: write -------------------------------------------------------------------------
 def write_shard(
     collection: Collection,
-    prepared: list[PreparedImage],
+    prepared: Sequence[LoadedImage],
     embeddings: list[np.ndarray],
     rejections: list[Rejection],
     dtype: str = "float32",
@@ -235,6 +263,56 @@ def write_shard(
     return collection.add_items(items, vectors, rejections, kind=EmbeddingKind.IMAGE, dtype=dtype)
 
 
+class ShardWriter:
+    """Stage 4 as one object: drops duplicates, gathers encoded images and rejections, and
+    commits them ``shard_size`` at a time (the most a kill can lose), counting in ``report``.
+
+    Every engine writes through it, in listing order, so they store the same items with the
+    same ids.
+    """
+
+    def __init__(self, collection: Collection, report: BuildReport, shard_size: int,
+                 dtype: str = "float32") -> None:
+        self.collection = collection
+        self.report = report
+        self.shard_size = shard_size
+        self.dtype = dtype
+        self._seen_in_run: dict[str, str] = {}
+        self._items: list[LoadedImage] = []
+        self._vectors: list[np.ndarray] = []
+        self._rejections: list[Rejection] = []
+
+    def keep_new(self, images: Sequence[LoadedImage]) -> list[int]:
+        """Positions of the images that are neither indexed nor seen earlier in this run; the
+        others are recorded as duplicates."""
+        positions = {id(image): position for position, image in enumerate(images)}
+        kept, duplicates = drop_duplicates(list(images), self.collection.find_sha256, self._seen_in_run)
+        self._rejections.extend(duplicates)
+        return [positions[id(image)] for image in kept]
+
+    def add(self, images: Sequence[LoadedImage], vectors: np.ndarray | None,
+            rejections: Iterable[Rejection] = ()) -> None:
+        """Stage new images (already through :meth:`keep_new`) with their embeddings."""
+        self._rejections.extend(rejections)
+        if images:
+            if vectors is None or len(vectors) != len(images):
+                raise ValueError(f"{len(images)} images need {len(images)} embeddings")
+            self._items.extend(images)
+            self._vectors.append(vectors)
+        if len(self._items) >= self.shard_size or len(self._rejections) >= self.shard_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._items or self._rejections:
+            write_shard(self.collection, self._items, self._vectors, self._rejections, self.dtype)
+            self.report.added += len(self._items)
+            for rejection in self._rejections:
+                self.report.rejected[str(rejection.reason)] += 1
+            self._items.clear()
+            self._vectors.clear()
+            self._rejections.clear()
+
+
 # -- the local runner -------------------------------------------------------------------------
 def resolve_encoder(encoder: str | Encoder | None, collection: Collection | None = None) -> Encoder:
     """An encoder object from a spec, an object, or (None) the collection's own encoder."""
@@ -249,6 +327,57 @@ def resolve_encoder(encoder: str | Encoder | None, collection: Collection | None
 
         encoder = indexing.load_encoder(encoder)
     return encoder
+
+
+def begin_build(
+    collection: Collection,
+    source: str | Path | Iterable[SourceRecord],
+    encoder: str | Encoder | None,
+    report: BuildReport,
+    *,
+    factory: str | None = None,
+    image_root: str | Path | None = None,
+    retry_failed: bool = False,
+) -> tuple[list[SourceRecord], Encoder]:
+    """Stage 1, with the collection's write lock held: read the listing, check everything that
+    needs no encoding, bind the encoder; returns the records still to index and the encoder.
+
+    Checks that need no encoding come first: a bad source, encoder or factory string should
+    fail before hours of work, and before the collection is bound to an encoder. The whole
+    listing is read first, so a malformed or empty one changes nothing.
+    """
+    records = read_source(source, image_root) if isinstance(source, (str, Path)) else source
+    pending = select_pending(records, collection.known_uris(include_failures=not retry_failed), report)
+    if not report.listed:
+        raise InputError(f"{report.source}: nothing listed")
+    encoder = resolve_encoder(encoder, collection)
+    collection.check_encoder(encoder.name, encoder.dim)
+    if factory is not None:
+        VectorIndex.create(encoder.dim, factory)
+    collection.bind_encoder(encoder.name, encoder.dim)
+    collection.embeddings.remove_unreferenced_files()
+    logger.info(
+        "%s: %d listed, %d already in the catalog, %d to index",
+        report.source, report.listed, report.already_known, len(pending),
+    )
+    return pending, encoder
+
+
+def finish_build(collection: Collection, encoder: Encoder, report: BuildReport, *,
+                 factory: str | None = None, captions: bool = True, progress: bool = True) -> None:
+    """The last stage: report the rejections, sync the image index from the stored embeddings,
+    and encode the captions into the caption index."""
+    for reason, count in sorted(report.rejected.items()):
+        logger.warning("%s: %d files rejected as %s", report.source, count, reason)
+    report.index_version = collection.sync_index(EmbeddingKind.IMAGE, factory)
+    if captions:
+        from indexing.captions import embed_captions
+
+        report.caption_index_version = embed_captions(collection, encoder, progress=progress)
+
+
+def new_report(source: str | Path | Iterable[SourceRecord]) -> BuildReport:
+    return BuildReport(source=str(source) if isinstance(source, (str, Path)) else "<records>")
 
 
 def run_build(
@@ -275,70 +404,23 @@ def run_build(
     ``shard_size`` items are committed at a time: the most a kill can lose.
     """
     started = time.perf_counter()
-    report = BuildReport(source=str(source) if isinstance(source, (str, Path)) else "<records>")
+    report = new_report(source)
     with collection.writing():
-        # Checks that need no encoding come first: a bad source, encoder or factory string
-        # should fail before hours of work, and before the collection is bound to an encoder.
-        # The whole listing is read first, so a malformed or empty one changes nothing.
-        records = read_source(source, image_root) if isinstance(source, (str, Path)) else source
-        pending = select_pending(
-            records, collection.known_uris(include_failures=not retry_failed), report
-        )
-        if not report.listed:
-            raise InputError(f"{report.source}: nothing listed")
-        encoder = resolve_encoder(encoder, collection)
-        collection.check_encoder(encoder.name, encoder.dim)
-        if factory is not None:
-            VectorIndex.create(encoder.dim, factory)
-        collection.bind_encoder(encoder.name, encoder.dim)
-        collection.embeddings.remove_unreferenced_files()
-        logger.info(
-            "%s: %d listed, %d already in the catalog, %d to index",
-            report.source, report.listed, report.already_known, len(pending),
-        )
+        pending, encoder = begin_build(collection, source, encoder, report, factory=factory,
+                                       image_root=image_root, retry_failed=retry_failed)
         prepare = functools.partial(prepare_image, preprocess=encoder.preprocess, max_pixels=max_pixels)
-        seen_in_run: dict[str, str] = {}
-        shard_items: list[PreparedImage] = []
-        shard_vectors: list[np.ndarray] = []
-        shard_rejections: list[Rejection] = []
-
-        def flush() -> None:
-            if shard_items or shard_rejections:
-                write_shard(collection, shard_items, shard_vectors, shard_rejections, embedding_dtype)
-                report.added += len(shard_items)
-                for rejection in shard_rejections:
-                    report.rejected[str(rejection.reason)] += 1
-                shard_items.clear()
-                shard_vectors.clear()
-                shard_rejections.clear()
-
+        writer = ShardWriter(collection, report, shard_size, embedding_dtype)
         bar = tqdm(total=len(pending), unit="img", desc="indexing", disable=not progress)
-        # PIL only warns between its own limit and twice that; make the warning an error so
-        # the worker rejects the file instead of decoding it.
-        with bar, warnings.catch_warnings():
-            from PIL import Image
-
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with bar, bombs_rejected():
             prepared_stream = map_in_threads(prepare, pending, workers, prefetch=2 * batch_size)
             for batch in batched(prepared_stream, batch_size):
                 images = [entry for entry in batch if isinstance(entry, PreparedImage)]
-                shard_rejections.extend(entry for entry in batch if isinstance(entry, Rejection))
-                images, duplicates = drop_duplicates(images, collection.find_sha256, seen_in_run)
-                shard_rejections.extend(duplicates)
-                if images:
-                    shard_vectors.append(encode_batch(encoder, images))
-                    shard_items.extend(images)
+                rejections = [entry for entry in batch if isinstance(entry, Rejection)]
+                images = [images[position] for position in writer.keep_new(images)]  # before encoding them
+                writer.add(images, encode_batch(encoder, images) if images else None, rejections)
                 bar.update(len(batch))
-                if len(shard_items) >= shard_size or len(shard_rejections) >= shard_size:
-                    flush()
-            flush()
-        for reason, count in sorted(report.rejected.items()):
-            logger.warning("%s: %d files rejected as %s", report.source, count, reason)
-        report.index_version = collection.sync_index(EmbeddingKind.IMAGE, factory)
-        if captions:
-            from indexing.captions import embed_captions
-
-            report.caption_index_version = embed_captions(collection, encoder, progress=progress)
+            writer.flush()
+        finish_build(collection, encoder, report, factory=factory, captions=captions, progress=progress)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -350,13 +432,17 @@ def build_collection(
     db: str | None = None,
     encoder: str | Encoder = "default",
     index_dir: str | Path | None = None,
+    engine: str = "local",
     **options: Any,
 ) -> BuildReport:
     """Create (or resume) the collection at ``collection_dir`` and index ``source`` into it.
 
     ``options`` are those of :func:`run_build` (factory, image_root, batch_size, workers,
-    shard_size, max_pixels, retry_failed, embedding_dtype, progress).
+    shard_size, max_pixels, retry_failed, embedding_dtype, progress); ``engine="ray"`` runs
+    it on Ray Data (:func:`indexing.ray_engine.run_build_on_ray`, which also takes
+    ``address``, ``num_cpus`` and ``actors``).
     """
+    runner = build_runner(engine)
     # A refused build of a new collection leaves nothing behind: the encoder spec and the
     # factory string are checked before anything is created (loading an encoder loads no
     # weights), and a build that fails before storing anything removes the folder it created.
@@ -365,7 +451,7 @@ def build_collection(
         VectorIndex.create(encoder.dim, options["factory"])
     collection = Collection.open(collection_dir, db, create=True, index_dir=index_dir)
     try:
-        report = run_build(collection, source, encoder, **options)
+        report = runner(collection, source, encoder, **options)
     except BaseException:
         collection.discard_if_unused()
         raise
@@ -379,8 +465,25 @@ def add_to_collection(
     *,
     db: str | None = None,
     encoder: str | Encoder | None = None,
+    engine: str = "local",
     **options: Any,
 ) -> BuildReport:
     """Add the new files of ``source`` to an existing collection (dedup by sha256)."""
+    runner = build_runner(engine)
     with Collection.open(collection_dir, db) as collection:
-        return run_build(collection, source, encoder, **options)
+        return runner(collection, source, encoder, **options)
+
+
+ENGINES = ("local", "ray")
+
+
+def build_runner(engine: str) -> Callable[..., BuildReport]:
+    """:func:`run_build`, or the same stages on Ray Data (imported only when asked for)."""
+    if engine == "local":
+        return run_build
+    if engine == "ray":
+        from indexing.ray_engine import import_ray, run_build_on_ray
+
+        import_ray()  # a missing Ray is one line, before anything is created
+        return run_build_on_ray
+    raise InputError(f"--engine must be one of {', '.join(ENGINES)}; got {engine!r}")

@@ -13,7 +13,7 @@ What is written:
 - a correction with a re-indexed version: the vectors that version's index holds, read back
   from faiss (what searching with it ranks);
 - a correction without one: what a re-index would store, computed by the re-index code itself
-  (:func:`retrieval.reindex.plan_correction`): P x of the unit stored x for a projection, the
+  (:func:`retrieval.reindex.plan_reindex` and ``corrected_vectors``): P x of the unit stored x for a projection, the
   paired correction renormalised otherwise.
 
 Metadata columns: ``image_path`` (the item's URI), ``caption``, ``id`` (this collection's item
@@ -33,8 +33,9 @@ from tqdm.auto import tqdm
 
 from indexing.catalog import EmbeddingKind
 from indexing.collection import Collection
+from indexing.vector_index import unit_rows
 from indexing.embedding_layout import CAPTION_COLUMN, PATH_COLUMN, LayoutWriter
-from retrieval.reindex import plan_correction
+from retrieval.reindex import corrected_vectors, plan_reindex
 from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -127,14 +128,16 @@ def _vector_source(
     if correction is None:
         dim = int(collection.dim)
         return store.ids(kind), lambda ids: store.get(kind, ids), dim, "stored embeddings"
-    plan = plan_correction(collection, correction)
+    plan = plan_reindex(collection, correction)
     if plan.kind != kind:
-        raise InputError(f"correction {correction!r} ({plan.info.direction}) applies to the {plan.kind} index; "
-                         f"export it with --kind {plan.kind}")
+        raise InputError(f"correction {correction!r} applies to the {plan.kind} index; export it with --kind {plan.kind}")
     version = collection.current_version(kind, correction)
     if version is None:
-        return (store.ids(kind), lambda ids: plan.apply(ids, store.get(kind, ids)), plan.dim,
-                f"computed ({plan.variant}; no re-indexed version)")
+        def corrected(ids: np.ndarray) -> np.ndarray:  # what a re-index of it would store
+            vectors = corrected_vectors(collection, plan, ids, store.get(kind, ids))
+            return unit_rows(vectors) if plan.normalize_output else vectors
+
+        return store.ids(kind), corrected, plan.dim, f"computed ({plan.variant}; no re-indexed version)"
     _, index = collection.open_index(version)
     return (np.sort(index.ids()), lambda ids: held_vectors(index.index, ids), int(version.dim),
             f"index version {version.name}")

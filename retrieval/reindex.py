@@ -20,6 +20,10 @@ vector is copied once. Every ``checkpoint_every`` vectors the vectors added sinc
 checkpoint are saved as a segment (numpy files, fsync'ed, by a background thread while the
 writer goes on) and recorded; a killed job resumes from its segments. Publishing is one ``faiss.write_index`` of the whole index.
 
+:func:`plan_reindex` (what to compute), :func:`corrected_vectors` (the correction of one chunk)
+and the version writer are shared by every engine; ``reindex(runner=...)`` swaps only the
+middle, e.g. :mod:`retrieval.ray_reindex` computes the vectors on Ray Data actors.
+
 Environment (for tests and tuning; the Python arguments take precedence):
 - ``SCE_REINDEX_CHECKPOINT_EVERY``: the checkpoint interval in vectors (default 200,000);
 - ``SCE_REINDEX_PAUSE_AFTER_CHECKPOINT``: seconds to stop after each durable checkpoint.
@@ -33,7 +37,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,26 +65,33 @@ def _paired_source_kind(direction: str) -> str:
     return SOURCE_KIND[direction]
 
 
-@dataclass(frozen=True)
-class CorrectionPlan:
-    """How a correction turns stored embeddings into the vectors its re-indexed version holds."""
+@dataclass
+class ReindexPlan:
+    """What a re-index job computes, worked out before any vector is read: the correction's
+    variant and the inputs of :func:`corrected_vectors` (every engine applies the same)."""
 
     correction: str
-    kind: str          # the embedding kind it corrects (its index)
-    variant: str       # "projection" or "paired"
-    dim: int           # the corrected vectors' dimension
-    info: Any          # the stored correction's CorrectionInfo
-    apply_args: tuple  # (collection, corrector, P, source kind, source ids) for _apply
+    kind: str
+    variant: str
+    total: int  # stored vectors of `kind`
+    dim: int  # of the corrected vectors
+    corrector: Any
+    projection: np.ndarray | None  # P (projection variant)
+    source_kind: str | None  # the paired variant's source vectors, and the ids that have one
+    source_ids: np.ndarray | None
+    parameters: dict[str, Any]  # recorded on the index version
 
-    def apply(self, ids: np.ndarray, raw: np.ndarray) -> np.ndarray:
-        """The vectors a re-index of this correction stores for ``ids`` and their stored ``raw``
-        vectors: P x of the unit x (projection), or the paired correction renormalised."""
-        vectors = _apply(*self.apply_args, ids, raw)
-        return vectors if self.variant == "projection" else unit_rows(vectors)
+    @property
+    def normalize_output(self) -> bool:
+        """A projection's P x is stored as it is (scores equal the query-side correction's)."""
+        return self.variant != "projection"
+
+    def apply_args(self, collection: Collection) -> tuple:
+        return (collection, self.corrector, self.projection, self.source_kind, self.source_ids)
 
 
-def plan_correction(collection: Collection, correction: str, variant: str = "auto") -> CorrectionPlan:
-    """The :class:`CorrectionPlan` of ``correction`` (checked: variant, kernel, stored embeddings)."""
+def plan_reindex(collection: Collection, correction: str, variant: str = "auto") -> ReindexPlan:
+    """Check the request and work out the job (an InputError names what is wrong)."""
     if variant not in VARIANTS:
         raise InputError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
     stored = load_correction(collection, correction)
@@ -90,6 +101,9 @@ def plan_correction(collection: Collection, correction: str, variant: str = "aut
         variant = "projection" if corrector.kernel == "cosine" else "paired"
     if variant == "projection" and corrector.kernel != "cosine":
         raise InputError(f"correction {correction!r} uses the {corrector.kernel} kernel: only the paired variant applies")
+    total = collection.embeddings.count(kind)
+    if total == 0:
+        raise InputError(f"the collection has no stored {kind} embeddings to re-index")
     if variant == "projection":
         P = corrector.projection(n_components=info.parameters.get("n_components"),
                                  mode=info.parameters.get("mode", "nullify")).astype(np.float32)
@@ -102,41 +116,43 @@ def plan_correction(collection: Collection, correction: str, variant: str = "aut
         if not len(source_ids):
             raise InputError(f"the paired variant needs stored {source_kind} embeddings; this collection has none")
         dim = corrector.feature_map_.n_output_features_
-    return CorrectionPlan(correction, kind, variant, int(dim), info,
-                          (collection, corrector, P, source_kind, source_ids))
-
-
-def reindex(collection: Collection, correction: str, *, variant: str = "auto", chunk_size: int = 65536,
-            factory: str | None = None, progress: bool = True,
-            checkpoint_every: int | None = None) -> IndexVersionInfo:
-    """Build (or resume) the corrected index version for `correction`; returns it once published."""
-    if variant not in VARIANTS:
-        raise InputError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
-    if checkpoint_every is None:
-        checkpoint_every = int(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT_EVERY)
-    if checkpoint_every < 1 or chunk_size < 1:
-        raise InputError("chunk_size and checkpoint_every must be positive")
-    plan = plan_correction(collection, correction, variant)  # the variant, kernel and sources checked
-    kind, variant, info, dim, apply_args = plan.kind, plan.variant, plan.info, plan.dim, plan.apply_args
-    total = collection.embeddings.count(kind)
-    if total == 0:
-        raise InputError(f"the collection has no stored {kind} embeddings to re-index")
     # The fit's time stamp: a job killed before the correction was fitted again (same name,
     # --replace) must not be resumed with the new one, which would mix two corrections.
     parameters = {"variant": variant, "correction_fitted_at": info.created_at.isoformat(),
                   "correction_parameters": {k: v for k, v in info.parameters.items() if k != "concept_vector"}}
+    return ReindexPlan(correction, kind, variant, total, dim, corrector, P, source_kind, source_ids, parameters)
+
+
+#: ``runner(collection, plan, chunk_size, writer, bar) -> vectors computed``: corrects and stages
+#: every stored vector of ``plan.kind`` not in ``writer.done_ids`` (the local one: :func:`_run_local`).
+Runner = Callable[[Collection, ReindexPlan, int, IndexVersionWriter, Any], int]
+
+
+def reindex(collection: Collection, correction: str, *, variant: str = "auto", chunk_size: int = 65536,
+            factory: str | None = None, progress: bool = True,
+            checkpoint_every: int | None = None, runner: Runner | None = None) -> IndexVersionInfo:
+    """Build (or resume) the corrected index version for `correction`; returns it once published.
+
+    ``runner``: what computes the vectors (default this process's pipeline; the Ray engine,
+    :mod:`retrieval.ray_reindex`, passes its own); the version is written here either way.
+    """
+    if checkpoint_every is None:
+        checkpoint_every = int(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT_EVERY)
+    if checkpoint_every < 1 or chunk_size < 1:
+        raise InputError("chunk_size and checkpoint_every must be positive")
+    plan = plan_reindex(collection, correction, variant)
     started = time.perf_counter()
-    with collection.new_index_version(kind=kind, correction=correction, factory=factory, dim=dim,
-                                      parameters=parameters, checkpoint_every=checkpoint_every,
-                                      expected_count=total) as writer:
+    with collection.new_index_version(kind=plan.kind, correction=correction, factory=factory, dim=plan.dim,
+                                      parameters=plan.parameters, checkpoint_every=checkpoint_every,
+                                      expected_count=plan.total) as writer:
         resumed = writer.resumed
         if writer.needs_training:  # before the loop: a resumed job may have nothing left to add
-            sample_ids, sample_raw = collection.embeddings.sample(kind, 50_000)
-            writer.train(_apply(*apply_args, sample_ids, sample_raw))
-        bar = tqdm(total=total, desc=f"re-index {correction}", unit="vec", disable=not progress, initial=resumed)
+            sample_ids, sample_raw = collection.embeddings.sample(plan.kind, 50_000)
+            writer.train(corrected_vectors(collection, plan, sample_ids, sample_raw))
+        bar = tqdm(total=plan.total, desc=f"re-index {correction}", unit="vec", disable=not progress,
+                   initial=resumed)
         try:
-            computed = _run(collection, kind, chunk_size, writer, apply_args,
-                            normalize_output=(variant != "projection"), bar=bar)
+            computed = (runner or _run_local)(collection, plan, chunk_size, writer, bar)
         finally:
             bar.close()
         version = writer.version
@@ -144,6 +160,18 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
                 correction, computed, resumed, time.perf_counter() - started)
     logger.info("published index version %s for correction %s", version.name, correction)
     return collection.version(version.name)
+
+
+def corrected_vectors(collection: Collection, plan: ReindexPlan, ids: np.ndarray, raw: np.ndarray,
+                      out: np.ndarray | None = None, is_unit: bool = False) -> np.ndarray:
+    """The corrected vectors of one chunk of stored vectors (``raw``, of items ``ids``); see :func:`_apply`."""
+    return _apply(*plan.apply_args(collection), ids, raw, out, is_unit)
+
+
+def _run_local(collection: Collection, plan: ReindexPlan, chunk_size: int, writer: IndexVersionWriter,
+               bar: Any) -> int:
+    return _run(collection, plan.kind, chunk_size, writer, plan.apply_args(collection),
+                normalize_output=plan.normalize_output, bar=bar)
 
 
 def _apply(collection, corrector, P, source_kind, source_ids, ids, raw, out=None, is_unit=False) -> np.ndarray:

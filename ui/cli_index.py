@@ -65,6 +65,25 @@ Float16Option = Annotated[
     bool, typer.Option("--float16", help="Store embeddings as float16 (half the disk).")
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+EngineOption = Annotated[str, typer.Option(
+    help="local: this process; ray: the same stages on Ray Data actors (pip install 'sce-retrieval[ray]').")]
+AddressOption = Annotated[Optional[str], typer.Option(
+    help="With --engine ray: join the Ray cluster at this address (e.g. HOST:6379). Default: start a local one.")]
+ActorsOption = Annotated[Optional[int], typer.Option(
+    min=1, help="With --engine ray: encoder actors, each loading the encoder once. Default: one per CPU.")]
+
+
+def engine_options(engine: str, address: str | None, actors: int | None) -> dict:
+    """The engine keyword arguments of a build or re-index (refused: Ray options without Ray)."""
+    from sce_correct.errors import InputError
+
+    if engine not in ("local", "ray"):
+        raise InputError(f"--engine must be local or ray; got {engine!r}")
+    if engine != "ray":
+        if address is not None or actors is not None:
+            raise InputError("--address and --actors need --engine ray")
+        return {}
+    return {"address": address, "actors": actors}
 
 
 # Exit statuses: 1 for a user's mistake (an SceError) or an OS error about their files, 130 for
@@ -173,6 +192,9 @@ def build_command(
     retry_failed: RetryOption = False,
     float16: Float16Option = False,
     quiet: QuietOption = False,
+    engine: EngineOption = "local",
+    address: AddressOption = None,
+    actors: ActorsOption = None,
 ) -> None:
     """Create a collection from SOURCE, or resume an interrupted build of it."""
     configure_logging(quiet)
@@ -184,6 +206,7 @@ def build_command(
             image_root=image_root, batch_size=batch_size, workers=workers,
             shard_size=shard_size, max_pixels=max_pixels, retry_failed=retry_failed,
             embedding_dtype="float16" if float16 else "float32", progress=not quiet,
+            engine=engine, **engine_options(engine, address, actors),
         )
         _print_report(report)
 
@@ -203,6 +226,9 @@ def add_command(
     retry_failed: RetryOption = False,
     float16: Float16Option = False,
     quiet: QuietOption = False,
+    engine: EngineOption = "local",
+    address: AddressOption = None,
+    actors: ActorsOption = None,
 ) -> None:
     """Add the new images of SOURCE to an existing collection (duplicates by content are skipped)."""
     configure_logging(quiet)
@@ -214,6 +240,7 @@ def add_command(
             image_root=image_root, batch_size=batch_size, workers=workers,
             shard_size=shard_size, max_pixels=max_pixels, retry_failed=retry_failed,
             embedding_dtype="float16" if float16 else "float32", progress=not quiet,
+            engine=engine, **engine_options(engine, address, actors),
         )
         _print_report(report)
 

@@ -11,11 +11,15 @@ import typer
 from sce_correct.errors import InputError
 from ui.cli_index import (
     DEFAULT_COLLECTION,
+    ActorsOption,
+    AddressOption,
     CollectionOption,
     DbOption,
+    EngineOption,
     FactoryOption,
     QuietOption,
     configure_logging,
+    engine_options,
     index_app,
     reporting_errors,
 )
@@ -164,6 +168,9 @@ def reindex_command(
     collection: CollectionOption = DEFAULT_COLLECTION,
     db: DbOption = None,
     quiet: QuietOption = False,
+    engine: EngineOption = "local",
+    address: AddressOption = None,
+    actors: ActorsOption = None,
 ) -> None:
     """Build a corrected index version from the stored embeddings (no image decoding).
 
@@ -172,11 +179,14 @@ def reindex_command(
     """
     configure_logging(quiet)
     with reporting_errors():
-        from retrieval.reindex import reindex
-
+        options = engine_options(engine, address, actors)
+        if engine == "ray":
+            from retrieval.ray_reindex import reindex_on_ray as run
+        else:
+            from retrieval.reindex import reindex as run
         with _open(collection, db) as opened:
-            version = reindex(opened, correction, variant=variant, factory=factory, chunk_size=chunk_size,
-                              checkpoint_every=checkpoint_every, progress=not quiet)
+            version = run(opened, correction, variant=variant, factory=factory, chunk_size=chunk_size,
+                              checkpoint_every=checkpoint_every, progress=not quiet, **options)
         typer.echo(f"index {version.name}: {version.count} vectors, correction {correction!r}, "
                    f"{version.parameters.get('variant')}, {version.file}")
 
