@@ -12,6 +12,7 @@ Brand-new tables need no migration: ``create_all`` adds them on open.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import sqlite3
 import time
@@ -24,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Engine,
     ForeignKey,
@@ -34,6 +36,7 @@ from sqlalchemy import (
     event,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -47,6 +50,12 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 #: At most this many values in one ``IN (...)`` (SQLite caps a query's bound parameters).
 IN_CHUNK = 900
+
+#: PostgreSQL advisory locks (first key; the second is the catalog's schema, so catalogs in
+#: several schemas of one database do not wait on each other): one for creating or upgrading
+#: the schema, one held by the collection's writer (see :meth:`Catalog.writer_lock`).
+PG_SCHEMA_LOCK = 0x5CE0001
+PG_WRITER_LOCK = 0x5CE0002
 
 #: Upgrades keyed by the version they start from; each takes a connection inside the
 #: transaction that also bumps the stored version.
@@ -65,6 +74,11 @@ def in_chunks(values: Sequence[Any]) -> Iterator[Any]:
     """``values`` in slices of at most ``IN_CHUNK`` (a list, tuple or numpy array)."""
     for start in range(0, len(values), IN_CHUNK):
         yield values[start : start + IN_CHUNK]
+
+
+#: An item id, which is also its 64-bit FAISS id: BIGINT on PostgreSQL (a plain INTEGER runs
+#: out at 2**31), and SQLite's INTEGER, the only type its AUTOINCREMENT takes (64-bit there).
+ItemId = BigInteger().with_variant(Integer, "sqlite")
 
 
 class Base(DeclarativeBase):
@@ -88,7 +102,7 @@ class Item(Base):
     # retired index file) to a new item.
     __table_args__ = {"sqlite_autoincrement": True}
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(ItemId, primary_key=True)
     uri: Mapped[str] = mapped_column(String(2048), unique=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     caption: Mapped[str | None] = mapped_column(Text)
@@ -128,7 +142,7 @@ class Embedding(Base):
 
     kind: Mapped[str] = mapped_column(String(32), primary_key=True)
     item_id: Mapped[int] = mapped_column(
-        ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
+        ItemId, ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
     )
     shard_id: Mapped[int] = mapped_column(ForeignKey("embedding_shards.id"), index=True)
     row: Mapped[int]
@@ -209,7 +223,7 @@ class Failure(Base):
     reason: Mapped[str] = mapped_column(String(32), index=True)
     detail: Mapped[str] = mapped_column(Text, default="")
     sha256: Mapped[str | None] = mapped_column(String(64))
-    duplicate_of: Mapped[int | None]
+    duplicate_of: Mapped[int | None] = mapped_column(ItemId)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 
@@ -235,6 +249,44 @@ class Catalog:
     def set_info(self, session: Session, key: str, value: str) -> None:
         """Set a setting inside the caller's transaction."""
         session.merge(CatalogInfo(key=key, value=value))
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[bool]:
+        """Hold the catalog's own writer lock while the block runs; yields whether it was got.
+
+        On PostgreSQL, where one catalog serves writers on several machines (whose lock files
+        in the collection folder need not see each other), a session advisory lock on a
+        connection kept for the block: never waited for (False when another session holds
+        it), released when the block ends or the holder's connection does (a killed process).
+        SQLite is written on one machine, where the collection's lock file is enough: True.
+        """
+        if self.engine.dialect.name != "postgresql":
+            yield True
+            return
+        connection = self.engine.connect()
+        try:
+            held = bool(connection.execute(
+                text("SELECT pg_try_advisory_lock(:key, hashtext(current_schema()))"),
+                {"key": PG_WRITER_LOCK},
+            ).scalar())
+            connection.commit()  # a session lock outlives the transaction that took it
+        except BaseException:
+            connection.invalidate()  # ends the session (and any lock it took)
+            connection.close()
+            raise
+        try:
+            yield held
+        finally:
+            try:
+                if held:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key, hashtext(current_schema()))"),
+                                       {"key": PG_WRITER_LOCK})
+                    connection.commit()
+            except SQLAlchemyError:
+                connection.invalidate()  # the session ends, and its lock with it
+                logger.debug("catalog writer lock: unlock failed; connection dropped", exc_info=True)
+            finally:
+                connection.close()
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -358,6 +410,7 @@ def _prepare_schema(engine: Engine, *, create: bool) -> None:
     if set(Base.metadata.tables) <= tables and _stored_version(engine) == SCHEMA_VERSION:
         return  # up to date: opening writes nothing (readers never wait on a writer here)
     with engine.begin() as connection:
+        _lock_schema(connection)
         stored = connection.execute(
             select(CatalogInfo.value).where(CatalogInfo.key == "schema_version")
         ).scalar_one_or_none()
@@ -404,6 +457,7 @@ def _create_schema(engine: Engine) -> bool:
             # pysqlite runs DDL outside a transaction: take the write lock first, so the
             # tables and the version row appear together and concurrent creators queue here
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+        _lock_schema(connection)
         Base.metadata.create_all(connection)  # checks first: only missing tables
         stored = connection.execute(
             select(CatalogInfo.value).where(CatalogInfo.key == "schema_version")
@@ -414,6 +468,19 @@ def _create_schema(engine: Engine) -> bool:
             )
         connection.commit()
         return stored is None
+
+
+def _lock_schema(connection: Connection) -> None:
+    """On PostgreSQL, make concurrent creators and upgraders of one catalog take turns.
+
+    Its DDL is transactional (the tables and the version row commit together), but two
+    transactions creating the same table both try, and the second fails on a duplicate key
+    of the system catalogs. A transaction advisory lock taken first queues them instead; the
+    one that waited then finds the tables (each statement sees what committed before it).
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))"),
+                           {"key": PG_SCHEMA_LOCK})
 
 
 def _wait_for_schema(engine: Engine, seconds: float = 10.0) -> bool:

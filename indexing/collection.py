@@ -272,8 +272,10 @@ class Collection:
     def writing(self) -> Iterator[Collection]:
         """Hold the collection's write lock (re-entrant in this process).
 
-        Raises :class:`CollectionBusyError` when another process holds it. The kernel
-        releases the lock when its holder dies, so a killed build never blocks the next one.
+        Raises :class:`CollectionBusyError` when another process holds it: the lock file,
+        or on PostgreSQL the catalog's writer lock (:meth:`Catalog.writer_lock`, for writers
+        on several machines). Both go when their holder dies, so a killed build never blocks
+        the next one.
         """
         if not self._lock.is_locked:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -282,7 +284,13 @@ class Collection:
         except Timeout as error:
             raise CollectionBusyError(f"another process is writing to collection {self.root}") from error
         try:
-            yield self
+            with contextlib.ExitStack() as outermost:
+                # and the catalog's own lock (PostgreSQL: writers on other machines, whose
+                # lock files need not see this one), taken by the outermost block only
+                if self._lock.lock_counter == 1 and not outermost.enter_context(self.catalog.writer_lock()):
+                    raise CollectionBusyError(f"another process is writing to collection {self.root} "
+                                              f"(catalog {self.catalog.url})")
+                yield self
         finally:
             self._lock.release()
 
