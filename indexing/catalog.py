@@ -247,8 +247,23 @@ class Catalog:
             return None if row is None else row.value
 
     def set_info(self, session: Session, key: str, value: str) -> None:
-        """Set a setting inside the caller's transaction."""
-        session.merge(CatalogInfo(key=key, value=value))
+        """Set a setting inside the caller's transaction.
+
+        One upsert on SQLite and PostgreSQL (``INSERT ... ON CONFLICT DO UPDATE``), so two
+        processes setting the same new key at once both succeed; a look-up then an insert
+        (``Session.merge``) would fail the second on the key. Other databases: ``merge``.
+        """
+        dialect = session.get_bind().dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as upsert
+        else:
+            session.merge(CatalogInfo(key=key, value=value))
+            return
+        statement = upsert(CatalogInfo).values(key=key, value=value)
+        session.execute(statement.on_conflict_do_update(index_elements=[CatalogInfo.key],
+                                                        set_={"value": statement.excluded.value}))
 
     @contextlib.contextmanager
     def writer_lock(self) -> Iterator[bool]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import create_engine, func, inspect, select, text
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -72,6 +72,17 @@ def test_deleted_item_ids_are_never_reused(catalog_url: str):
         session.add(Item(uri="/new", sha256="x", width=1, height=1))
     with catalog.session() as session:
         assert session.scalar(select(Item.id).where(Item.uri == "/new")) == 4
+    catalog.dispose()
+
+
+def test_set_info_inserts_then_replaces(catalog_url: str):
+    catalog = open_catalog(catalog_url)
+    for value in ("/first", "/second"):
+        with catalog.sessions.begin() as session:
+            catalog.set_info(session, "index_dir", value)
+        assert catalog.get_info("index_dir") == value
+    with catalog.session() as session:
+        assert session.scalar(select(func.count()).select_from(CatalogInfo)) == 2  # and schema_version
     catalog.dispose()
 
 

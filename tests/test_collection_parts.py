@@ -259,8 +259,10 @@ def _process_context():
 def _create_and_add(root: str, db: str, worker: int, barrier, results) -> None:
     try:
         barrier.wait(timeout=60)
-        with Collection.open(root, db=db, create=True) as collection:
-            collection.bind_encoder("toy", 4)  # all at once too: one binds, the others agree
+        # all at once too: the index folder setting (an upsert), and the encoder (one binds,
+        # the others agree)
+        with Collection.open(root, db=db, create=True, index_dir=Path(root) / "idx") as collection:
+            collection.bind_encoder("toy", 4)
             for attempt in range(200):  # writers take turns: retry while another one writes
                 try:
                     collection.add_items(
@@ -297,6 +299,7 @@ def test_processes_creating_the_same_collection_at_once(tmp_path, new_catalog_ur
         with Collection.open(root, db=db) as collection:
             assert collection.encoder_name == "toy" and collection.dim == 4
             assert collection.catalog.get_info("schema_version") == "1"
+            assert collection.index_dir == root / "idx"
             assert len(collection.item_ids()) == workers
             ids = collection.item_ids()
             stored = collection.embeddings.get("image", ids)
@@ -336,6 +339,37 @@ def test_catalog_creation_is_idempotent_across_processes(new_catalog_url):
         assert outcomes == [("ok", "1")] * 4
         catalog = open_catalog(path, create=False)
         assert {"items", "catalog_info", "index_versions"} <= set(inspect(catalog.engine).get_table_names())
+        catalog.dispose()
+
+
+def _set_at_once(url: str, key: str, value: str, barrier, results) -> None:
+    try:
+        catalog = open_catalog(url)
+        barrier.wait(timeout=60)
+        with catalog.sessions.begin() as session:
+            catalog.set_info(session, key, value)
+        results.put(("ok", ""))
+        catalog.dispose()
+    except BaseException as error:  # noqa: BLE001
+        results.put(("error", f"{type(error).__name__}: {error}"))
+
+
+def test_processes_setting_one_new_setting_at_once(catalog_url):
+    """Setting a key no process has set yet (e.g. two opens with --index-dir) is an upsert."""
+    context = _process_context()
+    open_catalog(catalog_url).dispose()
+    for round_ in range(5):
+        barrier, results = context.Barrier(4), context.Queue()
+        processes = [context.Process(target=_set_at_once, args=(catalog_url, f"k{round_}", f"v{n}", barrier, results))
+                     for n in range(4)]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=120) for _ in processes]
+        for process in processes:
+            process.join(timeout=60)
+        assert outcomes == [("ok", "")] * 4
+        catalog = open_catalog(catalog_url)
+        assert catalog.get_info(f"k{round_}") in {f"v{n}" for n in range(4)}
         catalog.dispose()
 
 
