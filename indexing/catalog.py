@@ -13,7 +13,9 @@ Brand-new tables need no migration: ``create_all`` adds them on open.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -315,6 +317,26 @@ def catalog_url(url_or_path: str | Path) -> str:
     return f"sqlite:///{Path(text).expanduser().absolute()}"
 
 
+def json_text(value: Any) -> str:
+    """JSON columns' text: as ``json.dumps``, but NaN and infinities (which JSON cannot hold:
+    PostgreSQL refuses them, SQLite stores them and then its JSON functions fail on every
+    filter) become null, a missing value, as a parquet listing's NaN means."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(entry) for key, entry in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(entry) for entry in value]
+    return value
+
+
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
     cursor = dbapi_connection.cursor()
     # Foreign keys make a deleted item's embedding rows go with it; WAL lets searches read
@@ -366,7 +388,7 @@ def open_catalog(url_or_path: str | Path, *, create: bool = True) -> Catalog:
             raise FileNotFoundError(f"no catalog at {database}")
         database.parent.mkdir(parents=True, exist_ok=True)
     connect_args: dict[str, Any] = {"timeout": 30} if is_sqlite else {}
-    engine_args: dict[str, Any] = {}
+    engine_args: dict[str, Any] = {"json_serializer": json_text}
     if is_sqlite and url.database in (None, "", ":memory:"):
         # One database for every thread (the re-index reads and checkpoints from worker
         # threads); SQLAlchemy's default gives each thread its own, empty, in-memory database.

@@ -62,6 +62,23 @@ def test_models_round_trip_json_and_unique_uri(catalog_url: str):
     catalog.dispose()
 
 
+def test_nan_and_infinity_in_json_are_stored_as_null(tmp_path: Path, catalog_url: str):
+    """JSON cannot hold them: PostgreSQL refuses them and SQLite's JSON functions would fail on
+    every later filter; a parquet listing's NaN is a missing value, and so is it here."""
+    nan, inf = float("nan"), float("inf")
+    with Collection.open(tmp_path / "coll", db=catalog_url, create=True) as collection:
+        collection.bind_encoder("toy", 2)
+        collection.add_items([NewItem("/a", "a", 1, 1, metadata={"score": nan, "deep": {"x": [1.5, -inf]}}),
+                              NewItem("/b", "b", 1, 1, metadata={"score": 2.5})], np.ones((2, 2), np.float32))
+        assert collection.items([1])[1].metadata == {"score": None, "deep": {"x": [1.5, None]}}
+        assert collection.item_ids({"score": ""}).tolist() == [1]
+        assert collection.item_ids({"score": "2.5"}).tolist() == [2]
+        with collection.catalog.sessions.begin() as session:
+            session.add(Correction(name="c", direction="t2i", kernel="cosine", report={"ratio": inf}))
+        with collection.catalog.session() as session:
+            assert session.scalars(select(Correction.report)).one() == {"ratio": None}
+
+
 def test_deleted_item_ids_are_never_reused(catalog_url: str):
     catalog = open_catalog(catalog_url)
     with catalog.sessions.begin() as session:
