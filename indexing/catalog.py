@@ -12,7 +12,6 @@ Brand-new tables need no migration: ``create_all`` adds them on open.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
@@ -267,19 +266,32 @@ class Catalog:
         session.execute(statement.on_conflict_do_update(index_elements=[CatalogInfo.key],
                                                         set_={"value": statement.excluded.value}))
 
-    @contextlib.contextmanager
-    def writer_lock(self) -> Iterator[bool]:
-        """Hold the catalog's own writer lock while the block runs; yields whether it was got.
+    def writer_lock(self) -> WriterLock:
+        """A handle on the catalog's own writer lock (see :class:`WriterLock`)."""
+        return WriterLock(self.engine)
 
-        On PostgreSQL, where one catalog serves writers on several machines (whose lock files
-        in the collection folder need not see each other), a session advisory lock on a
-        connection kept for the block: never waited for (False when another session holds
-        it), released when the block ends or the holder's connection does (a killed process).
-        SQLite is written on one machine, where the collection's lock file is enough: True.
-        """
-        if self.engine.dialect.name != "postgresql":
-            yield True
-            return
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+class WriterLock:
+    """The catalog's own lock for its one writer at a time, shared by every machine using it.
+
+    On PostgreSQL, where one catalog serves writers on several machines (whose lock files in
+    the collection folder need not see each other), a session advisory lock on a connection
+    kept while it is held: never waited for (:meth:`acquire` is False when another session
+    holds it), and released by :meth:`release` or when the holder's connection ends (a killed
+    process). SQLite is written on one machine, where the collection's lock file is enough:
+    :meth:`acquire` is always True. Not re-entrant; the caller counts (``Collection.writing``).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._connection: Connection | None = None
+
+    def acquire(self) -> bool:
+        if self.engine.dialect.name != "postgresql" or self._connection is not None:
+            return True
         connection = self.engine.connect()
         try:
             held = bool(connection.execute(
@@ -288,25 +300,28 @@ class Catalog:
             ).scalar())
             connection.commit()  # a session lock outlives the transaction that took it
         except BaseException:
-            connection.invalidate()  # ends the session (and any lock it took)
+            connection.invalidate()  # ends the session, and any lock it took
             connection.close()
             raise
-        try:
-            yield held
-        finally:
-            try:
-                if held:
-                    connection.execute(text("SELECT pg_advisory_unlock(:key, hashtext(current_schema()))"),
-                                       {"key": PG_WRITER_LOCK})
-                    connection.commit()
-            except SQLAlchemyError:
-                connection.invalidate()  # the session ends, and its lock with it
-                logger.debug("catalog writer lock: unlock failed; connection dropped", exc_info=True)
-            finally:
-                connection.close()
+        if not held:
+            connection.close()
+            return False
+        self._connection = connection
+        return True
 
-    def dispose(self) -> None:
-        self.engine.dispose()
+    def release(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        try:
+            connection.execute(text("SELECT pg_advisory_unlock(:key, hashtext(current_schema()))"),
+                               {"key": PG_WRITER_LOCK})
+            connection.commit()
+        except SQLAlchemyError:
+            connection.invalidate()  # the session ends, and its lock with it
+            logger.debug("catalog writer lock: unlock failed; connection dropped", exc_info=True)
+        finally:
+            connection.close()
 
 
 def catalog_url(url_or_path: str | Path) -> str:

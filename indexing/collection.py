@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,6 +137,8 @@ class Collection:
         self.builder = IndexBuilder(self.index_versions, self.embeddings)
         # process-wide (not per thread) and re-entrant: nested writing() blocks share it
         self._lock = FileLock(root / LOCK_FILENAME, timeout=0, thread_local=False)
+        self._catalog_lock = catalog.writer_lock()
+        self._lock_guard = threading.Lock()  # threads of this process share both locks
         self._corrections: CorrectionRegistry | None = None
         #: The topmost folder that ``open(create=True)`` made for this collection (None: it existed).
         self.created_folder: Path | None = None
@@ -279,20 +282,30 @@ class Collection:
         """
         if not self._lock.is_locked:
             self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout as error:
-            raise CollectionBusyError(f"another process is writing to collection {self.root}") from error
-        try:
-            with contextlib.ExitStack() as outermost:
-                # and the catalog's own lock (PostgreSQL: writers on other machines, whose
-                # lock files need not see this one), taken by the outermost block only
-                if self._lock.lock_counter == 1 and not outermost.enter_context(self.catalog.writer_lock()):
+        with self._lock_guard:
+            try:
+                self._lock.acquire(timeout=0)
+            except Timeout as error:
+                raise CollectionBusyError(f"another process is writing to collection {self.root}") from error
+            # and the catalog's own lock (PostgreSQL: writers on other machines, whose lock
+            # files need not see this one), held while the lock file is
+            if self._lock.lock_counter == 1:
+                try:
+                    held = self._catalog_lock.acquire()
+                except BaseException:
+                    self._lock.release()
+                    raise
+                if not held:
+                    self._lock.release()
                     raise CollectionBusyError(f"another process is writing to collection {self.root} "
                                               f"(catalog {self.catalog.url})")
-                yield self
+        try:
+            yield self
         finally:
-            self._lock.release()
+            with self._lock_guard:
+                if self._lock.lock_counter == 1:
+                    self._catalog_lock.release()
+                self._lock.release()
 
     # -- items ------------------------------------------------------------------------------
     def add_items(

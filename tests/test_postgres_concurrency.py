@@ -189,6 +189,39 @@ def test_the_catalog_lock_excludes_a_writer_with_another_folder(tmp_path, catalo
             collection.close()
 
 
+def test_threads_sharing_the_write_lock_keep_the_catalog_lock_until_the_last_leaves(tmp_path, catalog_url):
+    """The lock file is process-wide (threads share it); so is the catalog lock: the first
+    thread to leave must not free it while another thread of the process still writes."""
+    import threading
+
+    holder = Collection.open(tmp_path / "a", db=catalog_url, create=True)
+    other = Collection.open(tmp_path / "b", db=catalog_url)
+    entered, leave_first = threading.Event(), threading.Event()
+
+    def first_writer() -> None:
+        with holder.writing():
+            entered.set()
+            leave_first.wait(30)
+
+    try:
+        thread = threading.Thread(target=first_writer)
+        thread.start()
+        assert entered.wait(30)
+        with holder.writing():  # a second thread of the same process, inside while the first is
+            leave_first.set()
+            thread.join(30)
+            with pytest.raises(CollectionBusyError):  # still held for this block
+                with other.writing():
+                    pass
+        with other.writing():  # free once the last one left
+            pass
+        with holder.writing():  # and the refused attempts left nothing behind
+            pass
+    finally:
+        holder.close()
+        other.close()
+
+
 def test_a_killed_writers_catalog_lock_is_released(tmp_path, catalog_url):
     """The lock belongs to the holder's database session: a SIGKILL ends it."""
     root = tmp_path / "coll"
