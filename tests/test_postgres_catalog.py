@@ -139,6 +139,18 @@ def test_a_listing_with_a_nul_caption_stops_with_one_line_and_keeps_earlier_shar
         assert len(collection.item_ids()) == 2  # the first shard committed; the bad one did not
 
 
+def test_a_refused_first_build_removes_its_folder_and_frees_the_catalog_lock(tmp_path, catalog_url):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("file,caption\n")
+    with pytest.raises(InputError, match="nothing listed"):
+        build_collection(empty, tmp_path / "new" / "coll", db=catalog_url, encoder=ToyEncoder(), progress=False)
+    assert not (tmp_path / "new").exists()
+    make_image(tmp_path / "imgs" / "a.png", seed=1)
+    report = build_collection(tmp_path / "imgs", tmp_path / "coll", db=catalog_url, encoder=ToyEncoder(),
+                              progress=False)
+    assert report.added == 1  # the catalog's writer lock was released with the folder
+
+
 # -- an unreachable server or database is one CatalogError ----------------------------------
 def test_an_unreachable_postgresql_catalog_is_one_catalog_error(tmp_path, postgres_server):
     missing_database = postgres_server.url("no_such_database")
