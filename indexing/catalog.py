@@ -292,7 +292,11 @@ class WriterLock:
     def acquire(self) -> bool:
         if self.engine.dialect.name != "postgresql" or self._connection is not None:
             return True
-        connection = self.engine.connect()
+        try:
+            connection = self.engine.connect()
+        except SQLAlchemyError as error:  # the server went away since the catalog was opened
+            raise CatalogError(f"cannot lock the catalog at {self.engine.url.render_as_string(hide_password=True)}"
+                               f" for writing: {_one_line(error)}") from error
         try:
             held = bool(connection.execute(
                 text("SELECT pg_try_advisory_lock(:key, hashtext(current_schema()))"),

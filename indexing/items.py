@@ -7,6 +7,7 @@ command line (``--where``, repeatable) and the web UI (a textbox of clauses).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Iterable, Sequence
@@ -350,9 +351,7 @@ def _storable_rejection(rejection: Rejection) -> Rejection:
     if len(uri) > URI_LENGTH:
         digest = hashlib.sha256(rejection.uri.encode("utf-8", "surrogatepass")).hexdigest()[:16]
         uri = f"{uri[: URI_LENGTH - 20]}...#{digest}"
-    if (uri, detail) == (rejection.uri, rejection.detail):
-        return rejection
-    return Rejection(uri, rejection.reason, detail, rejection.sha256, rejection.duplicate_of)
+    return dataclasses.replace(rejection, uri=uri, detail=detail)
 
 
 def _item_record(row: Item) -> ItemRecord:

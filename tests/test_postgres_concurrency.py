@@ -222,6 +222,22 @@ def test_threads_sharing_the_write_lock_keep_the_catalog_lock_until_the_last_lea
         other.close()
 
 
+def test_a_server_gone_while_open_is_one_catalog_error_when_writing(tmp_path, catalog_url, postgres_server):
+    from indexing.catalog import CatalogError
+
+    collection = Collection.open(tmp_path / "coll", db=catalog_url, create=True)
+    try:
+        postgres_server.drop_databases()  # ends this collection's connections too
+        collection.catalog.engine.dispose()
+        with pytest.raises(CatalogError, match="cannot lock the catalog .* for writing") as caught:
+            with collection.writing():
+                pass
+        assert "\n" not in str(caught.value)
+        assert not collection._lock.is_locked  # the lock file was let go again
+    finally:
+        collection.close()
+
+
 def test_a_killed_writers_catalog_lock_is_released(tmp_path, catalog_url):
     """The lock belongs to the holder's database session: a SIGKILL ends it."""
     root = tmp_path / "coll"
