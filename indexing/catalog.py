@@ -80,6 +80,10 @@ def in_chunks(values: Sequence[Any]) -> Iterator[Any]:
 #: An item id, which is also its 64-bit FAISS id: BIGINT on PostgreSQL (a plain INTEGER runs
 #: out at 2**31), and SQLite's INTEGER, the only type its AUTOINCREMENT takes (64-bit there).
 ItemId = BigInteger().with_variant(Integer, "sqlite")
+#: File paths and encoder specs (which may hold a checkpoint's path): as long as the file
+#: system allows. SQLite ignores a VARCHAR's length; PostgreSQL would refuse a longer value.
+PathText = String(1024).with_variant(Text(), "postgresql")
+SpecText = String(512).with_variant(Text(), "postgresql")
 
 
 class Base(DeclarativeBase):
@@ -128,10 +132,10 @@ class EmbeddingShard(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32), index=True)
-    encoder: Mapped[str] = mapped_column(String(512))
+    encoder: Mapped[str] = mapped_column(SpecText)
     dim: Mapped[int]
     dtype: Mapped[str] = mapped_column(String(16))
-    file: Mapped[str] = mapped_column(String(1024))
+    file: Mapped[str] = mapped_column(PathText)
     count: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
@@ -168,11 +172,11 @@ class IndexVersion(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(256), unique=True)
     kind: Mapped[str] = mapped_column(String(32), default=EmbeddingKind.IMAGE.value)
-    encoder: Mapped[str] = mapped_column(String(512))
+    encoder: Mapped[str] = mapped_column(SpecText)
     dim: Mapped[int]
     correction: Mapped[str | None] = mapped_column(String(256))
     factory: Mapped[str] = mapped_column(String(256), default="Flat")
-    file: Mapped[str] = mapped_column(String(1024))
+    file: Mapped[str] = mapped_column(PathText)
     count: Mapped[int] = mapped_column(default=0)
     state: Mapped[str] = mapped_column(String(16), default=IndexState.BUILDING.value)
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -191,10 +195,10 @@ class Correction(Base):
     name: Mapped[str] = mapped_column(String(256), unique=True)
     direction: Mapped[str] = mapped_column(String(16))
     kernel: Mapped[str] = mapped_column(String(32))
-    encoder: Mapped[str | None] = mapped_column(String(512))
+    encoder: Mapped[str | None] = mapped_column(SpecText)
     dim: Mapped[int | None]
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    file: Mapped[str | None] = mapped_column(String(1024))
+    file: Mapped[str | None] = mapped_column(PathText)
     fitted_on: Mapped[str | None] = mapped_column(Text)
     report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)

@@ -79,6 +79,19 @@ def test_nan_and_infinity_in_json_are_stored_as_null(tmp_path: Path, catalog_url
             assert session.scalars(select(Correction.report)).one() == {"ratio": None}
 
 
+def test_long_encoder_specs_and_index_paths_are_stored(tmp_path: Path, catalog_url: str):
+    """An encoder spec naming a deep checkpoint path and an index folder deep in the file
+    system: longer than the VARCHARs, which PostgreSQL (unlike SQLite) would enforce."""
+    spec = "open_clip:ViT-B-32:" + "/".join(["d" * 200] * 4) + "/model.pt"  # 800+ characters
+    index_dir = tmp_path.joinpath(*(["i" * 200] * 6))  # 1200+ characters
+    with Collection.open(tmp_path / "coll", db=catalog_url, create=True, index_dir=index_dir) as collection:
+        collection.bind_encoder(spec, 2)
+        collection.add_items([NewItem("/a", "a", 1, 1)], np.ones((1, 2), np.float32))
+        info = collection.sync_index()
+        assert info.encoder == spec and info.file.parent == index_dir and len(str(info.file)) > 1200
+        assert collection.search(np.ones((1, 2), np.float32), k=1)[0][0].item_id == 1
+
+
 def test_deleted_item_ids_are_never_reused(catalog_url: str):
     catalog = open_catalog(catalog_url)
     with catalog.sessions.begin() as session:
