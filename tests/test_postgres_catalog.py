@@ -11,14 +11,21 @@ import numpy as np
 import pytest
 from conftest import ToyEncoder, make_image, write_csv
 from test_pipeline import assert_catalog_matches_index
+from test_reindex import _by_id, _vectors
 from toy_cli import toy_specs_in_process
 from typer.testing import CliRunner
+
+import retrieval.reindex as rx
 
 from indexing.catalog import CatalogError, RejectReason, open_catalog
 from indexing.collection import Collection, NewItem, Rejection
 from indexing.items import metadata_text
 from indexing.pipeline import add_to_collection, build_collection
 from indexing.readers import file_uri
+from indexing.vector_index import unit_rows
+from retrieval.concepts import load_concept_set
+from retrieval.corrections import fit_concept_correction
+from retrieval.reindex import reindex
 from sce_correct.errors import InputError
 from ui.cli import app
 
@@ -211,21 +218,12 @@ def test_the_cli_on_a_postgresql_catalog(tmp_path, image_folder, catalog_url):
     with Collection.open(coll, db=catalog_url) as collection:
         ids = collection.item_ids()
         stored = collection.embeddings.get("image", ids)
-    from indexing.vector_index import unit_rows
-
     scores = unit_rows(ToyEncoder().encode_texts(["a query"])) @ unit_rows(stored).T
     assert [int(line.split()[2]) for line in lines[1:]] == ids[np.argsort(-scores[0])[:3]].tolist()
 
 
 def test_a_correction_fit_and_reindex_on_postgresql(tmp_path, catalog_url):
     """The re-index reads the catalog from worker threads; the correction registry is SQL too."""
-    from test_reindex import _by_id, _vectors
-
-    import retrieval.reindex as rx
-    from retrieval.concepts import load_concept_set
-    from retrieval.corrections import fit_concept_correction
-    from retrieval.reindex import reindex
-
     encoder = ToyEncoder()
     for i in range(12):
         make_image(tmp_path / "imgs" / f"{i:03d}.png", seed=100 + i)

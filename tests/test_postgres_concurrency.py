@@ -12,8 +12,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +21,7 @@ from conftest import ToyEncoder, make_image
 from test_collection_parts import HOLD_LOCK, REPO, _process_context
 from test_pipeline import assert_catalog_matches_index
 
-from indexing.catalog import IndexState
+from indexing.catalog import CatalogError, IndexState
 from indexing.collection import Collection, CollectionBusyError, NewItem
 from indexing.pipeline import build_collection
 from indexing.readers import file_uri
@@ -192,8 +192,6 @@ def test_the_catalog_lock_excludes_a_writer_with_another_folder(tmp_path, catalo
 def test_threads_sharing_the_write_lock_keep_the_catalog_lock_until_the_last_leaves(tmp_path, catalog_url):
     """The lock file is process-wide (threads share it); so is the catalog lock: the first
     thread to leave must not free it while another thread of the process still writes."""
-    import threading
-
     holder = Collection.open(tmp_path / "a", db=catalog_url, create=True)
     other = Collection.open(tmp_path / "b", db=catalog_url)
     entered, leave_first = threading.Event(), threading.Event()
@@ -223,8 +221,6 @@ def test_threads_sharing_the_write_lock_keep_the_catalog_lock_until_the_last_lea
 
 
 def test_a_server_gone_while_open_is_one_catalog_error_when_writing(tmp_path, catalog_url, postgres_server):
-    from indexing.catalog import CatalogError
-
     collection = Collection.open(tmp_path / "coll", db=catalog_url, create=True)
     try:
         postgres_server.drop_databases()  # ends this collection's connections too
