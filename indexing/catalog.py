@@ -298,19 +298,19 @@ class WriterLock:
             return True
         try:
             connection = self.engine.connect()
-        except SQLAlchemyError as error:  # the server went away since the catalog was opened
+            try:
+                held = bool(connection.execute(
+                    text("SELECT pg_try_advisory_lock(:key, hashtext(current_schema()))"),
+                    {"key": PG_WRITER_LOCK},
+                ).scalar())
+                connection.commit()  # a session lock outlives the transaction that took it
+            except BaseException:
+                connection.invalidate()  # ends the session, and any lock it took
+                connection.close()
+                raise
+        except SQLAlchemyError as error:  # e.g. the server went away since the catalog was opened
             raise CatalogError(f"cannot lock the catalog at {self.engine.url.render_as_string(hide_password=True)}"
                                f" for writing: {_one_line(error)}") from error
-        try:
-            held = bool(connection.execute(
-                text("SELECT pg_try_advisory_lock(:key, hashtext(current_schema()))"),
-                {"key": PG_WRITER_LOCK},
-            ).scalar())
-            connection.commit()  # a session lock outlives the transaction that took it
-        except BaseException:
-            connection.invalidate()  # ends the session, and any lock it took
-            connection.close()
-            raise
         if not held:
             connection.close()
             return False
@@ -412,6 +412,10 @@ def open_catalog(url_or_path: str | Path, *, create: bool = True) -> Catalog:
         database.parent.mkdir(parents=True, exist_ok=True)
     connect_args: dict[str, Any] = {"timeout": 30} if is_sqlite else {}
     engine_args: dict[str, Any] = {"json_serializer": json_text}
+    if not is_sqlite:
+        # a server's connections can end under a long-lived process (a restart, a fail-over,
+        # an idle timeout): test each one as the pool hands it out, not on the first query
+        engine_args["pool_pre_ping"] = True
     if is_sqlite and url.database in (None, "", ":memory:"):
         # One database for every thread (the re-index reads and checkpoints from worker
         # threads); SQLAlchemy's default gives each thread its own, empty, in-memory database.
