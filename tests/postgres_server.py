@@ -32,13 +32,9 @@ def binaries() -> Path | None:
     initdb = shutil.which("initdb")
     if initdb and shutil.which("pg_ctl"):
         return Path(os.path.realpath(initdb)).parent
-    candidates = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"),
-                        key=lambda path: int(Path(path).parts[-3]) if Path(path).parts[-3].isdigit() else 0)
-    for initdb in reversed(candidates):
-        folder = Path(initdb).parent
-        if (folder / "pg_ctl").exists():
-            return folder
-    return None
+    folders = [Path(initdb).parent for initdb in glob.glob("/usr/lib/postgresql/*/bin/initdb")]
+    folders = [folder for folder in folders if (folder / "pg_ctl").exists() and folder.parent.name.isdigit()]
+    return max(folders, key=lambda folder: int(folder.parent.name), default=None)
 
 
 def _server_user() -> pwd.struct_passwd | None:
@@ -128,10 +124,11 @@ class PostgresServer:
             self._execute(f"DROP DATABASE IF EXISTS {self.databases.pop()} WITH (FORCE)")
 
     def stop(self) -> None:
+        """Stop the server (if it runs) and remove its folder."""
         try:
             if self._admin is not None:
                 self._admin.close()
-            if self.data.exists():
+            if (self.data / "postmaster.pid").exists():
                 self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "immediate", "-w")
         finally:
             shutil.rmtree(self.folder, ignore_errors=True)
