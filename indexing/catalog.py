@@ -340,6 +340,17 @@ def catalog_url(url_or_path: str | Path) -> str:
     return f"sqlite:///{Path(text).expanduser().absolute()}"
 
 
+def shown_url(url_or_path: str | Path) -> str:
+    """A catalog URL as messages show it: its password masked (a path as it is)."""
+    text = str(url_or_path)
+    if "://" not in text:
+        return text
+    try:
+        return make_url(text).render_as_string(hide_password=True)
+    except ArgumentError:
+        return text
+
+
 def json_text(value: Any) -> str:
     """JSON columns' text: as ``json.dumps``, but NaN and infinities (which JSON cannot hold:
     PostgreSQL refuses them, SQLite stores them and then its JSON functions fail on every

@@ -48,7 +48,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 from sqlalchemy.exc import SQLAlchemyError
 
-from indexing.catalog import Catalog, CatalogInfo, EmbeddingKind, open_catalog
+from indexing.catalog import Catalog, CatalogInfo, EmbeddingKind, open_catalog, shown_url
 from indexing.embedding_store import EmbeddingStore
 from indexing.index_build import IndexBuilder, IndexVersionWriter
 from indexing.index_versions import (
@@ -172,7 +172,7 @@ class Collection:
                 catalog = open_catalog(target, create=False)
         except FileNotFoundError as error:
             raise CollectionNotFoundError(
-                f"no collection at {root if db is None else db} (build one first)"
+                f"no collection at {root if db is None else shown_url(db)} (build one first)"
             ) from error
         collection = cls(root, catalog)
         collection.created_folder = created

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import retrieval.reindex as rx
 
 from indexing.catalog import CatalogError, RejectReason, open_catalog
-from indexing.collection import Collection, NewItem, Rejection
+from indexing.collection import Collection, CollectionNotFoundError, NewItem, Rejection
 from indexing.items import metadata_text
 from indexing.pipeline import add_to_collection, build_collection
 from indexing.readers import file_uri
@@ -172,6 +172,18 @@ def test_an_unreachable_postgresql_catalog_is_one_catalog_error(tmp_path, postgr
         result = CliRunner().invoke(app, ["index", "info", "-c", str(tmp_path / "coll"), "--db", url])
         assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1, result.output
         assert "Traceback" not in result.output and "internal error" not in result.output
+
+
+def test_messages_never_show_the_catalogs_password(tmp_path, catalog_url, postgres_server):
+    with_password = catalog_url.replace("sce@", "sce:s3cret@")  # the test server trusts, so ignores it
+    with pytest.raises(CollectionNotFoundError) as caught:  # an empty database: no collection yet
+        Collection.open(tmp_path / "coll", db=with_password)
+    assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
+    with pytest.raises(CatalogError) as caught:
+        open_catalog(with_password.replace(postgres_server.databases[-1], "no_such_database"))
+    assert "s3cret" not in str(caught.value) and "***" in str(caught.value)
+    with Collection.open(tmp_path / "coll", db=with_password, create=True) as collection:
+        assert "s3cret" not in collection.info().catalog_url
 
 
 # -- the pipeline, the CLI and a correction on a PostgreSQL catalog -------------------------------
