@@ -18,10 +18,11 @@ import time
 import numpy as np
 import pytest
 from conftest import ToyEncoder, make_image
+from sqlalchemy import inspect, text
 from test_collection_parts import HOLD_LOCK, REPO, _process_context
 from test_pipeline import assert_catalog_matches_index
 
-from indexing.catalog import CatalogError, IndexState
+from indexing.catalog import CatalogError, IndexState, open_catalog
 from indexing.collection import Collection, CollectionBusyError, NewItem
 from indexing.pipeline import build_collection
 from indexing.readers import file_uri
@@ -158,6 +159,43 @@ def test_two_processes_create_the_same_new_collection_at_once(tmp_path, new_cata
         assert outcomes == [("ok", "toy")] * 2
         with Collection.open(roots[1], db=db) as collection:
             assert collection.catalog.get_info("schema_version") == "1" and collection.dim == 4
+
+
+def _open_at_once(url: str, barrier, results) -> None:
+    try:
+        barrier.wait(timeout=60)
+        catalog = open_catalog(url)
+        results.put(("ok", catalog.get_info("schema_version")))
+        catalog.dispose()
+    except BaseException as error:  # noqa: BLE001
+        results.put(("error", f"{type(error).__name__}: {error}"))
+
+
+def test_processes_upgrading_one_catalog_at_once_migrate_it_once(catalog_url, monkeypatch):
+    """The migration (here an ALTER TABLE, which fails when run twice) runs in one of them;
+    the others wait on the schema lock and then find the catalog upgraded."""
+    import indexing.catalog as catalog_module
+
+    open_catalog(catalog_url).dispose()
+    version = catalog_module.SCHEMA_VERSION
+
+    def add_column(connection) -> None:
+        connection.execute(text("ALTER TABLE items ADD COLUMN rating INTEGER"))
+
+    monkeypatch.setattr(catalog_module, "SCHEMA_VERSION", version + 1)  # inherited by the forks
+    monkeypatch.setitem(catalog_module.MIGRATIONS, version, add_column)
+    context = _process_context()
+    barrier, results = context.Barrier(3), context.Queue()
+    processes = [context.Process(target=_open_at_once, args=(catalog_url, barrier, results)) for _ in range(3)]
+    for process in processes:
+        process.start()
+    outcomes = [results.get(timeout=120) for _ in processes]
+    for process in processes:
+        process.join(timeout=60)
+    assert outcomes == [("ok", str(version + 1))] * 3
+    catalog = open_catalog(catalog_url)
+    assert "rating" in {column["name"] for column in inspect(catalog.engine).get_columns("items")}
+    catalog.dispose()
 
 
 def test_the_catalog_lock_excludes_a_writer_with_another_folder(tmp_path, catalog_url, new_catalog_url):
