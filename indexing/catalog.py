@@ -9,6 +9,12 @@ and bumps ``SCHEMA_VERSION``. We chose this over Alembic because the catalog is 
 usually single-file store that the application upgrades itself on open; Alembic would add a
 dependency and a migration environment for what are, here, a few ``ALTER TABLE`` lines.
 Brand-new tables need no migration: ``create_all`` adds them on open.
+
+SQLite (a file, the default) and PostgreSQL (one catalog shared by the machines of a
+cluster) run the same schema; where they differ the code says so: item ids are BIGINT and
+paths TEXT on PostgreSQL, creating or upgrading the schema takes an advisory lock there
+(SQLite: ``BEGIN IMMEDIATE``), and :class:`WriterLock` makes writers on several machines
+take turns.
 """
 from __future__ import annotations
 
