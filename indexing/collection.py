@@ -275,10 +275,9 @@ class Collection:
     def writing(self) -> Iterator[Collection]:
         """Hold the collection's write lock (re-entrant in this process).
 
-        Raises :class:`CollectionBusyError` when another process holds it: the lock file,
-        or on PostgreSQL the catalog's writer lock (:meth:`Catalog.writer_lock`, for writers
-        on several machines). Both go when their holder dies, so a killed build never blocks
-        the next one.
+        Raises :class:`CollectionBusyError` when another process holds it: the lock file, or
+        on PostgreSQL the catalog's :class:`~indexing.catalog.WriterLock` (writers on several
+        machines). Both go when their holder dies, so a killed build never blocks the next one.
         """
         if not self._lock.is_locked:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -289,16 +288,15 @@ class Collection:
                 raise CollectionBusyError(f"another process is writing to collection {self.root}") from error
             # and the catalog's own lock (PostgreSQL: writers on other machines, whose lock
             # files need not see this one), held while the lock file is
-            if self._lock.lock_counter == 1:
-                try:
-                    held = self._catalog_lock.acquire()
-                except BaseException:
+            held = False
+            try:
+                held = self._lock.lock_counter > 1 or self._catalog_lock.acquire()
+            finally:
+                if not held:  # refused, or the database failed: let go of the lock file too
                     self._lock.release()
-                    raise
-                if not held:
-                    self._lock.release()
-                    raise CollectionBusyError(f"another process is writing to collection {self.root} "
-                                              f"(catalog {self.catalog.url})")
+            if not held:
+                raise CollectionBusyError(f"another process is writing to collection {self.root} "
+                                          f"(catalog {self.catalog.url})")
         try:
             yield self
         finally:
