@@ -9,10 +9,18 @@ and bumps ``SCHEMA_VERSION``. We chose this over Alembic because the catalog is 
 usually single-file store that the application upgrades itself on open; Alembic would add a
 dependency and a migration environment for what are, here, a few ``ALTER TABLE`` lines.
 Brand-new tables need no migration: ``create_all`` adds them on open.
+
+SQLite (a file, the default) and PostgreSQL (one catalog shared by the machines of a
+cluster) run the same schema; where they differ the code says so: item ids are BIGINT and
+paths TEXT on PostgreSQL, creating or upgrading the schema takes an advisory lock there
+(SQLite: ``BEGIN IMMEDIATE``), and :class:`WriterLock` makes writers on several machines
+take turns.
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -24,6 +32,7 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     DateTime,
     Engine,
     ForeignKey,
@@ -34,6 +43,7 @@ from sqlalchemy import (
     event,
     inspect,
     select,
+    text,
 )
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -47,6 +57,12 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 1
 #: At most this many values in one ``IN (...)`` (SQLite caps a query's bound parameters).
 IN_CHUNK = 900
+
+#: PostgreSQL advisory locks (first key; the second is the catalog's schema, so catalogs in
+#: several schemas of one database do not wait on each other): one for creating or upgrading
+#: the schema, one held by the collection's writer (see :meth:`Catalog.writer_lock`).
+PG_SCHEMA_LOCK = 0x5CE0001
+PG_WRITER_LOCK = 0x5CE0002
 
 #: Upgrades keyed by the version they start from; each takes a connection inside the
 #: transaction that also bumps the stored version.
@@ -65,6 +81,15 @@ def in_chunks(values: Sequence[Any]) -> Iterator[Any]:
     """``values`` in slices of at most ``IN_CHUNK`` (a list, tuple or numpy array)."""
     for start in range(0, len(values), IN_CHUNK):
         yield values[start : start + IN_CHUNK]
+
+
+#: An item id, which is also its 64-bit FAISS id: BIGINT on PostgreSQL (a plain INTEGER runs
+#: out at 2**31), and SQLite's INTEGER, the only type its AUTOINCREMENT takes (64-bit there).
+ItemId = BigInteger().with_variant(Integer, "sqlite")
+#: File paths and encoder specs (which may hold a checkpoint's path): as long as the file
+#: system allows. SQLite ignores a VARCHAR's length; PostgreSQL would refuse a longer value.
+PathText = String(1024).with_variant(Text(), "postgresql")
+SpecText = String(512).with_variant(Text(), "postgresql")
 
 
 class Base(DeclarativeBase):
@@ -88,7 +113,7 @@ class Item(Base):
     # retired index file) to a new item.
     __table_args__ = {"sqlite_autoincrement": True}
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    id: Mapped[int] = mapped_column(ItemId, primary_key=True)
     uri: Mapped[str] = mapped_column(String(2048), unique=True)
     sha256: Mapped[str] = mapped_column(String(64), index=True)
     caption: Mapped[str | None] = mapped_column(Text)
@@ -113,10 +138,10 @@ class EmbeddingShard(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     kind: Mapped[str] = mapped_column(String(32), index=True)
-    encoder: Mapped[str] = mapped_column(String(512))
+    encoder: Mapped[str] = mapped_column(SpecText)
     dim: Mapped[int]
     dtype: Mapped[str] = mapped_column(String(16))
-    file: Mapped[str] = mapped_column(String(1024))
+    file: Mapped[str] = mapped_column(PathText)
     count: Mapped[int]
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
@@ -128,7 +153,7 @@ class Embedding(Base):
 
     kind: Mapped[str] = mapped_column(String(32), primary_key=True)
     item_id: Mapped[int] = mapped_column(
-        ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
+        ItemId, ForeignKey("items.id", ondelete="CASCADE"), primary_key=True
     )
     shard_id: Mapped[int] = mapped_column(ForeignKey("embedding_shards.id"), index=True)
     row: Mapped[int]
@@ -153,11 +178,11 @@ class IndexVersion(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(256), unique=True)
     kind: Mapped[str] = mapped_column(String(32), default=EmbeddingKind.IMAGE.value)
-    encoder: Mapped[str] = mapped_column(String(512))
+    encoder: Mapped[str] = mapped_column(SpecText)
     dim: Mapped[int]
     correction: Mapped[str | None] = mapped_column(String(256))
     factory: Mapped[str] = mapped_column(String(256), default="Flat")
-    file: Mapped[str] = mapped_column(String(1024))
+    file: Mapped[str] = mapped_column(PathText)
     count: Mapped[int] = mapped_column(default=0)
     state: Mapped[str] = mapped_column(String(16), default=IndexState.BUILDING.value)
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
@@ -176,10 +201,10 @@ class Correction(Base):
     name: Mapped[str] = mapped_column(String(256), unique=True)
     direction: Mapped[str] = mapped_column(String(16))
     kernel: Mapped[str] = mapped_column(String(32))
-    encoder: Mapped[str | None] = mapped_column(String(512))
+    encoder: Mapped[str | None] = mapped_column(SpecText)
     dim: Mapped[int | None]
     parameters: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    file: Mapped[str | None] = mapped_column(String(1024))
+    file: Mapped[str | None] = mapped_column(PathText)
     fitted_on: Mapped[str | None] = mapped_column(Text)
     report: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
@@ -209,7 +234,7 @@ class Failure(Base):
     reason: Mapped[str] = mapped_column(String(32), index=True)
     detail: Mapped[str] = mapped_column(Text, default="")
     sha256: Mapped[str | None] = mapped_column(String(64))
-    duplicate_of: Mapped[int | None]
+    duplicate_of: Mapped[int | None] = mapped_column(ItemId)
     recorded_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utc_now)
 
 
@@ -233,11 +258,84 @@ class Catalog:
             return None if row is None else row.value
 
     def set_info(self, session: Session, key: str, value: str) -> None:
-        """Set a setting inside the caller's transaction."""
-        session.merge(CatalogInfo(key=key, value=value))
+        """Set a setting inside the caller's transaction.
+
+        One upsert on SQLite and PostgreSQL (``INSERT ... ON CONFLICT DO UPDATE``), so two
+        processes setting the same new key at once both succeed; a look-up then an insert
+        (``Session.merge``) would fail the second on the key. Other databases: ``merge``.
+        """
+        dialect = session.get_bind().dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert as upsert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert as upsert
+        else:
+            session.merge(CatalogInfo(key=key, value=value))
+            return
+        statement = upsert(CatalogInfo).values(key=key, value=value)
+        session.execute(statement.on_conflict_do_update(index_elements=[CatalogInfo.key],
+                                                        set_={"value": statement.excluded.value}))
+
+    def writer_lock(self) -> WriterLock:
+        """A handle on the catalog's own writer lock (see :class:`WriterLock`)."""
+        return WriterLock(self.engine)
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+
+class WriterLock:
+    """The catalog's own lock for its one writer at a time, shared by every machine using it.
+
+    On PostgreSQL, where one catalog serves writers on several machines (whose lock files in
+    the collection folder need not see each other), a session advisory lock on a connection
+    kept while it is held: never waited for (:meth:`acquire` is False when another session
+    holds it), and released by :meth:`release` or when the holder's connection ends (a killed
+    process). SQLite is written on one machine, where the collection's lock file is enough:
+    :meth:`acquire` is always True. Not re-entrant; the caller counts (``Collection.writing``).
+    """
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._connection: Connection | None = None
+
+    def acquire(self) -> bool:
+        if self.engine.dialect.name != "postgresql" or self._connection is not None:
+            return True
+        try:
+            connection = self.engine.connect()
+            try:
+                held = bool(connection.execute(
+                    text("SELECT pg_try_advisory_lock(:key, hashtext(current_schema()))"),
+                    {"key": PG_WRITER_LOCK},
+                ).scalar())
+                connection.commit()  # a session lock outlives the transaction that took it
+            except BaseException:
+                connection.invalidate()  # ends the session, and any lock it took
+                connection.close()
+                raise
+        except SQLAlchemyError as error:  # e.g. the server went away since the catalog was opened
+            raise CatalogError(f"cannot lock the catalog at {self.engine.url.render_as_string(hide_password=True)}"
+                               f" for writing: {_one_line(error)}") from error
+        if not held:
+            connection.close()
+            return False
+        self._connection = connection
+        return True
+
+    def release(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is None:
+            return
+        try:
+            connection.execute(text("SELECT pg_advisory_unlock(:key, hashtext(current_schema()))"),
+                               {"key": PG_WRITER_LOCK})
+            connection.commit()
+        except SQLAlchemyError:
+            connection.invalidate()  # the session ends, and its lock with it
+            logger.debug("catalog writer lock: unlock failed; connection dropped", exc_info=True)
+        finally:
+            connection.close()
 
 
 def catalog_url(url_or_path: str | Path) -> str:
@@ -246,6 +344,37 @@ def catalog_url(url_or_path: str | Path) -> str:
     if "://" in text:
         return text
     return f"sqlite:///{Path(text).expanduser().absolute()}"
+
+
+def shown_url(url_or_path: str | Path) -> str:
+    """A catalog URL as messages show it: its password masked (a path as it is)."""
+    text = str(url_or_path)
+    if "://" not in text:
+        return text
+    try:
+        return make_url(text).render_as_string(hide_password=True)
+    except ArgumentError:
+        return text
+
+
+def json_text(value: Any) -> str:
+    """JSON columns' text: as ``json.dumps``, but NaN and infinities (which JSON cannot hold:
+    PostgreSQL refuses them, SQLite stores them and then its JSON functions fail on every
+    filter) become null, a missing value, as a parquet listing's NaN means."""
+    try:
+        return json.dumps(value, allow_nan=False)
+    except ValueError:
+        return json.dumps(_finite(value), allow_nan=False)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: _finite(entry) for key, entry in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(entry) for entry in value]
+    return value
 
 
 def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
@@ -299,7 +428,11 @@ def open_catalog(url_or_path: str | Path, *, create: bool = True) -> Catalog:
             raise FileNotFoundError(f"no catalog at {database}")
         database.parent.mkdir(parents=True, exist_ok=True)
     connect_args: dict[str, Any] = {"timeout": 30} if is_sqlite else {}
-    engine_args: dict[str, Any] = {}
+    engine_args: dict[str, Any] = {"json_serializer": json_text}
+    if not is_sqlite:
+        # a server's connections can end under a long-lived process (a restart, a fail-over,
+        # an idle timeout): test each one as the pool hands it out, not on the first query
+        engine_args["pool_pre_ping"] = True
     if is_sqlite and url.database in (None, "", ":memory:"):
         # One database for every thread (the re-index reads and checkpoints from worker
         # threads); SQLAlchemy's default gives each thread its own, empty, in-memory database.
@@ -358,6 +491,7 @@ def _prepare_schema(engine: Engine, *, create: bool) -> None:
     if set(Base.metadata.tables) <= tables and _stored_version(engine) == SCHEMA_VERSION:
         return  # up to date: opening writes nothing (readers never wait on a writer here)
     with engine.begin() as connection:
+        _lock_schema(connection)
         stored = connection.execute(
             select(CatalogInfo.value).where(CatalogInfo.key == "schema_version")
         ).scalar_one_or_none()
@@ -404,6 +538,7 @@ def _create_schema(engine: Engine) -> bool:
             # pysqlite runs DDL outside a transaction: take the write lock first, so the
             # tables and the version row appear together and concurrent creators queue here
             connection.exec_driver_sql("BEGIN IMMEDIATE")
+        _lock_schema(connection)
         Base.metadata.create_all(connection)  # checks first: only missing tables
         stored = connection.execute(
             select(CatalogInfo.value).where(CatalogInfo.key == "schema_version")
@@ -414,6 +549,19 @@ def _create_schema(engine: Engine) -> bool:
             )
         connection.commit()
         return stored is None
+
+
+def _lock_schema(connection: Connection) -> None:
+    """On PostgreSQL, make concurrent creators and upgraders of one catalog take turns.
+
+    Its DDL is transactional (the tables and the version row commit together), but two
+    transactions creating the same table both try, and the second fails on a duplicate key
+    of the system catalogs. A transaction advisory lock taken first queues them instead; the
+    one that waited then finds the tables (each statement sees what committed before it).
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key, hashtext(current_schema()))"),
+                           {"key": PG_SCHEMA_LOCK})
 
 
 def _wait_for_schema(engine: Engine, seconds: float = 10.0) -> bool:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +48,7 @@ import numpy as np
 from filelock import FileLock, Timeout
 from sqlalchemy.exc import SQLAlchemyError
 
-from indexing.catalog import Catalog, CatalogInfo, EmbeddingKind, open_catalog
+from indexing.catalog import Catalog, CatalogInfo, EmbeddingKind, open_catalog, shown_url
 from indexing.embedding_store import EmbeddingStore
 from indexing.index_build import IndexBuilder, IndexVersionWriter
 from indexing.index_versions import (
@@ -136,6 +137,8 @@ class Collection:
         self.builder = IndexBuilder(self.index_versions, self.embeddings)
         # process-wide (not per thread) and re-entrant: nested writing() blocks share it
         self._lock = FileLock(root / LOCK_FILENAME, timeout=0, thread_local=False)
+        self._catalog_lock = catalog.writer_lock()
+        self._lock_guard = threading.Lock()  # threads of this process share both locks
         self._corrections: CorrectionRegistry | None = None
         #: The topmost folder that ``open(create=True)`` made for this collection (None: it existed).
         self.created_folder: Path | None = None
@@ -169,7 +172,7 @@ class Collection:
                 catalog = open_catalog(target, create=False)
         except FileNotFoundError as error:
             raise CollectionNotFoundError(
-                f"no collection at {root if db is None else db} (build one first)"
+                f"no collection at {root if db is None else shown_url(db)} (build one first)"
             ) from error
         collection = cls(root, catalog)
         collection.created_folder = created
@@ -272,19 +275,35 @@ class Collection:
     def writing(self) -> Iterator[Collection]:
         """Hold the collection's write lock (re-entrant in this process).
 
-        Raises :class:`CollectionBusyError` when another process holds it. The kernel
-        releases the lock when its holder dies, so a killed build never blocks the next one.
+        Raises :class:`CollectionBusyError` when another process holds it: the lock file, or
+        on PostgreSQL the catalog's :class:`~indexing.catalog.WriterLock` (writers on several
+        machines). Both go when their holder dies, so a killed build never blocks the next one.
         """
         if not self._lock.is_locked:
             self.root.mkdir(parents=True, exist_ok=True)
-        try:
-            self._lock.acquire(timeout=0)
-        except Timeout as error:
-            raise CollectionBusyError(f"another process is writing to collection {self.root}") from error
+        with self._lock_guard:
+            try:
+                self._lock.acquire(timeout=0)
+            except Timeout as error:
+                raise CollectionBusyError(f"another process is writing to collection {self.root}") from error
+            # and the catalog's own lock (PostgreSQL: writers on other machines, whose lock
+            # files need not see this one), held while the lock file is
+            held = False
+            try:
+                held = self._lock.lock_counter > 1 or self._catalog_lock.acquire()
+            finally:
+                if not held:  # refused, or the database failed: let go of the lock file too
+                    self._lock.release()
+            if not held:
+                raise CollectionBusyError(f"another process is writing to collection {self.root} "
+                                          f"(catalog {self.catalog.url})")
         try:
             yield self
         finally:
-            self._lock.release()
+            with self._lock_guard:
+                if self._lock.lock_counter == 1:
+                    self._catalog_lock.release()
+                self._lock.release()
 
     # -- items ------------------------------------------------------------------------------
     def add_items(

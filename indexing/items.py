@@ -7,6 +7,8 @@ command line (``--where``, repeatable) and the web UI (a textbox of clauses).
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -14,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 import numpy as np
-from sqlalchemy import String, case, cast, delete, func, insert, literal, select
+from sqlalchemy import String, case, cast, delete, false, func, insert, literal, null, select
 from sqlalchemy.orm import Session
 
 from indexing.catalog import Catalog, Embedding, Failure, Item, RejectReason, in_chunks
@@ -126,7 +128,12 @@ def metadata_matches(where: dict[str, str], dialect: str) -> list[Any]:
     """
     conditions = []
     for key, value in where.items():
-        if dialect == "sqlite":
+        if dialect == "postgresql" and "\x00" in value:
+            conditions.append(false())  # PostgreSQL text holds no NUL, so no stored value has one
+            continue
+        if dialect == "postgresql" and "\x00" in key:
+            element = null()  # nor does any stored key: the key is missing everywhere
+        elif dialect == "sqlite":
             entries = func.json_each(Item.metadata_).table_valued("key", "value", "type")
             as_text = case(
                 (entries.c.type == "true", literal("true")),
@@ -149,9 +156,16 @@ class ItemStore:
     # -- writing, inside the caller's transaction ---------------------------------------------
     def insert(self, session: Session, items: Sequence[NewItem]) -> list[int]:
         """Insert ``items``; returns their new ids in order. Files they were once rejected
-        as are no longer failures (the retry of a fixed file)."""
+        as are no longer failures (the retry of a fixed file).
+
+        On PostgreSQL an item it cannot store (a NUL character, which its text and ``->>``
+        refuse; a URI longer than the column, which SQLite does not enforce) is an
+        :class:`InputError` naming it, and nothing of the call is written."""
         if not items:
             return []
+        if session.get_bind().dialect.name == "postgresql":
+            for item in items:
+                _check_storable_on_postgres(item)
         # One executemany INSERT, then the ids by (unique) uri: far faster than an ORM
         # object or a RETURNING round trip per item on SQLite.
         session.execute(
@@ -180,6 +194,8 @@ class ItemStore:
         """Record rejected files (replacing earlier records of the same URIs)."""
         if not rejections:
             return
+        if session.get_bind().dialect.name == "postgresql":
+            rejections = [_storable_rejection(rejection) for rejection in rejections]
         self.forget_failures(session, [rejection.uri for rejection in rejections])
         session.add_all(
             Failure(
@@ -299,6 +315,43 @@ class ItemStore:
             # blank captions (only spaces) are not captions either; trim() is on both dialects
             conditions.append(func.coalesce(func.trim(Item.caption), "") != "")
         return conditions
+
+
+#: The longest URI the ``uri`` columns hold (PostgreSQL enforces the length; SQLite does not).
+URI_LENGTH = Item.__table__.c.uri.type.length
+
+
+def _has_nul(value: Any) -> bool:
+    """Whether a text, or any key or text inside JSON-like data, holds a NUL character."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(key) or _has_nul(entry) for key, entry in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(_has_nul(entry) for entry in value)
+    return False
+
+
+def _check_storable_on_postgres(item: NewItem) -> None:
+    if len(item.uri) > URI_LENGTH:
+        raise InputError(f"{item.uri[:80]}...: a URI longer than {URI_LENGTH} characters "
+                         "does not fit the PostgreSQL catalog")
+    for field_name in ("uri", "caption", "metadata"):
+        if _has_nul(getattr(item, field_name)):
+            shown = item.uri.replace("\x00", "\\0")
+            raise InputError(f"{shown}: its {field_name} holds a NUL character, which a "
+                             "PostgreSQL catalog cannot store; remove it from the listing")
+
+
+def _storable_rejection(rejection: Rejection) -> Rejection:
+    """A rejection PostgreSQL can record: NUL characters replaced and an over-long URI cut
+    (a digest keeps it unique). Such a record no longer names the listed URI exactly, so a
+    later run tries that file again (and rejects it again): the record is only diagnostic."""
+    uri, detail = rejection.uri.replace("\x00", "\ufffd"), rejection.detail.replace("\x00", "\ufffd")
+    if len(uri) > URI_LENGTH:
+        digest = hashlib.sha256(rejection.uri.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+        uri = f"{uri[: URI_LENGTH - 20]}...#{digest}"
+    return dataclasses.replace(rejection, uri=uri, detail=detail)
 
 
 def _item_record(row: Item) -> ItemRecord:

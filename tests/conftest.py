@@ -1,10 +1,12 @@
-"""Shared test fixtures: a small deterministic encoder and image files to index."""
+"""Shared test fixtures: a small deterministic encoder, image files to index, and catalogs on
+SQLite and on a throwaway PostgreSQL server (tests/postgres_server.py)."""
 from __future__ import annotations
 
 import csv
-
 import hashlib
+import itertools
 import struct
+import subprocess
 import time
 import zlib
 from collections.abc import Sequence
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from postgres_server import PostgresServer, find_unavailable_reason
 
 
 class ToyEncoder:
@@ -116,3 +119,51 @@ def write_csv(path: Path, rows: list[dict], fieldnames: list[str] | None = None)
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+# -- catalogs on SQLite and PostgreSQL ----------------------------------------------------------
+#: The catalog backends a `catalog_url` test runs on; the PostgreSQL one is marked `postgres`.
+CATALOG_BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throwaway PostgreSQL server for the session (initdb once), stopped at its end.
+    Skips the test, saying how to get one, where PostgreSQL or its driver is missing."""
+    reason = find_unavailable_reason()
+    if reason is not None:
+        pytest.skip(f"PostgreSQL catalog tests: {reason}")
+    server = PostgresServer()
+    try:
+        server.start()
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        server.stop()
+        pytest.skip(f"PostgreSQL catalog tests: could not start a test server: {error}")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=CATALOG_BACKENDS)
+def catalog_backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def new_catalog_url(request, catalog_backend: str, tmp_path: Path):
+    """Makes a fresh, empty catalog URL on the test's backend at each call: an SQLite file
+    under ``tmp_path``, or a new database on the session's server (dropped after the test)."""
+    if catalog_backend == "sqlite":
+        numbers = itertools.count()
+        yield lambda: f"sqlite:///{tmp_path / f'catalog-{next(numbers)}.sqlite'}"
+        return
+    server = request.getfixturevalue("postgres_server")
+    try:
+        yield server.new_database
+    finally:
+        server.drop_databases()
+
+
+@pytest.fixture
+def catalog_url(new_catalog_url) -> str:
+    """An empty catalog's URL, on SQLite and (marked ``postgres``) on PostgreSQL."""
+    return new_catalog_url()

@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 WEIRD_KEYS = ["tone", "a b", "tone.level", 'q"uote', "ap'os", "ü", "$x", "a[0]"]
 
 
-def _collection(tmp_path: Path, metadata: list[dict], dim: int = 4, seed: int = 0) -> Collection:
-    collection = Collection.open(tmp_path / "coll", create=True)
+def _collection(tmp_path: Path, metadata: list[dict], dim: int = 4, seed: int = 0,
+                db: str | None = None) -> Collection:
+    collection = Collection.open(tmp_path / "coll", db=db, create=True)
     collection.bind_encoder("toy", dim)
     vectors = np.random.default_rng(seed).standard_normal((len(metadata), dim)).astype(np.float32)
     items = [
@@ -54,9 +55,9 @@ def _random_metadata(rng: np.random.Generator, count: int) -> list[dict]:
     return rows
 
 
-def test_sql_metadata_filter_matches_a_python_filter(tmp_path):
+def test_sql_metadata_filter_matches_a_python_filter(tmp_path, catalog_url):
     rng = np.random.default_rng(7)
-    collection = _collection(tmp_path, _random_metadata(rng, 120))
+    collection = _collection(tmp_path, _random_metadata(rng, 120), db=catalog_url)
     records = collection.items(collection.item_ids())
     assert len(records) == 120
     probes = ["dark", "light", "", "Dark", "ünï", "a,b", 'say "hi"', "3", "0", "1.5", "true", "false",
@@ -82,14 +83,14 @@ def test_metadata_text_is_the_documented_spelling():
     assert [metadata_text(v) for v in (None, True, False, 3, 1.5, "x")] == ["", "true", "false", "3", "1.5", "x"]
 
 
-def test_report_for_collection_uses_the_sql_filter(tmp_path):
+def test_report_for_collection_uses_the_sql_filter(tmp_path, catalog_url):
     from conftest import ToyEncoder
 
     from retrieval.report import report_for_collection
 
     encoder = ToyEncoder(dim=4)
     metadata = [{"tone": "dark" if n % 3 == 0 else "light"} for n in range(30)]
-    collection = Collection.open(tmp_path / "coll", create=True)
+    collection = Collection.open(tmp_path / "coll", db=catalog_url, create=True)
     collection.bind_encoder(encoder.name, encoder.dim)
     vectors = np.random.default_rng(0).standard_normal((30, 4)).astype(np.float32)
     collection.add_items(
@@ -140,8 +141,8 @@ def _reindex(collection: Collection, correction: str, scale: float) -> str:
     return collection.current_version(correction=correction).name
 
 
-def test_retired_files_are_kept_for_the_newest_versions_only(tmp_path):
-    collection = _collection(tmp_path, [{} for _ in range(8)])
+def test_retired_files_are_kept_for_the_newest_versions_only(tmp_path, catalog_url):
+    collection = _collection(tmp_path, [{} for _ in range(8)], db=catalog_url)
     original = collection.sync_index()
     queries = collection.embeddings.get("image", [3])
     names = [_reindex(collection, "flip", -1.0 if n % 2 else 1.0) for n in range(6)]
@@ -164,31 +165,32 @@ def test_retired_files_are_kept_for_the_newest_versions_only(tmp_path):
     collection.close()
 
 
-def test_sce_index_gc_prints_what_it_removed(tmp_path):
-    collection = _collection(tmp_path, [{} for _ in range(6)])
+def test_sce_index_gc_prints_what_it_removed(tmp_path, catalog_url):
+    collection = _collection(tmp_path, [{} for _ in range(6)], db=catalog_url)
     collection.sync_index()
     names = [_reindex(collection, "c", 1.0 + n) for n in range(4)]
     versions = {v.name: v for v in collection.versions(include_retired=True)}
     collection.close()
     runner = CliRunner()
-    dry = runner.invoke(app, ["index", "gc", "-c", str(tmp_path / "coll"), "--keep", "1", "--dry-run"])
+    db = ["--db", catalog_url]
+    dry = runner.invoke(app, ["index", "gc", "-c", str(tmp_path / "coll"), *db, "--keep", "1", "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert f"would remove {versions[names[1]].file}" in dry.output and versions[names[1]].file.exists()
-    result = runner.invoke(app, ["index", "gc", "-c", str(tmp_path / "coll"), "--keep", "1"])
+    result = runner.invoke(app, ["index", "gc", "-c", str(tmp_path / "coll"), *db, "--keep", "1"])
     assert result.exit_code == 0, result.output
     assert f"removed {versions[names[1]].file}" in result.output
     assert "removed 1 retired index files" in result.output
     assert not versions[names[1]].file.exists() and versions[names[2]].file.exists()
     assert versions[names[3]].file.exists()  # the current one
-    again = runner.invoke(app, ["index", "gc", "-c", str(tmp_path / "coll"), "--keep", "1"])
+    again = runner.invoke(app, ["index", "gc", "-c", str(tmp_path / "coll"), *db, "--keep", "1"])
     assert "removed 0 retired index files" in again.output
     bad = runner.invoke(app, ["index", "gc", "-c", str(tmp_path / "none")])
     assert bad.exit_code == 1 and "no collection" in bad.output
 
 
 # -- publish and retire in one transaction -------------------------------------------------------
-def test_publish_and_retire_are_one_transaction(tmp_path):
-    collection = _collection(tmp_path, [{} for _ in range(6)])
+def test_publish_and_retire_are_one_transaction(tmp_path, catalog_url):
+    collection = _collection(tmp_path, [{} for _ in range(6)], db=catalog_url)
     first = _reindex(collection, "c", 1.0)
 
     def fail_on_ready(conn, cursor, statement, parameters, context, executemany):
@@ -217,21 +219,21 @@ HOLD_LOCK = textwrap.dedent(
     """
     import sys, time
     from indexing.collection import Collection
-    with Collection.open({root!r}, create=True) as collection, collection.writing():
+    with Collection.open({root!r}, db={db!r}, create=True) as collection, collection.writing():
         print("locked", flush=True)
         time.sleep(60)
     """
 )
 
 
-def test_write_lock_is_released_when_its_holder_is_killed(tmp_path):
+def test_write_lock_is_released_when_its_holder_is_killed(tmp_path, catalog_url):
     root = tmp_path / "coll"
-    process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(root=str(root))], cwd=REPO,
+    process = subprocess.Popen([sys.executable, "-c", HOLD_LOCK.format(root=str(root), db=catalog_url)], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                env={**os.environ, "PYTHONPATH": str(REPO)})
     try:
         assert process.stdout.readline().strip() == "locked", process.stderr.read()
-        with Collection.open(root) as collection:
+        with Collection.open(root, db=catalog_url) as collection:
             with pytest.raises(CollectionBusyError, match="another process is writing"):
                 with collection.writing():
                     pass
@@ -254,11 +256,13 @@ def _process_context():
     return multiprocessing.get_context("fork" if "fork" in methods else "spawn")
 
 
-def _create_and_add(root: str, worker: int, barrier, results) -> None:
+def _create_and_add(root: str, db: str, worker: int, barrier, results) -> None:
     try:
         barrier.wait(timeout=60)
-        with Collection.open(root, create=True) as collection:
-            collection.bind_encoder("toy", 4)  # all at once too: one binds, the others agree
+        # all at once too: the index folder setting (an upsert), and the encoder (one binds,
+        # the others agree)
+        with Collection.open(root, db=db, create=True, index_dir=Path(root) / "idx") as collection:
+            collection.bind_encoder("toy", 4)
             for attempt in range(200):  # writers take turns: retry while another one writes
                 try:
                     collection.add_items(
@@ -276,13 +280,13 @@ def _create_and_add(root: str, worker: int, barrier, results) -> None:
 
 
 @pytest.mark.parametrize("rounds", [6])
-def test_processes_creating_the_same_collection_at_once(tmp_path, rounds):
+def test_processes_creating_the_same_collection_at_once(tmp_path, new_catalog_url, rounds):
     context = _process_context()
     workers = 4
     for round_ in range(rounds):
-        root = tmp_path / f"coll{round_}"
+        root, db = tmp_path / f"coll{round_}", new_catalog_url()
         barrier, results = context.Barrier(workers), context.Queue()
-        processes = [context.Process(target=_create_and_add, args=(str(root), n, barrier, results))
+        processes = [context.Process(target=_create_and_add, args=(str(root), db, n, barrier, results))
                      for n in range(workers)]
         for process in processes:
             process.start()
@@ -292,9 +296,10 @@ def test_processes_creating_the_same_collection_at_once(tmp_path, rounds):
         # every process created or opened the one catalog, and its item is in it; the create lock is gone
         assert not (root / ".create.lock").exists()
         assert [outcome[1] for outcome in outcomes] == ["ok"] * workers, outcomes
-        with Collection.open(root) as collection:
+        with Collection.open(root, db=db) as collection:
             assert collection.encoder_name == "toy" and collection.dim == 4
             assert collection.catalog.get_info("schema_version") == "1"
+            assert collection.index_dir == root / "idx"
             assert len(collection.item_ids()) == workers
             ids = collection.item_ids()
             stored = collection.embeddings.get("image", ids)
@@ -304,20 +309,25 @@ def test_processes_creating_the_same_collection_at_once(tmp_path, rounds):
 
 
 def _open_catalog_at_once(path: str, barrier, results) -> None:
+    import indexing.catalog as catalog_module
+
+    failed_creates = []  # a create that failed and fell back to waiting: the creators did not queue
+    waiting = catalog_module._wait_for_schema
+    catalog_module._wait_for_schema = lambda *args: failed_creates.append(1) or waiting(*args)
     try:
         barrier.wait(timeout=60)
         catalog = open_catalog(path)
-        results.put(("ok", catalog.get_info("schema_version")))
+        results.put(("ok" if not failed_creates else "a create failed", catalog.get_info("schema_version")))
         catalog.dispose()
     except BaseException as error:  # noqa: BLE001
         results.put(("error", f"{type(error).__name__}: {error}"))
 
 
-def test_catalog_creation_is_idempotent_across_processes(tmp_path):
+def test_catalog_creation_is_idempotent_across_processes(new_catalog_url):
     """Without the collection's lock file too: open_catalog itself tolerates the race."""
     context = _process_context()
     for round_ in range(6):
-        path = tmp_path / f"c{round_}" / "catalog.sqlite"
+        path = new_catalog_url()
         barrier, results = context.Barrier(4), context.Queue()
         processes = [context.Process(target=_open_catalog_at_once, args=(str(path), barrier, results))
                      for _ in range(4)]
@@ -329,6 +339,37 @@ def test_catalog_creation_is_idempotent_across_processes(tmp_path):
         assert outcomes == [("ok", "1")] * 4
         catalog = open_catalog(path, create=False)
         assert {"items", "catalog_info", "index_versions"} <= set(inspect(catalog.engine).get_table_names())
+        catalog.dispose()
+
+
+def _set_at_once(url: str, key: str, value: str, barrier, results) -> None:
+    try:
+        catalog = open_catalog(url)
+        barrier.wait(timeout=60)
+        with catalog.sessions.begin() as session:
+            catalog.set_info(session, key, value)
+        results.put(("ok", ""))
+        catalog.dispose()
+    except BaseException as error:  # noqa: BLE001
+        results.put(("error", f"{type(error).__name__}: {error}"))
+
+
+def test_processes_setting_one_new_setting_at_once(catalog_url):
+    """Setting a key no process has set yet (e.g. two opens with --index-dir) is an upsert."""
+    context = _process_context()
+    open_catalog(catalog_url).dispose()
+    for round_ in range(5):
+        barrier, results = context.Barrier(4), context.Queue()
+        processes = [context.Process(target=_set_at_once, args=(catalog_url, f"k{round_}", f"v{n}", barrier, results))
+                     for n in range(4)]
+        for process in processes:
+            process.start()
+        outcomes = [results.get(timeout=120) for _ in processes]
+        for process in processes:
+            process.join(timeout=60)
+        assert outcomes == [("ok", "")] * 4
+        catalog = open_catalog(catalog_url)
+        assert catalog.get_info(f"k{round_}") in {f"v{n}" for n in range(4)}
         catalog.dispose()
 
 
