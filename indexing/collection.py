@@ -64,7 +64,7 @@ from indexing.items import (
     NewItem,
     Rejection,
 )
-from indexing.vector_index import DEFAULT_FACTORY, VectorIndex
+from indexing.vector_index import VectorIndex
 from sce_correct.errors import ConflictError, InputError, NotFoundError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -465,7 +465,7 @@ class Collection:
         VectorIndex.create(int(dim), factory)  # a bad factory string fails before a version is recorded
         with self.writing():
             with self.builder.build(
-                kind=kind, correction=correction, factory=factory or DEFAULT_FACTORY, encoder=encoder,
+                kind=kind, correction=correction, factory=factory, encoder=encoder,
                 dim=int(dim), parameters=parameters or {}, resume=resume,
                 checkpoint_every=checkpoint_every, expected_count=expected_count,
             ) as writer:

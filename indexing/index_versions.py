@@ -60,6 +60,14 @@ class GarbageReport:
     freed_bytes: int
 
 
+def version_data_files(index_file: Path) -> list[Path]:
+    """The files besides ``index_file`` that a version consists of: an on-disk IVF's lists,
+    ``NAME.<token>.ivfdata`` (named without faiss, which this module does not import)."""
+    if not index_file.parent.is_dir():
+        return []
+    return sorted(index_file.parent.glob(f"{index_file.stem}.*.ivfdata"))
+
+
 def same_correction(correction: str | None) -> Any:
     """The condition that an index version has ``correction`` (None: an original version)."""
     return IndexVersion.correction.is_(None) if correction is None else IndexVersion.correction == correction
@@ -143,9 +151,10 @@ class IndexVersions:
         return info
 
     # -- state changes ----------------------------------------------------------------------
-    def publish(self, name: str, count: int) -> None:
-        """Make ``name`` ready with ``count`` vectors and retire the previous ready version of
-        its (kind, correction), in one transaction: either both happen or neither."""
+    def publish(self, name: str, count: int, parameters: dict[str, Any] | None = None) -> None:
+        """Make ``name`` ready with ``count`` vectors (and ``parameters``, if given: what the
+        build measured, e.g. an IVF's tuned nprobe) and retire the previous ready version of
+        its (kind, correction), in one transaction: either all happens or nothing."""
         with self.catalog.sessions.begin() as session:
             row = session.scalar(select(IndexVersion).where(IndexVersion.name == name))
             if row is None:
@@ -163,7 +172,8 @@ class IndexVersions:
             session.execute(
                 update(IndexVersion)
                 .where(IndexVersion.name == name)
-                .values(state=IndexState.READY, count=count, updated_at=utc_now())
+                .values(state=IndexState.READY, count=count, updated_at=utc_now(),
+                        **({"parameters": parameters} if parameters is not None else {}))
             )
 
     def set_state(self, name: str, state: IndexState) -> None:
@@ -205,13 +215,17 @@ class IndexVersions:
             newest_first = group[::-1]
             kept.extend(info.name for info in newest_first[:keep] if info.file.exists())
             for info in newest_first[keep:]:
-                if info.file in live_files or not info.file.exists():
+                if info.file in live_files:
                     continue
-                size = info.file.stat().st_size
-                if not dry_run:
-                    info.file.unlink(missing_ok=True)
-                removed.append(info.file)
-                freed += size
+                # the version's file pair: its .faiss file and an on-disk IVF's .ivfdata lists
+                for path in [info.file, *version_data_files(info.file)]:
+                    if not path.exists():
+                        continue
+                    size = path.stat().st_size
+                    if not dry_run:
+                        path.unlink(missing_ok=True)
+                    removed.append(path)
+                    freed += size
         if removed and not dry_run:
             logger.info("removed %d retired index files (%d bytes)", len(removed), freed)
         return GarbageReport(removed=removed, kept=kept, freed_bytes=freed)

@@ -41,8 +41,9 @@ DbOption = Annotated[
 FactoryOption = Annotated[
     Optional[str],
     typer.Option(
-        help="FAISS index_factory string, e.g. 'IVF1024,Flat' for big collections "
-        "(trained on a sample). Default: Flat (exact)."
+        help="FAISS index_factory string, e.g. 'IVF1024,Flat' (IVF lists go on disk, nprobe is tuned), "
+        "or 'auto': chosen from the collection's size and --memory-budget (Flat below 100k vectors). "
+        "Default: auto for a new index, else the current index's."
     ),
 ]
 ImageRootOption = Annotated[
@@ -281,10 +282,20 @@ def info_command(
             typer.echo(
                 f"  {version.name}  {version.state:8}  {version.kind}  "
                 f"correction={version.correction or '-'}  {version.factory}  "
-                f"{version.count} vectors{note}"
+                f"{version.count} vectors{_search_settings(version.parameters)}{note}"
             )
         for failure in rejected:
             typer.echo(f"  rejected {failure.reason:18} {failure.uri}  {failure.detail}")
+
+
+def _search_settings(parameters: dict) -> str:
+    """An IVF version's tuned nprobe (the default of `sce search`) and where its lists are."""
+    if "nprobe" not in parameters:
+        return ""
+    text = f"  nprobe={parameters['nprobe']}"
+    if "tuned_recall_at_10" in parameters:
+        text += f" (recall@10={parameters['tuned_recall_at_10']:.3f} when built)"
+    return text + ("  lists on disk" if parameters.get("ondisk") else "")
 
 
 @index_app.command("gc")
