@@ -46,6 +46,25 @@ FactoryOption = Annotated[
         "Default: auto for a new index, else the current index's."
     ),
 ]
+MemoryBudgetOption = Annotated[
+    Optional[str],
+    typer.Option(help="What --factory auto may let the index hold in memory, e.g. 4GB "
+                      "(default: half the available RAM).")
+]
+
+
+def auto_factory(factory: str | None, memory_budget: str | None) -> str | None:
+    """The factory spec of --factory and --memory-budget (which applies to auto only)."""
+    if memory_budget is None:
+        return factory
+    from indexing.index_factory import AUTO, memory_budget_spec
+    from sce_correct.errors import InputError
+
+    if factory not in (None, AUTO):
+        raise InputError(f"--memory-budget applies to --factory auto, not --factory {factory!r}")
+    return memory_budget_spec(memory_budget)
+
+
 ImageRootOption = Annotated[
     Optional[Path],
     typer.Option(help="Folder that relative paths in a CSV/JSONL/parquet list refer to "
@@ -166,6 +185,7 @@ def build_command(
     encoder: Annotated[str, typer.Option(help="Encoder spec: 'default' or 'open_clip:<model>:<pretrained>'.")] = "default",
     index_dir: Annotated[Optional[Path], typer.Option(help="Where index files go. Default: COLLECTION/indexes.")] = None,
     factory: FactoryOption = None,
+    memory_budget: MemoryBudgetOption = None,
     image_root: ImageRootOption = None,
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = 2,
@@ -180,6 +200,7 @@ def build_command(
     with reporting_errors():
         from indexing.pipeline import build_collection
 
+        factory = auto_factory(factory, memory_budget)
         report = build_collection(
             source, collection, db=db, encoder=encoder, index_dir=index_dir, factory=factory,
             image_root=image_root, batch_size=batch_size, workers=workers,
@@ -196,6 +217,7 @@ def add_command(
     db: DbOption = None,
     encoder: Annotated[Optional[str], typer.Option(help="Must match the collection's encoder. Default: the collection's.")] = None,
     factory: FactoryOption = None,
+    memory_budget: MemoryBudgetOption = None,
     image_root: ImageRootOption = None,
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = 2,
@@ -210,6 +232,7 @@ def add_command(
     with reporting_errors():
         from indexing.pipeline import add_to_collection
 
+        factory = auto_factory(factory, memory_budget)
         report = add_to_collection(
             source, collection, db=db, encoder=encoder, factory=factory,
             image_root=image_root, batch_size=batch_size, workers=workers,

@@ -14,7 +14,9 @@ from ui.cli_index import (
     CollectionOption,
     DbOption,
     FactoryOption,
+    MemoryBudgetOption,
     QuietOption,
+    auto_factory,
     configure_logging,
     index_app,
     reporting_errors,
@@ -158,6 +160,7 @@ def reindex_command(
     correction: Annotated[str, typer.Option(help="Name of a fitted correction.")],
     variant: Annotated[str, typer.Option(help="auto, projection or paired (each item's own caption).")] = "auto",
     factory: FactoryOption = None,
+    memory_budget: MemoryBudgetOption = None,
     chunk_size: Annotated[int, typer.Option(min=1, help="Vectors read and written at a time.")] = 65536,
     checkpoint_every: Annotated[Optional[int], typer.Option(
         min=1, help="Make the work durable every N vectors, so a killed job resumes there (default 200,000).")] = None,
@@ -175,7 +178,8 @@ def reindex_command(
         from retrieval.reindex import reindex
 
         with _open(collection, db) as opened:
-            version = reindex(opened, correction, variant=variant, factory=factory, chunk_size=chunk_size,
+            version = reindex(opened, correction, variant=variant, factory=auto_factory(factory, memory_budget),
+                              chunk_size=chunk_size,
                               checkpoint_every=checkpoint_every, progress=not quiet)
         typer.echo(f"index {version.name}: {version.count} vectors, correction {correction!r}, "
                    f"{version.parameters.get('variant')}, {version.file}")
