@@ -266,11 +266,18 @@ def staging_names(index_file: Path) -> set[str]:
 
 
 # -- nprobe -------------------------------------------------------------------------------------
-def recall_at(index: faiss.Index, queries: np.ndarray, truth: np.ndarray, nprobe: int, k: int) -> float:
+def recall_at(index: faiss.Index, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray,
+              nprobe: int, k: int) -> float:
+    """recall@k of ``index`` at ``nprobe`` for stored vectors as queries, each one's own id
+    left out of what it finds (``truth``: the exact top k of the others)."""
     faiss.extract_index_ivf(index).nprobe = int(nprobe)
-    _, found = index.search(queries, k)
-    hits = sum(len(np.intersect1d(row, want)) for row, want in zip(found, truth))
+    _, found = index.search(queries, k + 1)
+    hits = sum(len(np.intersect1d(_without(row, own, k), want)) for row, own, want in zip(found, query_ids, truth))
     return hits / truth.size
+
+
+def _without(row: np.ndarray, own: int, k: int) -> np.ndarray:
+    return row[row != own][:k]
 
 
 def tune_nprobe(index: faiss.Index, staged, *, queries: int = TUNE_QUERIES, k: int = TUNE_K,
@@ -278,12 +285,13 @@ def tune_nprobe(index: faiss.Index, staged, *, queries: int = TUNE_QUERIES, k: i
     """The smallest nprobe whose recall@k on sampled stored vectors reaches ``target``.
 
     The truth is the exact top-k over every staged vector (``knn_ground_truth``, brute force
-    block by block); nprobe doubles until the target is met, then bisection finds the
+    block by block) but the query itself (leave one out: a stored vector finds itself in the
+    first list probed, which would make a held-in estimate optimistic); nprobe doubles until the target is met, then bisection finds the
     smallest value between the last two. When even nprobe = nlist misses the target (coarse
     codes: SQ/PQ), the smallest nprobe within 0.01 of that best recall is taken.
     """
     nlist = faiss.extract_index_ivf(index).nlist
-    k = max(1, min(k, staged.count))
+    k = max(1, min(k, staged.count - 1))
     started = time.perf_counter()
     positions = _sample_positions(staged.count, queries, seed)
     _, xq = _rows_at(staged, positions)
@@ -293,14 +301,15 @@ def tune_nprobe(index: faiss.Index, staged, *, queries: int = TUNE_QUERIES, k: i
         for _, rows in staged.chunks():
             yield np.ascontiguousarray(rows, dtype=np.float32)
 
-    _, truth_positions = knn_ground_truth(xq, blocks(), k, metric_type=faiss.METRIC_INNER_PRODUCT,
+    _, truth_positions = knn_ground_truth(xq, blocks(), k + 1, metric_type=faiss.METRIC_INNER_PRODUCT,
                                           ngpu=min(gpu_count(), 1) if gpu_count() else 0)
-    truth = all_ids[truth_positions]
+    query_ids = all_ids[positions]
+    truth = np.array([_without(row, own, k) for row, own in zip(all_ids[truth_positions], query_ids)])
     measured: dict[int, float] = {}
 
     def recall(nprobe: int) -> float:
         if nprobe not in measured:
-            measured[nprobe] = recall_at(index, xq, truth, nprobe, k)
+            measured[nprobe] = recall_at(index, xq, query_ids, truth, nprobe, k)
         return measured[nprobe]
 
     nprobe = 1
