@@ -38,8 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-SHARD = 100_000
-ADD_BATCH = 25_000
+SHARD = 25_000  # vectors generated, written and imported at a time
 
 
 def mixture_shard(index: int, rows: int, args) -> np.ndarray:
@@ -100,15 +99,11 @@ def stage_import(args) -> dict:
             how = "indexing.embedding_import.import_embeddings (clip-retrieval layout)"
         else:
             coll.bind_encoder("synthetic-vectors", args.dim)
-            for i, rows in shards(args):
-                vectors = mixture_shard(i, rows, args)
-                for offset in range(0, rows, ADD_BATCH):  # catalog rows a transaction at a time
-                    start = i * SHARD + offset
-                    stop = min(start + ADD_BATCH, i * SHARD + rows)
-                    items = [NewItem(uri=f"synthetic://{j}", sha256=hashlib.sha256(b"%d" % j).hexdigest(),
-                                     width=1, height=1) for j in range(start, stop)]
-                    coll.add_items(items, vectors[offset:offset + len(items)])
-                del vectors
+            for i, rows in shards(args):  # one transaction per shard
+                start = i * SHARD
+                items = [NewItem(uri=f"synthetic://{j}", sha256=hashlib.sha256(b"%d" % j).hexdigest(),
+                                 width=1, height=1) for j in range(start, start + rows)]
+                coll.add_items(items, mixture_shard(i, rows, args))
             how = "Collection.add_items shard by shard (indexing.embedding_import is not on this branch)"
         count = coll.embeddings.count("image")
     return {"import_via": how, "import_seconds": time.perf_counter() - started, "stored": count}
