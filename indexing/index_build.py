@@ -410,6 +410,7 @@ class IndexBuilder:
         loaded: dict[str, VectorIndex] = {}
         self.remove_from_versions(stored_ids, keep=True, kind=kind, loaded=loaded)
         current = self.versions.current(kind)
+        requested = factory
         if is_auto(factory):  # compared with the current version as the concrete string it chooses
             factory, _ = resolve_factory(factory, len(stored_ids), dim)
         rebuild = (
@@ -430,7 +431,8 @@ class IndexBuilder:
             if len(missing):
                 logger.info("added %d vectors to index version %s", len(missing), current.name)
             return self.versions.get(current.name)
-        chosen_factory = factory or (current.factory if current else AUTO)
+        # an auto spec goes to build() as given, which resolves it the same way and records why
+        chosen_factory = requested if is_auto(requested) else factory or (current.factory if current else AUTO)
         with self.build(
             kind=kind, correction=None, factory=chosen_factory, encoder=encoder, dim=dim,
             parameters={}, resume=True, checkpoint_every=200_000, expected_count=len(stored_ids),

@@ -270,3 +270,30 @@ def test_a_killed_on_disk_build_resumes_to_the_same_index(tmp_path, vectors, mon
     assert np_k == np_w and np.array_equal(cent_k, cent_w)
     assert all(np.array_equal(a, b) for a, b in zip(lists_k, lists_w))
     assert [[h.item_id for h in row] for row in hits_k] == [[h.item_id for h in row] for row in hits_w]
+
+
+def test_auto_factory_builds_what_choose_factory_picks_and_records_why(tmp_path, vectors, monkeypatch):
+    monkeypatch.setattr(index_factory, "FLAT_BELOW", 1000)  # so that 5,000 vectors get an IVF
+    data = vectors[:5000]
+    with make_collection(tmp_path / "coll", data) as coll:
+        info = coll.sync_index("image", "auto:64MB")
+        assert info.factory == choose_factory(5000, DIM, 64 << 20) == "IVF256,Flat"
+        assert info.parameters["auto"] == {"requested": "auto:64MB", "n": 5000, "dim": DIM,
+                                           "memory_budget_bytes": 64 << 20, "chosen": "IVF256,Flat"}
+        assert info.parameters["ondisk"] and info.parameters["train_size"] == 5000
+        again = coll.sync_index("image", "auto:64MB")  # the same choice: no rebuild
+        assert again.name == info.name
+        assert coll.sync_index("image", "auto:1KB").factory.startswith("IVF256,PQ")  # smaller codes
+        monkeypatch.setattr(index_factory, "FLAT_BELOW", 100_000)
+        assert coll.sync_index("image", "auto").factory == "Flat"
+
+
+def test_memory_budget_option():
+    from ui.cli_index import auto_factory
+
+    assert auto_factory(None, "4GB") == "auto:4GB" and auto_factory("auto", "4GB") == "auto:4GB"
+    assert auto_factory("IVF8,Flat", None) == "IVF8,Flat"
+    with pytest.raises(InputError, match="--memory-budget applies to --factory auto"):
+        auto_factory("Flat", "4GB")
+    with pytest.raises(InputError, match="--memory-budget 'plenty'"):
+        auto_factory(None, "plenty")
