@@ -456,7 +456,8 @@ class Collection:
         correction, factory, encoder and dimension is continued from its last checkpoint
         (``writer.done_ids``); staged ids that lost their stored embedding since are
         dropped. ``expected_count``: how many vectors will be added (room is made for them
-        at once).
+        at once). ``factory`` None is ``auto`` (:mod:`indexing.index_factory`; Flat below 100k
+        vectors); an IVF version's lists go on disk, its nprobe tuned (:mod:`indexing.ondisk_ivf`).
         """
         encoder = self.encoder_name
         dim = dim if dim is not None else self.dim

@@ -300,7 +300,7 @@ class IndexBuilder:
             for start in range(0, len(ids), _PUBLISH_CHUNK):
                 stop = min(start + _PUBLISH_CHUNK, len(ids))
                 staged.append(ids[start:stop], inner.reconstruct_n(start, stop - start))
-        except (RuntimeError, ValueError, OSError) as error:
+        except (RuntimeError, ValueError, OSError, NotFoundError) as error:
             logger.warning("index version %s restarts: cannot read %s: %s", info.name, info.file, error)
             return
         staged.checkpoint()

@@ -8,7 +8,8 @@ always sees exactly one current version. Building the files is :mod:`indexing.in
 Retention: a retired version's file is kept for a while (a search that opened it just before
 the switch may still be reading it), then removed by :meth:`IndexVersions.collect_garbage`
 (``sce index gc``): the files of the newest ``keep`` retired versions of each (kind,
-correction) stay, and so does any file a live version points to.
+correction) stay, and so does any file a live version points to. An on-disk IVF version is a
+file pair, ``NAME.faiss`` and ``NAME.<token>.ivfdata`` (:mod:`indexing.ondisk_ivf`): gc removes both.
 """
 from __future__ import annotations
 

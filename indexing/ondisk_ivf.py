@@ -42,6 +42,7 @@ from faiss.contrib.ondisk import merge_ondisk
 
 from indexing.atomic import fsync_directory, fsync_file, write_atomically
 from indexing.index_factory import gpu_count, train_size
+from sce_correct.errors import NotFoundError
 
 logger = logging.getLogger(__name__)
 
@@ -111,7 +112,11 @@ def read(path: Path) -> faiss.Index:
         del lists, index
     except RuntimeError:  # the named lists file is not there: a moved collection
         pass
-    return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    try:
+        return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY)
+    except RuntimeError as error:
+        reason = str(error).strip().splitlines()[-1]
+        raise NotFoundError(f"cannot read index file {path} (or the .ivfdata lists beside it): {reason}") from error
 
 
 def copy_lists(index: faiss.Index, index_file: Path) -> Path:
