@@ -226,6 +226,9 @@ class IndexBuilder:
             )
         recorded: dict[str, Any] | None = None
         if writer.ondisk:
+            # Every staged row durable first: the shards are named by row position, so a
+            # resumed build may reuse one only if the rows it was made from are the same.
+            writer.checkpoint()
             recorded = self._write_ondisk(info, staged)  # the file pair, complete
         elif writer.index is None:
             index = staged.as_index()  # a flat version's staged vectors are its index
