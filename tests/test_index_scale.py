@@ -6,6 +6,7 @@ recall is measured against brute force over the same stored vectors.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -251,6 +252,9 @@ def test_a_killed_on_disk_build_resumes_to_the_same_index(tmp_path, vectors, mon
     assert run.returncode == -signal.SIGKILL, run.stderr
     staging = [p.name for p in (tmp_path / "killed" / "indexes").iterdir() if p.name.endswith(".staging")]
     assert any("trained" in name for name in staging) and any("shard-" in name for name in staging)
+    # every staged row was durable before the first shard (shards are named by row position)
+    (progress,) = (tmp_path / "killed" / "indexes").glob(".*.progress")
+    assert json.loads(progress.read_text())["count"] == len(data)
     monkeypatch.setattr(ondisk_ivf, "SHARD_ROWS", 4000)
     results = {}
     for name in ("killed", "whole"):
