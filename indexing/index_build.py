@@ -26,9 +26,9 @@ import faiss
 import numpy as np
 from sqlalchemy import select
 
+from indexing import ondisk_ivf
 from indexing.catalog import IndexState, IndexVersion, utc_now
 from indexing.embedding_store import EmbeddingStore
-from indexing import ondisk_ivf
 from indexing.index_factory import AUTO, is_auto, resolve_factory
 from indexing.index_versions import IndexVersionInfo, IndexVersions, same_correction
 from indexing.vector_index import (
