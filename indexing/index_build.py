@@ -5,7 +5,9 @@ in memory, checkpointed as it goes in hidden ``.npy`` segments and a ``.progress
 beside its index file, so a killed job resumes) and published when complete: the index file
 is written by ``faiss.write_index``, then the registry (:mod:`indexing.index_versions`)
 makes it current in one transaction. A version holding NaN or infinite values is never
-published. This module also loads version files (cached until rewritten), edits them in
+published. An IVF version is written as an index file and its on-disk inverted lists
+(:mod:`indexing.ondisk_ivf`: trained, filled shard by shard, merged, nprobe tuned), both
+complete before it is published. This module also loads version files (cached until rewritten), edits them in
 place, and reconciles the original versions with the embedding store
 (:meth:`IndexBuilder.sync`).
 
