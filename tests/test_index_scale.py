@@ -301,3 +301,25 @@ def test_memory_budget_option():
         auto_factory("Flat", "4GB")
     with pytest.raises(InputError, match="--memory-budget 'plenty'"):
         auto_factory(None, "plenty")
+
+
+def test_cli_build_with_factory_auto_and_a_memory_budget(tmp_path, monkeypatch):
+    import indexing
+    from conftest import ToyEncoder, make_image
+
+    from ui.cli import app
+
+    monkeypatch.setattr(indexing, "load_encoder", lambda spec, device=None: ToyEncoder(), raising=False)
+    for i in range(12):
+        make_image(tmp_path / "imgs" / f"{i:02d}.png", seed=i, size=(8, 8))
+    coll = tmp_path / "coll"
+    runner = CliRunner()
+    result = runner.invoke(app, ["index", "build", str(tmp_path / "imgs"), "-c", str(coll), "--factory", "auto",
+                                 "--memory-budget", "1GB", "-q"])
+    assert result.exit_code == 0, result.output
+    with Collection.open(coll) as opened:
+        info = opened.current_version("image")
+        assert info.factory == "Flat" and info.parameters["auto"]["memory_budget_bytes"] == GB
+    bad = runner.invoke(app, ["index", "add", str(tmp_path / "imgs"), "-c", str(coll), "--factory", "Flat",
+                              "--memory-budget", "1GB", "-q"])
+    assert bad.exit_code == 1 and "--memory-budget applies to --factory auto" in bad.output
