@@ -65,7 +65,7 @@ from indexing.items import (
     NewItem,
     Rejection,
 )
-from indexing.vector_index import DEFAULT_FACTORY, VectorIndex
+from indexing.vector_index import VectorIndex
 from sce_correct.errors import ConflictError, InputError, NotFoundError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -475,7 +475,8 @@ class Collection:
         correction, factory, encoder and dimension is continued from its last checkpoint
         (``writer.done_ids``); staged ids that lost their stored embedding since are
         dropped. ``expected_count``: how many vectors will be added (room is made for them
-        at once).
+        at once). ``factory`` None is ``auto`` (:mod:`indexing.index_factory`; Flat below 100k
+        vectors); an IVF version's lists go on disk, its nprobe tuned (:mod:`indexing.ondisk_ivf`).
         """
         encoder = self.encoder_name
         dim = dim if dim is not None else self.dim
@@ -484,7 +485,7 @@ class Collection:
         VectorIndex.create(int(dim), factory)  # a bad factory string fails before a version is recorded
         with self.writing():
             with self.builder.build(
-                kind=kind, correction=correction, factory=factory or DEFAULT_FACTORY, encoder=encoder,
+                kind=kind, correction=correction, factory=factory, encoder=encoder,
                 dim=int(dim), parameters=parameters or {}, resume=resume,
                 checkpoint_every=checkpoint_every, expected_count=expected_count,
             ) as writer:

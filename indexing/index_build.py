@@ -5,7 +5,9 @@ in memory, checkpointed as it goes in hidden ``.npy`` segments and a ``.progress
 beside its index file, so a killed job resumes) and published when complete: the index file
 is written by ``faiss.write_index``, then the registry (:mod:`indexing.index_versions`)
 makes it current in one transaction. A version holding NaN or infinite values is never
-published. This module also loads version files (cached until rewritten), edits them in
+published. An IVF version is written as an index file and its on-disk inverted lists
+(:mod:`indexing.ondisk_ivf`: trained, filled shard by shard, merged, nprobe tuned), both
+complete before it is published. This module also loads version files (cached until rewritten), edits them in
 place, and reconciles the original versions with the embedding store
 (:meth:`IndexBuilder.sync`).
 
@@ -26,8 +28,10 @@ import faiss
 import numpy as np
 from sqlalchemy import select
 
+from indexing import ondisk_ivf
 from indexing.catalog import IndexState, IndexVersion, utc_now
 from indexing.embedding_store import EmbeddingStore
+from indexing.index_factory import AUTO, is_auto, resolve_factory
 from indexing.index_versions import IndexVersionInfo, IndexVersions, same_correction
 from indexing.vector_index import (
     DEFAULT_FACTORY,
@@ -59,9 +63,11 @@ class IndexVersionWriter:
 
     def __init__(
         self, builder: IndexBuilder, version: IndexVersionInfo, staged: StagedVectors,
-        index: VectorIndex | None, checkpoint_every: int,
+        index: VectorIndex | None, checkpoint_every: int, ondisk: bool = False,
     ) -> None:
         self.builder = builder
+        # an IVF version: trained at publish on a sample of the staged vectors, lists on disk
+        self.ondisk = ondisk
         self.version = version
         self.staged = staged
         # the in-memory index a non-flat version is trained and filled in when published;
@@ -85,6 +91,8 @@ class IndexVersionWriter:
         return self.index is not None and not self.index.is_trained
 
     def train(self, vectors: np.ndarray) -> None:
+        """Train a version of a trainable in-memory factory (an on-disk IVF trains itself when
+        published, on a seeded sample of its own vectors: nothing to do here)."""
         if self.index is not None:
             self.index.train(vectors)
 
@@ -133,17 +141,25 @@ class IndexBuilder:
     # -- building a new version -------------------------------------------------------------
     @contextlib.contextmanager
     def build(
-        self, *, kind: str, correction: str | None, factory: str, encoder: str, dim: int,
+        self, *, kind: str, correction: str | None, factory: str | None, encoder: str, dim: int,
         parameters: dict[str, Any], resume: bool, checkpoint_every: int, expected_count: int | None,
     ) -> Iterator[IndexVersionWriter]:
-        """The body of :meth:`Collection.new_index_version` (which documents it), lock held."""
+        """The body of :meth:`Collection.new_index_version` (which documents it), lock held.
+
+        ``factory`` None or ``auto[:budget]``: chosen by :func:`indexing.index_factory.choose_factory`
+        from ``expected_count`` (else the stored vectors of ``kind``), recorded under "auto".
+        """
+        size = expected_count if expected_count is not None else self.embeddings.count(kind)
+        factory, chosen = resolve_factory(factory, size, int(dim))
         info = self._resume_or_create_version(
-            kind, correction, factory, encoder, int(dim), parameters, resume
+            kind, correction, factory, encoder, int(dim), parameters, resume,
+            extra={"auto": chosen} if chosen else {},
         )
         self._sweep_build_files(info.file.parent)
+        ondisk = factory != DEFAULT_FACTORY and ondisk_ivf.is_ondisk_factory(info.dim, factory)
         staged = self._open_staged(info, expected_count)
-        index = None if factory == DEFAULT_FACTORY else VectorIndex.create(info.dim, factory)
-        writer = IndexVersionWriter(self, info, staged, index, checkpoint_every)
+        index = None if factory == DEFAULT_FACTORY or ondisk else VectorIndex.create(info.dim, factory)
+        writer = IndexVersionWriter(self, info, staged, index, checkpoint_every, ondisk)
         try:
             yield writer
             self._publish(info, writer)
@@ -160,7 +176,7 @@ class IndexBuilder:
 
     def _resume_or_create_version(
         self, kind: str, correction: str | None, factory: str, encoder: str, dim: int,
-        parameters: dict[str, Any], resume: bool,
+        parameters: dict[str, Any], resume: bool, extra: dict[str, Any],
     ) -> IndexVersionInfo:
         with self.catalog.sessions.begin() as session:
             if resume:
@@ -188,7 +204,7 @@ class IndexBuilder:
                     row = None
                 if row is not None:
                     row.state = IndexState.BUILDING
-                    row.parameters = parameters or row.parameters
+                    row.parameters = {**(row.parameters or {}), **parameters, **extra}
                     return self.versions.info(row)
             stamp = utc_now().strftime("%Y%m%dT%H%M%S")
             name = f"{kind}-{correction or 'original'}-{stamp}-{uuid.uuid4().hex[:6]}"
@@ -196,7 +212,7 @@ class IndexBuilder:
             row = IndexVersion(
                 name=name, kind=kind, encoder=encoder, dim=dim, correction=correction,
                 factory=factory, file=self.versions.stored_file(file), count=0,
-                state=IndexState.BUILDING, parameters=parameters,
+                state=IndexState.BUILDING, parameters={**parameters, **extra},
             )
             session.add(row)
             session.flush()
@@ -210,18 +226,42 @@ class IndexBuilder:
                 f"index version {info.name} was not published: {bad} of {count} vectors hold NaN "
                 f"or infinite values (the current version stays in use)"
             )
-        if writer.index is None:
+        recorded: dict[str, Any] | None = None
+        if writer.ondisk:
+            # Every staged row durable first: the shards are named by row position, so a
+            # resumed build may reuse one only if the rows it was made from are the same.
+            writer.checkpoint()
+            recorded = self._write_ondisk(info, staged)  # the file pair, complete
+        elif writer.index is None:
             index = staged.as_index()  # a flat version's staged vectors are its index
+            index.save(info.file)  # faiss.write_index, atomically
         else:
             index = writer.index
             for ids, rows in staged.chunks(_PUBLISH_CHUNK):
                 index.add(ids, rows, check_new=False, normalize=False)
-        index.save(info.file)  # faiss.write_index, atomically
-        self.versions.publish(info.name, count)  # ready, and the previous version retired
+            index.save(info.file)
+        # ready, and the previous version retired (one transaction)
+        self.versions.publish(info.name, count, {**info.parameters, **recorded} if recorded else None)
         staged.remove()
+        ondisk_ivf.remove_staging(info.file)
         _remove_build_files(info.file)
         self._index_cache.pop(info.name, None)
         logger.info("published index version %s (%d vectors)", info.name, count)
+
+    def _write_ondisk(self, info: IndexVersionInfo, staged: StagedVectors) -> dict[str, Any]:
+        """Build, tune and write an on-disk IVF version's file pair; what it records."""
+        if not staged.count:
+            raise InputError(f"index version {info.name} ({info.factory}) has no vectors to train on")
+        index, lists_file, record = ondisk_ivf.build_ondisk(info.file, info.factory, staged)
+        try:
+            record.update(ondisk_ivf.tune_nprobe(index, staged))
+            ondisk_ivf.commit(index, info.file, lists_file)
+        finally:
+            lists_file.unlink(missing_ok=True)  # renamed by commit unless it failed
+        logger.info("index version %s: %s, nprobe %d (recall@10 %.3f on %d stored vectors)", info.name,
+                    info.factory, record["nprobe"], record.get("tuned_recall_at_10", float("nan")),
+                    record["tune_queries"])
+        return {"ondisk": True, **record}
 
     # -- staging files of versions being built ------------------------------------------------
     @staticmethod
@@ -239,14 +279,15 @@ class IndexBuilder:
             staged = StagedVectors.create(progress, info.dim, hold=hold, expected=expected)
             if info.file.exists():
                 self._stage_index_file(info, staged)
-        else:
-            _remove_build_files(info.file, keep=staged.files())
+        else:  # an on-disk build's trained index and shards stay too (made from these rows)
+            _remove_build_files(info.file, keep=staged.files() | ondisk_ivf.staging_names(info.file))
         if staged.count:
             stored = self.embeddings.ids(info.kind)
             keep = np.isin(staged.ids(), stored)
             if not keep.all():
                 logger.info("dropping %d staged vectors whose items are gone", int((~keep).sum()))
                 staged.keep_only(keep)
+                ondisk_ivf.remove_staging(info.file)  # shards of the rows as they were
             logger.info("resuming index version %s at %d vectors", info.name, staged.count)
         return staged
 
@@ -255,7 +296,7 @@ class IndexBuilder:
         former format (the whole partial index), or a file published just before a kill."""
         try:
             index = VectorIndex.load(info.file, info.factory)
-            inner = faiss.downcast_index(index.index.index)
+            inner = None if index.ondisk else faiss.downcast_index(index.index.index)
             if not isinstance(inner, faiss.IndexFlat):
                 logger.info("index version %s restarts: its %s checkpoint cannot be read back",
                             info.name, info.factory)
@@ -264,7 +305,7 @@ class IndexBuilder:
             for start in range(0, len(ids), _PUBLISH_CHUNK):
                 stop = min(start + _PUBLISH_CHUNK, len(ids))
                 staged.append(ids[start:stop], inner.reconstruct_n(start, stop - start))
-        except (RuntimeError, ValueError, OSError) as error:
+        except (RuntimeError, ValueError, OSError, NotFoundError) as error:
             logger.warning("index version %s restarts: cannot read %s: %s", info.name, info.file, error)
             return
         staged.checkpoint()
@@ -282,7 +323,8 @@ class IndexBuilder:
             ))
         for path in directory.iterdir():
             name = path.name.lstrip(".")
-            if path.name.startswith(".") and ".faiss." in name and name.endswith((".npy", ".progress", ".tmp", ".partial")):
+            if path.name.startswith(".") and ".faiss." in name and name.endswith((".npy", ".progress", ".tmp", ".partial",
+                                                                                  ondisk_ivf.STAGING_SUFFIX)):
                 if name.split(".faiss.", 1)[0] not in unfinished:
                     path.unlink(missing_ok=True)
 
@@ -373,6 +415,9 @@ class IndexBuilder:
         loaded: dict[str, VectorIndex] = {}
         self.remove_from_versions(stored_ids, keep=True, kind=kind, loaded=loaded)
         current = self.versions.current(kind)
+        requested = factory
+        if is_auto(factory):  # compared with the current version as the concrete string it chooses
+            factory, _ = resolve_factory(factory, len(stored_ids), dim)
         rebuild = (
             current is None
             or (factory is not None and factory != current.factory)
@@ -391,7 +436,8 @@ class IndexBuilder:
             if len(missing):
                 logger.info("added %d vectors to index version %s", len(missing), current.name)
             return self.versions.get(current.name)
-        chosen_factory = factory or (current.factory if current else DEFAULT_FACTORY)
+        # an auto spec goes to build() as given, which resolves it the same way and records why
+        chosen_factory = requested if is_auto(requested) else factory or (current.factory if current else AUTO)
         with self.build(
             kind=kind, correction=None, factory=chosen_factory, encoder=encoder, dim=dim,
             parameters={}, resume=True, checkpoint_every=200_000, expected_count=len(stored_ids),

@@ -8,7 +8,8 @@ always sees exactly one current version. Building the files is :mod:`indexing.in
 Retention: a retired version's file is kept for a while (a search that opened it just before
 the switch may still be reading it), then removed by :meth:`IndexVersions.collect_garbage`
 (``sce index gc``): the files of the newest ``keep`` retired versions of each (kind,
-correction) stay, and so does any file a live version points to.
+correction) stay, and so does any file a live version points to. An on-disk IVF version is a
+file pair, ``NAME.faiss`` and ``NAME.<token>.ivfdata`` (:mod:`indexing.ondisk_ivf`): gc removes both.
 """
 from __future__ import annotations
 
@@ -58,6 +59,14 @@ class GarbageReport:
     removed: list[Path]
     kept: list[str]  # names of retired versions whose files were kept
     freed_bytes: int
+
+
+def version_data_files(index_file: Path) -> list[Path]:
+    """The files besides ``index_file`` that a version consists of: an on-disk IVF's lists,
+    ``NAME.<token>.ivfdata`` (named without faiss, which this module does not import)."""
+    if not index_file.parent.is_dir():
+        return []
+    return sorted(index_file.parent.glob(f"{index_file.stem}.*.ivfdata"))
 
 
 def same_correction(correction: str | None) -> Any:
@@ -143,9 +152,10 @@ class IndexVersions:
         return info
 
     # -- state changes ----------------------------------------------------------------------
-    def publish(self, name: str, count: int) -> None:
-        """Make ``name`` ready with ``count`` vectors and retire the previous ready version of
-        its (kind, correction), in one transaction: either both happen or neither."""
+    def publish(self, name: str, count: int, parameters: dict[str, Any] | None = None) -> None:
+        """Make ``name`` ready with ``count`` vectors (and ``parameters``, if given: what the
+        build measured, e.g. an IVF's tuned nprobe) and retire the previous ready version of
+        its (kind, correction), in one transaction: either all happens or nothing."""
         with self.catalog.sessions.begin() as session:
             row = session.scalar(select(IndexVersion).where(IndexVersion.name == name))
             if row is None:
@@ -163,7 +173,8 @@ class IndexVersions:
             session.execute(
                 update(IndexVersion)
                 .where(IndexVersion.name == name)
-                .values(state=IndexState.READY, count=count, updated_at=utc_now())
+                .values(state=IndexState.READY, count=count, updated_at=utc_now(),
+                        **({"parameters": parameters} if parameters is not None else {}))
             )
 
     def set_state(self, name: str, state: IndexState) -> None:
@@ -205,13 +216,17 @@ class IndexVersions:
             newest_first = group[::-1]
             kept.extend(info.name for info in newest_first[:keep] if info.file.exists())
             for info in newest_first[keep:]:
-                if info.file in live_files or not info.file.exists():
+                if info.file in live_files:
                     continue
-                size = info.file.stat().st_size
-                if not dry_run:
-                    info.file.unlink(missing_ok=True)
-                removed.append(info.file)
-                freed += size
+                # the version's file pair: its .faiss file and an on-disk IVF's .ivfdata lists
+                for path in [info.file, *version_data_files(info.file)]:
+                    if not path.exists():
+                        continue
+                    size = path.stat().st_size
+                    if not dry_run:
+                        path.unlink(missing_ok=True)
+                    removed.append(path)
+                    freed += size
         if removed and not dry_run:
             logger.info("removed %d retired index files (%d bytes)", len(removed), freed)
         return GarbageReport(removed=removed, kept=kept, freed_bytes=freed)

@@ -1,7 +1,9 @@
 """FAISS index files: unit-norm vectors under catalog ids, inner-product search, atomic saves.
 
 A :class:`VectorIndex` is one ``faiss.IndexIDMap2`` over an inner-product index built from
-an ``index_factory`` string ("Flat" by default). The FAISS ids are the catalog's item ids.
+an ``index_factory`` string ("Flat" by default), or an IVF version whose inverted lists are
+on disk and hold the ids themselves (:mod:`indexing.ondisk_ivf`). The FAISS ids are the
+catalog's item ids.
 Which encoder, dimension and correction an index file holds is recorded in the catalog's
 ``index_versions`` table; :mod:`indexing.collection` is the one place that writes both.
 
@@ -24,7 +26,9 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from indexing import ondisk_ivf
 from indexing.atomic import write_atomically
+from indexing.index_factory import is_auto, resolve_factory
 from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -107,17 +111,23 @@ def check_addition(
 class VectorIndex:
     """An inner-product FAISS index of unit-norm vectors keyed by catalog ids."""
 
-    def __init__(self, index: faiss.Index, factory: str = DEFAULT_FACTORY) -> None:
-        if not isinstance(index, faiss.IndexIDMap2):
-            raise TypeError(f"expected a faiss.IndexIDMap2, got {type(index).__name__}")
+    def __init__(self, index: faiss.Index, factory: str = DEFAULT_FACTORY, path: Path | None = None) -> None:
+        self.ondisk = not isinstance(index, faiss.IndexIDMap2) and ondisk_ivf.ondisk_lists(index) is not None
+        if not isinstance(index, faiss.IndexIDMap2) and not self.ondisk:
+            raise TypeError(f"expected a faiss.IndexIDMap2 or an on-disk IVF, got {type(index).__name__}")
         self.index = index
         self.factory = factory
+        self.path = path  # the file it was read from (an on-disk IVF's changes go to a copy beside it)
         self.changes = 0  # counts add/remove/train calls, so callers can skip a no-op save
+        self._lists_file: Path | None = None  # an on-disk IVF's copied lists, once changed
+        self._replaced_lists: str | None = None  # and the name of the lists they replace
 
     @classmethod
     def create(cls, dim: int, factory: str | None = None) -> VectorIndex:
         """An empty index; ``factory`` is any faiss ``index_factory`` string ("Flat" default)."""
         factory = factory or DEFAULT_FACTORY
+        if is_auto(factory):  # what auto chooses for an empty index; builds resolve it by size
+            factory = resolve_factory(factory, 0, dim)[0]
         if dim <= 0:
             raise ValueError(f"dim must be positive, got {dim}")
         try:
@@ -133,14 +143,27 @@ class VectorIndex:
         path = Path(path)
         if not path.exists():
             raise FileNotFoundError(f"index file {path} does not exist")
-        index = faiss.read_index(str(path))
-        if not isinstance(index, faiss.IndexIDMap2):
-            index = faiss.downcast_index(index)
-        return cls(index, factory)
+        # on-disk lists memory-mapped, read-only; faiss.read_index returns the concrete type
+        # (a downcast_index of it would be a second wrapper that does not own the index)
+        return cls(ondisk_ivf.read(path), factory, path)
 
     def save(self, path: str | Path) -> None:
-        """Save atomically (temporary file, fsync, rename)."""
+        """Save atomically (temporary file, fsync, rename); an on-disk IVF's changed lists are
+        renamed into place first (:func:`indexing.ondisk_ivf.commit`)."""
+        path = Path(path)
+        if self.ondisk:
+            ondisk_ivf.commit(self.index, path, self._lists_file, keep=self._replaced_lists)
+            self._lists_file, self.path = None, path
+            return
         write_atomically(path, lambda temporary: faiss.write_index(self.index, str(temporary)))
+
+    def _writable(self) -> None:
+        """Before an on-disk IVF's first change: copy its lists (the published file stays as is)."""
+        if self.ondisk and self._lists_file is None:
+            if self.path is None:
+                raise ValueError("an on-disk index must be read from its file before it is changed")
+            self._replaced_lists = Path(ondisk_ivf.ondisk_lists(self.index).filename).name
+            self._lists_file = ondisk_ivf.copy_lists(self.index, self.path)
 
     @property
     def dim(self) -> int:
@@ -155,7 +178,9 @@ class VectorIndex:
         return bool(self.index.is_trained)
 
     def ids(self) -> np.ndarray:
-        """The ids held, in insertion order."""
+        """The ids held (in insertion order; an on-disk IVF's list by list)."""
+        if self.ondisk:
+            return ondisk_ivf.list_ids(self.index)
         return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
 
     def train(self, vectors: np.ndarray) -> None:
@@ -197,6 +222,7 @@ class VectorIndex:
         if not self.is_trained:
             raise ValueError(f"faiss index {self.factory!r} must be trained before adding")
         if len(ids):
+            self._writable()
             self.index.add_with_ids(rows, ids)
             self.changes += 1
 
@@ -209,6 +235,7 @@ class VectorIndex:
         if not len(ids):
             return 0
         try:
+            self._writable()
             removed = int(self.index.remove_ids(ids))
         except RuntimeError as error:
             raise NotImplementedError(

@@ -92,8 +92,8 @@ class Retriever:
     """The one search entry point: embeds queries with the collection's encoder and searches the
     original index or a corrected one, by any strategy, always with the same ``nprobe``.
 
-    ``nprobe``: how many inverted lists an IVF index visits per query (None: the index's
-    own setting; ignored by other index types). It applies to every index searched, the
+    ``nprobe``: how many inverted lists an IVF index visits per query (None: the one tuned
+    when the version was built, recorded in its parameters; ignored by other index types). It applies to every index searched, the
     original one and a re-indexed version alike; :meth:`search` can override it per call.
     """
 
@@ -225,6 +225,8 @@ class Retriever:
     def _search(self, q: np.ndarray, k: int, version: IndexVersionInfo, nprobe: int | None) -> list[SearchHit]:
         """The one call that searches a faiss index: every strategy ends here."""
         k = min(k, max(int(version.count), 1))  # more than the index holds cannot be found
+        if nprobe is None:  # an IVF version's nprobe tuned when it was built (recall@10 >= 0.95)
+            nprobe = version.parameters.get("nprobe")
         return self.collection.search(q, k, version=version, encoder=self.encoder_name, nprobe=nprobe)[0]
 
 

@@ -41,10 +41,30 @@ DbOption = Annotated[
 FactoryOption = Annotated[
     Optional[str],
     typer.Option(
-        help="FAISS index_factory string, e.g. 'IVF1024,Flat' for big collections "
-        "(trained on a sample). Default: Flat (exact)."
+        help="FAISS index_factory string, e.g. 'IVF1024,Flat' (IVF lists go on disk, nprobe is tuned), "
+        "or 'auto': chosen from the collection's size and --memory-budget (Flat below 100k vectors). "
+        "Default: auto for a new index, else the current index's."
     ),
 ]
+MemoryBudgetOption = Annotated[
+    Optional[str],
+    typer.Option(help="What --factory auto may let the index hold in memory, e.g. 4GB "
+                      "(default: half the available RAM).")
+]
+
+
+def auto_factory(factory: str | None, memory_budget: str | None) -> str | None:
+    """The factory spec of --factory and --memory-budget (which applies to auto only)."""
+    if memory_budget is None:
+        return factory
+    from indexing.index_factory import AUTO, memory_budget_spec
+    from sce_correct.errors import InputError
+
+    if factory not in (None, AUTO):
+        raise InputError(f"--memory-budget applies to --factory auto, not --factory {factory!r}")
+    return memory_budget_spec(memory_budget)
+
+
 ImageRootOption = Annotated[
     Optional[Path],
     typer.Option(help="Folder that relative paths in a CSV/JSONL/parquet list refer to "
@@ -184,6 +204,7 @@ def build_command(
     encoder: Annotated[str, typer.Option(help="Encoder spec: 'default' or 'open_clip:<model>:<pretrained>'.")] = "default",
     index_dir: Annotated[Optional[Path], typer.Option(help="Where index files go. Default: COLLECTION/indexes.")] = None,
     factory: FactoryOption = None,
+    memory_budget: MemoryBudgetOption = None,
     image_root: ImageRootOption = None,
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = 2,
@@ -201,6 +222,7 @@ def build_command(
     with reporting_errors():
         from indexing.pipeline import build_collection
 
+        factory = auto_factory(factory, memory_budget)
         report = build_collection(
             source, collection, db=db, encoder=encoder, index_dir=index_dir, factory=factory,
             image_root=image_root, batch_size=batch_size, workers=workers,
@@ -218,6 +240,7 @@ def add_command(
     db: DbOption = None,
     encoder: Annotated[Optional[str], typer.Option(help="Must match the collection's encoder. Default: the collection's.")] = None,
     factory: FactoryOption = None,
+    memory_budget: MemoryBudgetOption = None,
     image_root: ImageRootOption = None,
     batch_size: BatchSizeOption = 64,
     workers: WorkersOption = 2,
@@ -235,6 +258,7 @@ def add_command(
     with reporting_errors():
         from indexing.pipeline import add_to_collection
 
+        factory = auto_factory(factory, memory_budget)
         report = add_to_collection(
             source, collection, db=db, encoder=encoder, factory=factory,
             image_root=image_root, batch_size=batch_size, workers=workers,
@@ -308,10 +332,20 @@ def info_command(
             typer.echo(
                 f"  {version.name}  {version.state:8}  {version.kind}  "
                 f"correction={version.correction or '-'}  {version.factory}  "
-                f"{version.count} vectors{note}"
+                f"{version.count} vectors{_search_settings(version.parameters)}{note}"
             )
         for failure in rejected:
             typer.echo(f"  rejected {failure.reason:18} {failure.uri}  {failure.detail}")
+
+
+def _search_settings(parameters: dict) -> str:
+    """An IVF version's tuned nprobe (the default of `sce search`) and where its lists are."""
+    if "nprobe" not in parameters:
+        return ""
+    text = f"  nprobe={parameters['nprobe']}"
+    if "tuned_recall_at_10" in parameters:
+        text += f" (recall@10={parameters['tuned_recall_at_10']:.3f} when built)"
+    return text + ("  lists on disk" if parameters.get("ondisk") else "")
 
 
 @index_app.command("gc")

@@ -17,7 +17,9 @@ from ui.cli_index import (
     DbOption,
     EngineOption,
     FactoryOption,
+    MemoryBudgetOption,
     QuietOption,
+    auto_factory,
     configure_logging,
     engine_options,
     index_app,
@@ -162,6 +164,7 @@ def reindex_command(
     correction: Annotated[str, typer.Option(help="Name of a fitted correction.")],
     variant: Annotated[str, typer.Option(help="auto, projection or paired (each item's own caption).")] = "auto",
     factory: FactoryOption = None,
+    memory_budget: MemoryBudgetOption = None,
     chunk_size: Annotated[int, typer.Option(min=1, help="Vectors read and written at a time.")] = 65536,
     checkpoint_every: Annotated[Optional[int], typer.Option(
         min=1, help="Make the work durable every N vectors, so a killed job resumes there (default 200,000).")] = None,
@@ -185,8 +188,8 @@ def reindex_command(
         else:
             from retrieval.reindex import reindex as run
         with _open(collection, db) as opened:
-            version = run(opened, correction, variant=variant, factory=factory, chunk_size=chunk_size,
-                              checkpoint_every=checkpoint_every, progress=not quiet, **options)
+            version = run(opened, correction, variant=variant, factory=auto_factory(factory, memory_budget),
+                          chunk_size=chunk_size, checkpoint_every=checkpoint_every, progress=not quiet, **options)
         typer.echo(f"index {version.name}: {version.count} vectors, correction {correction!r}, "
                    f"{version.parameters.get('variant')}, {version.file}")
 
