@@ -94,7 +94,8 @@ def stage_import(args) -> dict:
     importer = _importer()
     with Collection.open(Path(args.work) / "coll", create=True) as coll:
         if importer is not None:
-            importer(coll, Path(args.work) / "clip", encoder_spec=args.encoder_spec, progress=False)
+            importer(coll, Path(args.work) / "clip", encoder_spec=args.encoder_spec, progress=False,
+                     build_index=False)  # the index is the next stage
             how = "indexing.embedding_import.import_embeddings (clip-retrieval layout)"
         else:
             coll.bind_encoder("synthetic-vectors", args.dim)

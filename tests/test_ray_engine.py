@@ -183,9 +183,9 @@ def test_cli_engine_ray_build_and_reindex(ray_cluster, corpus, toy_specs):
                      "-q").stdout
         assert "30 vectors, correction 'c1'" in out, out
     assert_same(snapshot(root / "ray", ToyEncoder()), snapshot(root / "local", ToyEncoder()))
-    local, on_ray = (json.loads(invoke("search", "item 3", "--correction", "c1", "--json", "-c", root / e).stdout)
+    local, on_ray = (json.loads(invoke("search", "item 3", "--correction", "c1", "--json", "-c", root / e).stdout)["hits"]
                      for e in ("local", "ray"))
-    assert [(h["item_id"], h["uri"], h["rank"]) for h in on_ray] == [(h["item_id"], h["uri"], h["rank"]) for h in local]
+    assert [(h["id"], h["uri"], h["rank"]) for h in on_ray] == [(h["id"], h["uri"], h["rank"]) for h in local]
     np.testing.assert_allclose([h["score"] for h in on_ray], [h["score"] for h in local], rtol=1e-5)
 
 
