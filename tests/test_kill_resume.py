@@ -156,11 +156,23 @@ def run_to_completion(argv: list, started_when, delay: float, timeout: float = 1
     return Timing(started if started is not None else total, total)
 
 
-def kill_at(argv: list, moment: float, delay: float) -> bool:
-    """Start the command, SIGKILL it `moment` seconds later; True when it was still running."""
+def kill_at(argv: list, moment: float, started_when, delay: float) -> bool:
+    """Start the command and SIGKILL it; True when it was still running then.
+
+    ``moment`` >= 0: that many seconds after the first sign of work (``started_when``), so the
+    kill lands in the work however long this process took to start (the start-up time varies
+    most on a loaded machine); ``moment`` < 0: ``-moment`` seconds after the process start (a
+    kill during start-up).
+    """
     process = sce(*argv, delay=delay)
     t0 = time.monotonic()
-    while process.poll() is None and time.monotonic() - t0 < moment:
+    if moment < 0:
+        deadline = t0 + max(0.0, -moment)
+    else:
+        while process.poll() is None and not started_when():
+            time.sleep(0.005)
+        deadline = time.monotonic() + moment
+    while process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     running = process.poll() is None
     process.send_signal(signal.SIGKILL)
@@ -169,10 +181,14 @@ def kill_at(argv: list, moment: float, delay: float) -> bool:
 
 
 def kill_moments(timing: Timing, seed: int) -> list[float]:
+    """KILLS moments, one in each of KILLS equal spans from a little before the work starts
+    (negative: see :func:`kill_at`) to just before the work ends."""
     rng = np.random.default_rng(seed)
-    start, end = 0.8 * timing.started, 0.97 * timing.total
+    start, end = -0.2 * timing.started, 0.9 * (timing.total - timing.started)
     edges = np.linspace(start, end, KILLS + 1)
-    return [float(rng.uniform(a, b)) for a, b in zip(edges[:-1], edges[1:])]
+    moments = [float(rng.uniform(a, b)) for a, b in zip(edges[:-1], edges[1:])]
+    # before the work: -(seconds from the process start), at 0.8x to 1x of the calibration's start-up
+    return [-(timing.started + m) if m < 0 else m for m in moments]
 
 
 def harness(argv: list, reset, started_when, mid_work, delay: float, seed: int) -> None:
@@ -183,11 +199,12 @@ def harness(argv: list, reset, started_when, mid_work, delay: float, seed: int) 
     landed = 0
     for number, moment in enumerate(kill_moments(timing, seed)):
         reset()
-        running = kill_at(argv, moment, delay)
+        running = kill_at(argv, moment, started_when, delay)
         partial = mid_work()
         landed += running and partial
         run_to_completion(argv, started_when, delay)
-        what = f"kill {number} at {moment:.2f}s of {timing.total:.2f}s (work from {timing.started:.2f}s)"
+        when = f"{moment:.2f}s into the work" if moment >= 0 else f"{-moment:.2f}s after the start"
+        what = f"kill {number} {when} (calibration: work {timing.started:.2f}s to {timing.total:.2f}s)"
         assert_same(observe(COLL[0]), reference, what)
         assert leftovers(COLL[0]) == [], what
     # the harness is only worth something if the kills land part way through the work
