@@ -329,7 +329,7 @@ def test_killed_ray_build_and_reindex_resume_to_the_same_collection(ray_cluster,
         edges = np.linspace(0.8 * timing.started, 0.97 * timing.total, KILLS + 1)
         for number, moment in enumerate(float(rng.uniform(a, b)) for a, b in zip(edges[:-1], edges[1:])):
             reset()
-            running = kill_at(argv, moment, delay)
+            running = kill_at(argv, -moment, started, delay)  # negative: seconds from the process start
             landed[name] += running and mid_work()
             run_to_completion(argv, started, delay, timeout=300)
             what = f"{name}: kill {number} at {moment:.2f}s of {timing.total:.2f}s (work from {timing.started:.2f}s)"
