@@ -13,10 +13,12 @@ from .features import CosineFeatures, RandomFourierFeatures, gaussian_kernel, me
 from .modes import Mode, kernel_modes, schur_modes
 from .schur import SchurSpectra, schur_spectra
 from .scores import SCEReport, matrix_entropy_score, report_from_spectra, rke_score, sce_score, vendi_score
+from .textspan import SpanText, textspan
 
 __all__ = [
     "CosineFeatures", "RandomFourierFeatures", "gaussian_kernel", "median_pairwise_distance",
     "SCEReport", "sce_score", "report_from_spectra", "matrix_entropy_score", "vendi_score", "rke_score",
     "SchurSpectra", "schur_spectra", "SchurCorrector", "Mode", "schur_modes", "kernel_modes",
     "SceError", "InputError", "NotFoundError", "ConflictError",
+    "SpanText", "textspan",
 ]
