@@ -91,6 +91,18 @@ def test_tower_without_ln_post_is_a_plain_sum_of_the_residual_stream():
     assert relative_error(parts.total(), forward(visual, x)) < 1e-12
 
 
+def test_sequence_first_layout_of_older_open_clip():
+    """open_clip before batch-first blocks ran the stack as (tokens, n, width)."""
+    visual = tower(layers=2, heads=2, width=32, ls=0.5).double()
+    visual.transformer.batch_first = False
+    for blk in visual.transformer.resblocks:
+        blk.attn.batch_first = False
+    x = images(3).double()
+    for tokens in (False, True):
+        parts = decompose(visual, x, tokens=tokens)
+        assert relative_error(parts.total(), forward(visual, x)) < 1e-12
+
+
 @pytest.mark.parametrize("ls", [None, 0.4])
 def test_tokens_sum_to_the_head_terms(ls):
     visual = tower(layers=3, heads=4, width=32, patch=8, ls=ls).double()

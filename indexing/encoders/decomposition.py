@@ -404,6 +404,9 @@ def _finish_batch(seen, specs, to_output, ln_bias, ln_eps, proj, tokens, toleran
     if not error <= tolerance:
         _refuse(f"the terms do not add up to the tower's output (relative error {error:.2g}); "
                 "its pooling or final LayerNorm is a variant this decomposition does not handle")
+    if tuple(heads_t.shape[1:]) != heads_out.shape[1:]:
+        _refuse(f"the head terms have shape {tuple(heads_t.shape[1:])} per image, expected "
+                f"{heads_out.shape[1:]} (token count differs from the positional embedding)")
     heads_out[rows] = heads_t.cpu().numpy()
     mlps_out[rows] = mlps_t.cpu().numpy()
     stem_out[rows] = stem_t.cpu().numpy()
