@@ -221,6 +221,7 @@ def test_unsupported_towers_are_refused_in_one_line(kwargs, message):
 
 
 def test_timm_tower_is_refused():
+    pytest.importorskip("timm")
     from open_clip.timm_model import TimmModel
 
     visual = TimmModel("vit_tiny_patch16_224", embed_dim=16, image_size=32)

@@ -253,6 +253,10 @@ def decompose(visual, images, *, tokens: bool = False,
     over the tokens it attends to. Images run in batches of ``batch_size`` under
     ``torch.no_grad`` with the tower in eval mode (its mode is restored afterwards).
     Raises :class:`UnsupportedTowerError` for a tower it cannot decompose exactly.
+
+    The result is float64: per head it holds n * layers * heads * dim values, per token that
+    times the number of tokens (ViT-B/32: 29 MB per image), so split large sets per token
+    into several calls.
     """
     import torch
     from torch import nn
@@ -264,6 +268,8 @@ def decompose(visual, images, *, tokens: bool = False,
     param = visual.conv1.weight
     width = int(param.shape[0])
     blocks = list(visual.transformer.resblocks)
+    if not blocks:
+        _refuse("the transformer has no blocks")
     specs = [_read_block(block, i, width) for i, block in enumerate(blocks)]
     n_heads = specs[0].heads
     if any(s.heads != n_heads for s in specs):
