@@ -52,6 +52,8 @@ CONFIGS = {
     "3L-2H-w32-p8-final-ln-after-pool": dict(layers=3, heads=2, width=32, patch=8, final_ln_after_pool=True),
     "2L-2H-w32-p8-no-ln-pre": dict(layers=2, heads=2, width=32, patch=8, no_ln_pre=True),
     "2L-4H-w32-p8-plain-custom-block": dict(layers=2, heads=4, width=32, patch=8, ls=0.5, block_type="custom"),
+    "2L-2H-w32-p8-custom-block-ln-in-mlp": dict(layers=2, heads=2, width=32, patch=8, block_type="custom",
+                                                scale_fc=True),
     "2L-2H-w32-p8-output-tokens": dict(layers=2, heads=2, width=32, patch=8, output_tokens=True),
 }
 

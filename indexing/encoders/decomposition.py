@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 
@@ -93,7 +93,7 @@ class Decomposition:
         return self.head_terms().sum(axis=(1, 2)) + self.mlps.sum(axis=1) + self.stem
 
 
-def _refuse(message: str) -> None:
+def _refuse(message: str) -> NoReturn:
     raise UnsupportedTowerError(f"cannot decompose this image tower: {message}")
 
 
@@ -101,7 +101,6 @@ def _refuse(message: str) -> None:
 class _Block:
     """What the decomposition reads from one residual block (all float64 on the tower's device)."""
 
-    attn: Any
     heads: int
     w_q: "torch.Tensor"
     w_k: "torch.Tensor"
@@ -118,12 +117,13 @@ class _Block:
 
 def _layer_scale(module, width: int, name: str) -> "torch.Tensor":
     import torch
+    from open_clip.transformer import LayerScale
     from torch import nn
 
     if isinstance(module, nn.Identity):
         return torch.ones((), dtype=torch.float64)
     gamma = getattr(module, "gamma", None)
-    if type(module).__name__ != "LayerScale" or gamma is None or tuple(gamma.shape) != (width,):
+    if not isinstance(module, LayerScale) or gamma is None or tuple(gamma.shape) != (width,):
         _refuse(f"{name} is a {type(module).__name__}, not a LayerScale or Identity")
     return gamma.detach().to(torch.float64)
 
@@ -189,7 +189,7 @@ def _read_block(block, index: int, width: int) -> _Block:
     w_o = out.weight.detach().to(f64).reshape(width, heads, width // heads)
     b_o = (out.bias.detach().to(f64) if out.bias is not None
            else torch.zeros(width, dtype=f64, device=w_o.device))
-    return _Block(attn=attn, heads=heads, w_q=w_q, w_k=w_k, w_v=w_v, b_q=b_q, b_k=b_k, b_v=b_v,
+    return _Block(heads=heads, w_q=w_q, w_k=w_k, w_v=w_v, b_q=b_q, b_k=b_k, b_v=b_v,
                   w_o=w_o, b_o=b_o,
                   gamma_1=_layer_scale(block.ls_1, width, f"{name} ls_1").to(w_o.device),
                   gamma_2=_layer_scale(block.ls_2, width, f"{name} ls_2").to(w_o.device),
