@@ -8,6 +8,7 @@ See DESIGN.md section 2. Public API:
   `sce_score_batches`, `sce_score_from_covariances`, `SchurCorrector.fit_batches` / `partial_fit`
 - corrections: `SchurCorrector` (t2i, i2t, t2t; paired correction and projections)
 - modes: `schur_modes`, `kernel_modes` -> list of `Mode`
+- heads: `textspan` (TEXTSPAN: the texts that span one attention head's outputs)
 """
 from .corrector import SchurCorrector
 from .covariance import CovarianceAccumulator, Covariances, covariances
@@ -17,6 +18,7 @@ from .modes import Mode, ModeRanker, kernel_modes, paired_spectra_and_modes, sch
 from .schur import SchurSpectra, schur_spectra, schur_spectra_batches
 from .scores import (SCEReport, matrix_entropy_score, report_from_spectra, rke_score, sce_score, sce_score_batches,
                      sce_score_from_covariances, vendi_score)
+from .textspan import SpanText, textspan
 
 __all__ = [
     "CosineFeatures", "RandomFourierFeatures", "gaussian_kernel", "median_pairwise_distance",
@@ -25,4 +27,5 @@ __all__ = [
     "SchurSpectra", "schur_spectra", "schur_spectra_batches", "SchurCorrector",
     "Mode", "ModeRanker", "schur_modes", "kernel_modes", "paired_spectra_and_modes",
     "SceError", "InputError", "NotFoundError", "ConflictError",
+    "SpanText", "textspan",
 ]
