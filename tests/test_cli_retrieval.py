@@ -59,7 +59,7 @@ def test_fit_ab_reindex_report(setup):
     r2 = invoke("search", "--ab", "no-tone", "item 3", "-k", "5", "--json", "-c", coll)
     after = json.loads(r2.output)
     assert after["strategy"] == "reindexed"
-    assert [h["item_id"] for h in after["corrected"]] == [h["item_id"] for h in data["corrected"]]
+    assert [h["id"] for h in after["corrected"]] == [h["id"] for h in data["corrected"]]
 
     out = tmp / "rep"
     r = invoke("report", "--where", "tone=dark", "-c", coll, "--out", out, "--modes", "2", "--top", "3", "-q")
@@ -126,7 +126,7 @@ def test_search_nprobe_reaches_every_strategy(tmp_path, monkeypatch):
         data = json.loads(out.output)
         if "hits" in data:
             return [h["id"] for h in data["hits"]]
-        return [h["item_id"] for h in data["original"]] + [h["item_id"] for h in data["corrected"]]
+        return [h["id"] for h in data["original"]] + [h["id"] for h in data["corrected"]]
 
     differs = 0
     with Collection.open(coll) as opened:

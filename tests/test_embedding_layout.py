@@ -426,8 +426,8 @@ def test_search_vector_ab_json_equals_compare(built):
         for number, (row, data) in enumerate(zip(queries, lines)):
             expected = compare(retriever, row, "q", "no-tone", k=6)
             assert data["query"] == number and data["ms"] >= 0 and data["strategy"] == expected.strategy
-            assert [h["item_id"] for h in data["corrected"]] == [h.item_id for h in expected.corrected]
-            assert [h["item_id"] for h in data["original"]] == [h.item_id for h in expected.original]
+            assert [h["id"] for h in data["corrected"]] == [h.item_id for h in expected.corrected]
+            assert [h["id"] for h in data["original"]] == [h.item_id for h in expected.original]
             assert data["overlap_at_k"] == pytest.approx(expected.overlap_at_k)
 
 

@@ -330,7 +330,9 @@ def _search_vectors(retriever, rows, *, k: int, kind: str, correction: str | Non
         name = labels[number] if labels else number
         if ab:
             if as_json:
-                typer.echo(json.dumps({**result.to_dict(), "query": name, "ms": ms}, default=str))
+                typer.echo(json.dumps({**result.to_dict(), "original": [_hit_dict(h) for h in result.original],
+                                       "corrected": [_hit_dict(h) for h in result.corrected], "query": name,
+                                       "ms": ms}, default=str))
             else:
                 _print_ab(result, str(name) if labels else f"vector {number} ({ms:.1f} ms)", ab)
             continue
