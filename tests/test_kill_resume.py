@@ -137,23 +137,28 @@ def assert_same(result: dict, reference: dict, what: str) -> None:
 @dataclass
 class Timing:
     started: float  # seconds from the process start to the first sign of work
-    total: float  # seconds from the process start to its exit
+    total: float  # seconds from the process start to the end of the work (or its exit)
 
 
-def run_to_completion(argv: list, started_when, delay: float, timeout: float = 180) -> Timing:
+def run_to_completion(argv: list, started_when, delay: float, timeout: float = 180, working=None) -> Timing:
+    """Run the command to its end. ``working()``: whether the work is still unfinished; the
+    work ends at the first poll after its start where it is not (the interpreter's exit after
+    that, slow on a loaded machine, is no place for a kill that should land mid-work)."""
     process = sce(*argv, delay=delay)
     t0 = time.monotonic()
-    started = None
+    started = done = None
     while process.poll() is None:
         if started is None and started_when():
             started = time.monotonic() - t0
+        if started is not None and done is None and working is not None and not working():
+            done = time.monotonic() - t0
         assert time.monotonic() - t0 < timeout, "the command did not finish"
         time.sleep(0.01)
     total = time.monotonic() - t0
     out, err = process.communicate()
     assert process.returncode == 0, err
     assert "Traceback" not in err + out, err
-    return Timing(started if started is not None else total, total)
+    return Timing(started if started is not None else total, done if done is not None else total)
 
 
 def kill_at(argv: list, moment: float, started_when, delay: float) -> bool:
@@ -193,7 +198,7 @@ def kill_moments(timing: Timing, seed: int) -> list[float]:
 
 def harness(argv: list, reset, started_when, mid_work, delay: float, seed: int) -> None:
     reset()
-    timing = run_to_completion(argv, started_when, delay)
+    timing = run_to_completion(argv, started_when, delay, working=mid_work)
     reference = observe(COLL[0])
     assert leftovers(COLL[0]) == []
     landed = 0
