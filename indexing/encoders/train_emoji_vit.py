@@ -71,9 +71,12 @@ class VitTrainConfig:
 # ------------------------------------------------------------------------------------
 # data
 # ------------------------------------------------------------------------------------
-def teacher_embeddings(corpus: tdh.Corpus, encoder, feature_cache: Path, cache_dir: Path) -> np.ndarray:
-    """The default encoder's unit image embeddings of ``corpus``, cached by image sha256
-    (the key names the head file's sha256, so a rebuilt head is a new cache)."""
+def teacher_embeddings(corpus: tdh.Corpus, rows: list[int], encoder, feature_cache: Path,
+                       cache_dir: Path) -> np.ndarray:
+    """The default encoder's unit image embeddings of the given rows of ``corpus``, cached by
+    image sha256 (the key names the head file's sha256, so a rebuilt head is a new cache).
+    Only these rows go through EfficientNet (its features land in the default head's cache)."""
+    corpus = tdh.Corpus(corpus.style, corpus.root, [corpus.rows[i] for i in rows])
     head_sha = file_sha256(encoder.head_path)[:16]
     cache = tdh.KeyedArrayCache(cache_dir / f"teacher-{TEACHER_KEY}-{head_sha}.npz", TEXT_DIM)
     shas = [file_sha256(p) for p in corpus.paths]
@@ -116,7 +119,8 @@ def augment(x, generator, scale: float, shift: float):
 def train_visual(visual, pixels, teacher: np.ndarray, text: np.ndarray, caption_ids: np.ndarray,
                  families: np.ndarray, cfg: VitTrainConfig, checkpoint=None) -> list[float]:
     """Fit ``visual`` (in place) on ``pixels`` (n, 3, H, W), their teacher embeddings
-    (n, 384) and caption ids into ``text`` (m, 384). Returns the mean loss per epoch."""
+    (n, 384; a NaN row: no teacher for that image, caption loss only) and caption ids into
+    ``text`` (m, 384). Returns the mean loss per epoch."""
     import torch
     from torch import nn
 
@@ -124,7 +128,8 @@ def train_visual(visual, pixels, teacher: np.ndarray, text: np.ndarray, caption_
     rng = np.random.default_rng(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     t_all = torch.from_numpy(text.astype(np.float32))
-    teach = torch.from_numpy(teacher.astype(np.float32))
+    has_teacher = torch.from_numpy(np.isfinite(teacher).all(1))
+    teach = torch.from_numpy(np.nan_to_num(teacher.astype(np.float32)))
     cid = torch.from_numpy(caption_ids.astype(np.int64))
     log_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / cfg.init_temperature))))
     decay = [p for n, p in visual.named_parameters() if p.ndim >= 2 and "embedding" not in n]
@@ -142,7 +147,8 @@ def train_visual(visual, pixels, teacher: np.ndarray, text: np.ndarray, caption_
             idx_t = torch.from_numpy(idx)
             x = augment(pixels[idx_t], generator, cfg.aug_scale, cfg.aug_shift)
             img = nn.functional.normalize(visual(x), dim=-1)
-            cos = (img * teach[idx_t]).sum(1).mean()
+            has = has_teacher[idx_t]
+            cos = (img * teach[idx_t]).sum(1)[has].mean() if bool(has.any()) else img.new_tensor(1.0)
             loss = cfg.distill_weight * (1.0 - cos)
             if cfg.caption_weight:
                 loss = loss + cfg.caption_weight * tdh.caption_contrastive_loss(img, cid[idx_t], t_all, log_scale)
@@ -152,8 +158,10 @@ def train_visual(visual, pixels, teacher: np.ndarray, text: np.ndarray, caption_
             opt.step()
             sched.step()
             epoch_loss.append(loss.item())
-            epoch_cos.append(cos.item())
+            if bool(has.any()):
+                epoch_cos.append(cos.item())
         losses.append(float(np.mean(epoch_loss)))
+        epoch_cos = epoch_cos or [float("nan")]
         logger.info("epoch %3d  loss %.4f  cos to teacher %.3f  temperature %.4f  (%.0f s, %d steps)",
                     epoch, losses[-1], float(np.mean(epoch_cos)), 1.0 / log_scale.detach().exp().item(),
                     time.time() - t0, len(batches))
@@ -194,6 +202,11 @@ def main(argv: list[str] | None = None) -> dict:
                          "head) and teacher embeddings (<dir>/train_emoji_vit); default: the cache root, "
                          "$SCE_CACHE_DIR or ~/.cache/sce-retrieval")
     ap.add_argument("--config", type=Path, default=CONFIG_PATH, help="the model config (default: emoji_vit.json)")
+    ap.add_argument("--teacher-styles", default=None,
+                    help="styles whose images get the distillation target (default: every training style); "
+                         "the others only the caption loss")
+    ap.add_argument("--teacher-only", action="store_true",
+                    help="compute and cache the teacher embeddings, then stop")
     ap.add_argument("--holdout", type=float, default=0.2, help="share of names held out (default %(default)s)")
     ap.add_argument("--dev", action="store_true",
                     help="development run: also hold out 20%% of the seen names (seed 1) and report them as "
@@ -231,8 +244,16 @@ def main(argv: list[str] | None = None) -> dict:
         corpora = {s: tdh.Corpus(c.style, c.root, c.rows[:args.limit]) for s, c in corpora.items()}
     pairs = tdh.training_pairs(corpora, train_styles, held)
     text_table = tdh.text_embeddings(pairs.captions, teacher_encoder, feature_cache)
-    teacher = np.concatenate([teacher_embeddings(corpora[s], teacher_encoder, feature_cache, cache)[pairs.rows[s]]
-                              for s in train_styles])
+    teacher_styles = train_styles if args.teacher_styles is None else \
+        [s.strip() for s in args.teacher_styles.split(",") if s.strip()]
+    if set(teacher_styles) - set(train_styles):
+        raise SystemExit(f"--teacher-styles {sorted(set(teacher_styles) - set(train_styles))} are not trained on")
+    teacher = np.concatenate([
+        teacher_embeddings(corpora[s], pairs.rows[s], teacher_encoder, feature_cache, cache) if s in teacher_styles
+        else np.full((len(pairs.rows[s]), TEXT_DIM), np.nan, np.float32) for s in train_styles])
+    if args.teacher_only:
+        logger.info("teacher embeddings of %d images cached", int(np.isfinite(teacher).all(1).sum()))
+        return {}
 
     config = read_config(args.config)
     student = EmojiVitEncoder(device="cpu", config_path=args.config)
@@ -278,6 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
                            "dev_split": bool(args.dev),
                            "of": len(set(corpora["google"].objects)) if "google" in corpora else None},
         "n_train_images": int(len(pixels)),
+        "teacher_styles": teacher_styles,
+        "n_teacher_images": int(np.isfinite(teacher).all(1).sum()),
         "config": asdict(cfg),
         "threads": torch.get_num_threads(),
         "final_loss": losses[-1],
