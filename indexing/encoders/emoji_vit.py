@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Sequence
 
@@ -161,11 +162,17 @@ class EmojiVitEncoder(Encoder):
         """The config's preprocessing (see :func:`preprocess_image`). Thread-safe."""
         return preprocess_image(image, self.config["preprocess_cfg"])
 
-    def preprocess_batch(self, images: Iterable[ImageInput]) -> "torch.Tensor":
-        """PIL images or paths -> the tower's input, float32 ``(n, 3, H, W)``."""
+    def preprocess_batch(self, images: Iterable[ImageInput], num_workers: int = 2) -> "torch.Tensor":
+        """PIL images or paths -> the tower's input, float32 ``(n, 3, H, W)`` (decoded in
+        ``num_workers`` threads; 0: in this thread)."""
         import torch
 
-        tensors = [self.load_and_preprocess(item) for item in images]
+        items = list(images)
+        if num_workers > 0 and len(items) > 1:
+            with ThreadPoolExecutor(max_workers=num_workers, thread_name_prefix="decode") as pool:
+                tensors = list(pool.map(self.load_and_preprocess, items))
+        else:
+            tensors = [self.load_and_preprocess(item) for item in items]
         if not tensors:
             size = int(self.config["preprocess_cfg"]["size"])
             return torch.empty((0, 3, size, size))
