@@ -55,7 +55,7 @@ TEACHER_KEY = "default-encoder-head"
 
 @dataclass
 class VitTrainConfig:
-    epochs: int = 12
+    epochs: int = 25
     batch_size: int = 96
     lr: float = 1e-3
     weight_decay: float = 0.05
