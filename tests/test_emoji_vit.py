@@ -107,7 +107,7 @@ def test_captions_retrieve_their_own_image_among_100_seen_google_emoji(encoder, 
     sims = txt @ img.T
     rank = (sims > np.diag(sims)[:, None]).sum(1)
     r10 = float((rank < 10).mean())
-    assert r10 > 0.5, r10
+    assert r10 > 0.8, r10  # the shipped weights: 1.0 (25 epochs)
 
 
 def test_record_describes_the_shipped_weights():
@@ -127,8 +127,8 @@ def test_training_refuses_the_twitter_style():
         train_emoji_vit.main(["--train-styles", "google,twitter", "--no-save"])
 
 
-@pytest.mark.slow
 def test_training_script_runs_end_to_end_in_a_tiny_configuration(tmp_path):
+    # ~15 s (64 images through EfficientNet for the teacher, one step of the ViT)
     from indexing.encoders import train_emoji_vit
 
     out = tmp_path / "w" / "emoji_vit.safetensors"
