@@ -107,7 +107,7 @@ def test_captions_retrieve_their_own_image_among_100_seen_google_emoji(encoder, 
     sims = txt @ img.T
     rank = (sims > np.diag(sims)[:, None]).sum(1)
     r10 = float((rank < 10).mean())
-    assert r10 > 0.8, r10  # the shipped weights: 1.0 (25 epochs)
+    assert r10 > 0.8, r10  # loose: the shipped weights reach 0.98 on all 2,904 seen names in the full gallery
 
 
 def test_record_describes_the_shipped_weights():

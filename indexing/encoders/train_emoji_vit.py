@@ -55,7 +55,7 @@ TEACHER_KEY = "default-encoder-head"
 
 @dataclass
 class VitTrainConfig:
-    epochs: int = 25
+    epochs: int = 60
     batch_size: int = 96
     lr: float = 1e-3
     weight_decay: float = 0.05
