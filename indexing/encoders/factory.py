@@ -3,6 +3,8 @@
 Spec grammar::
 
     default                                  the embedded offline encoder (384-d)
+    emoji-vit                                a small open_clip ViT trained on emoji, offline,
+                                             with the default's text tower (384-d)
     open_clip:<model>                        open_clip architecture, random (seeded) weights
     open_clip:<model>:<pretrained>           <pretrained> = an open_clip pretrained tag
                                              (fetched from the hub on first use) or a
@@ -22,11 +24,13 @@ from sce_correct.errors import InputError
 
 OPEN_CLIP_PREFIX = "open_clip:"
 _OPEN_CLIP_SCHEMAS = ("hf-hub:", "local-dir:")
+EMOJI_VIT = "emoji-vit"
+_EXPECTED = "expected 'default', 'emoji-vit' or 'open_clip:<model>[:<pretrained>]'"
 
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """A parsed spec. ``kind`` is "default" or "open_clip"."""
+    """A parsed spec. ``kind`` is "default", "emoji-vit" or "open_clip"."""
 
     kind: str
     model: str | None = None
@@ -36,10 +40,12 @@ class EncoderSpec:
 def parse_spec(spec: str) -> EncoderSpec:
     """Split a spec string into its parts (syntax only; see :func:`load_encoder`)."""
     if not isinstance(spec, str) or not spec.strip():
-        raise InputError(f"invalid encoder spec {spec!r}: expected 'default' or 'open_clip:<model>[:<pretrained>]'")
+        raise InputError(f"invalid encoder spec {spec!r}: {_EXPECTED}")
     s = spec.strip()
     if s == "default":
         return EncoderSpec("default")
+    if s == EMOJI_VIT:
+        return EncoderSpec(EMOJI_VIT)
     if s.startswith(OPEN_CLIP_PREFIX):
         rest = s[len(OPEN_CLIP_PREFIX):]
         if rest.startswith(_OPEN_CLIP_SCHEMAS):
@@ -53,7 +59,7 @@ def parse_spec(spec: str) -> EncoderSpec:
         if _ and not pretrained:
             raise InputError(f"invalid encoder spec {spec!r}: empty pretrained tag/path after the model")
         return EncoderSpec("open_clip", model, pretrained or None)
-    raise InputError(f"invalid encoder spec {spec!r}: expected 'default' or 'open_clip:<model>[:<pretrained>]'")
+    raise InputError(f"invalid encoder spec {spec!r}: {_EXPECTED}")
 
 
 def load_encoder(spec: str, device: str | None = None):
@@ -69,6 +75,10 @@ def load_encoder(spec: str, device: str | None = None):
         from .default_encoder import DefaultEncoder
 
         return DefaultEncoder(device=device)
+    if parsed.kind == EMOJI_VIT:
+        from .emoji_vit import EmojiVitEncoder
+
+        return EmojiVitEncoder(device=device)
     from .open_clip_encoder import OpenClipEncoder
 
     return OpenClipEncoder.from_spec(parsed, spec=spec, device=device)
@@ -76,7 +86,7 @@ def load_encoder(spec: str, device: str | None = None):
 
 def list_builtin_specs() -> list[str]:
     """Specs that work offline out of the box."""
-    return ["default"]
+    return ["default", EMOJI_VIT]
 
 
 def canonical_checkpoint(path: str) -> str:

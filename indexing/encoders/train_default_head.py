@@ -106,6 +106,55 @@ def split_names(names: list[str], holdout: float, seed: int) -> set[str]:
     return {unique[i] for i in rng.permutation(len(unique))[:n_held]}
 
 
+def parse_styles(train: str, evaluate: str) -> tuple[list[str], list[str]]:
+    """The comma-separated style lists of the command line; the Twitter style is refused
+    for training (it is reserved for independent evaluation)."""
+    train_styles = [s.strip() for s in train.split(",") if s.strip()]
+    eval_styles = [s.strip() for s in evaluate.split(",") if s.strip()]
+    bad = sorted(set(train_styles) & set(FORBIDDEN_TRAIN_STYLES))
+    if bad:
+        raise SystemExit(f"refusing to train on {bad}: reserved for independent evaluation")
+    return train_styles, eval_styles
+
+
+def load_corpora(train_styles: list[str], eval_styles: list[str], sample_dir: Path, holdout: float,
+                 seed: int) -> tuple[dict[str, Corpus], set[str]]:
+    """Every style's corpus (built on demand) and the held-out names (from the Google
+    corpus when it is loaded, else from the first training style)."""
+    corpora = {s: ensure_style(s, cache_root(), sample_dir) for s in dict.fromkeys(train_styles + eval_styles)}
+    held = split_names(corpora[train_styles[0]].objects if "google" not in corpora
+                       else corpora["google"].objects, holdout, seed)
+    return corpora, held
+
+
+@dataclass
+class TrainingPairs:
+    """The training samples: seen names only, every training style in order.
+
+    ``rows[style]`` are the corpus rows used from that style; ``caption_ids`` index
+    ``captions`` (the sorted distinct captions of all training styles, held-out ones
+    included, as in-batch negatives never sampled); ``families`` number the names."""
+
+    rows: dict[str, list[int]]
+    caption_ids: np.ndarray
+    families: np.ndarray
+    captions: list[str]
+
+
+def training_pairs(corpora: dict[str, Corpus], train_styles: list[str], held: set[str]) -> TrainingPairs:
+    all_caps = sorted({cap for s in train_styles for cap in corpora[s].captions})
+    cap_index = {c: i for i, c in enumerate(all_caps)}
+    obj_index: dict[str, int] = {}
+    rows, cids, fams = {}, [], []
+    for s in train_styles:
+        c = corpora[s]
+        keep = [i for i, o in enumerate(c.objects) if o not in held]
+        rows[s] = keep
+        cids += [cap_index[c.captions[i]] for i in keep]
+        fams += [obj_index.setdefault(c.objects[i], len(obj_index)) for i in keep]
+    return TrainingPairs(rows, np.asarray(cids), np.asarray(fams), all_caps)
+
+
 # ------------------------------------------------------------------------------------
 # cached tower outputs
 # ------------------------------------------------------------------------------------
@@ -202,6 +251,22 @@ def family_batches(families: np.ndarray, batch_size: int, rng: np.random.Generat
     return batches
 
 
+def caption_contrastive_loss(img, cid, t_all, log_scale):
+    """Symmetric InfoNCE between unit image embeddings ``img`` (B, d) and the distinct
+    captions of the batch (rows ``cid`` of ``t_all``); images sharing a caption are all
+    positives of that caption."""
+    import torch
+    from torch import nn
+
+    uniq, inv = torch.unique(cid, return_inverse=True)
+    logits = log_scale.exp().clamp(max=100.0) * img @ t_all[uniq].T  # (B, m)
+    loss_i2t = nn.functional.cross_entropy(logits, inv)
+    pos = (inv[None, :] == torch.arange(len(uniq))[:, None]).float()  # (m, B)
+    logp = nn.functional.log_softmax(logits.T, dim=1)
+    loss_t2i = -((logp * pos).sum(1) / pos.sum(1)).mean()
+    return 0.5 * (loss_i2t + loss_t2i)
+
+
 def train_head(x: np.ndarray, text: np.ndarray, caption_ids: np.ndarray, families: np.ndarray,
                cfg: TrainConfig) -> tuple[ProjectionHead, list[float]]:
     """Fit the head: image features ``x`` (n, 1345), their caption ids into ``text`` (m, 384)."""
@@ -248,13 +313,7 @@ def train_head(x: np.ndarray, text: np.ndarray, caption_ids: np.ndarray, familie
         for idx in batches:
             idx_t = torch.from_numpy(idx)
             img = forward(z_all[idx_t], True)
-            uniq, inv = torch.unique(cid[idx_t], return_inverse=True)
-            logits = log_scale.exp().clamp(max=100.0) * img @ t_all[uniq].T  # (B, m)
-            loss_i2t = nn.functional.cross_entropy(logits, inv)
-            pos = (inv[None, :] == torch.arange(len(uniq))[:, None]).float()  # (m, B)
-            logp = nn.functional.log_softmax(logits.T, dim=1)
-            loss_t2i = -((logp * pos).sum(1) / pos.sum(1)).mean()
-            loss = 0.5 * (loss_i2t + loss_t2i)
+            loss = caption_contrastive_loss(img, cid[idx_t], t_all, log_scale)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -319,8 +378,14 @@ def tone_check(image_emb: np.ndarray, text_emb: np.ndarray, corpus: Corpus, mask
 
 def evaluate(head: ProjectionHead, feats: np.ndarray, text: np.ndarray, corpus: Corpus,
              held: set[str]) -> dict:
-    """Caption -> image retrieval within one style's full gallery, by seen/held-out name."""
-    img = head.apply(feats)
+    """:func:`evaluate_embeddings` of the head's image embeddings."""
+    return evaluate_embeddings(head.apply(feats), text, corpus, held)
+
+
+def evaluate_embeddings(img: np.ndarray, text: np.ndarray, corpus: Corpus, held: set[str]) -> dict:
+    """Caption -> image retrieval within one style's full gallery, by seen/held-out name.
+
+    ``img`` and ``text``: unit-norm embeddings of the corpus rows' images and captions."""
     target = np.arange(len(corpus.rows))
     is_held = np.asarray([o in held for o in corpus.objects])
     out = {"n_images": len(corpus.rows)}
@@ -334,6 +399,17 @@ def evaluate(head: ProjectionHead, feats: np.ndarray, text: np.ndarray, corpus: 
 # ------------------------------------------------------------------------------------
 # main
 # ------------------------------------------------------------------------------------
+def log_results(results: dict) -> None:
+    for s, r in results.items():
+        for part in ("seen", "held_out"):
+            if part in r:
+                p = r[part]
+                logger.info("%-9s %-8s names: R@1 %.3f  R@10 %.3f  (n=%d)  tone top-1 %.3f (chance %.3f), "
+                            "dark %.3f", s, part, p["R@1"], p["R@10"], p["n_queries"],
+                            p["tone"].get("top1_among_tones", float("nan")), p["tone"].get("chance", float("nan")),
+                            p["tone"].get("dark_top1_among_tones") or float("nan"))
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -358,11 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
-    train_styles = [s.strip() for s in args.train_styles.split(",") if s.strip()]
-    eval_styles = [s.strip() for s in args.eval_styles.split(",") if s.strip()]
-    bad = sorted(set(train_styles) & set(FORBIDDEN_TRAIN_STYLES))
-    if bad:
-        raise SystemExit(f"refusing to train on {bad}: reserved for independent evaluation")
+    train_styles, eval_styles = parse_styles(args.train_styles, args.eval_styles)
     cache = args.cache_dir or (cache_root() / "train_default_head")
     started = time.time()
 
@@ -372,42 +444,25 @@ def main(argv: list[str] | None = None) -> dict:
     from .default_encoder import DefaultEncoder
 
     encoder = DefaultEncoder(device="cpu")
-    corpora = {s: ensure_style(s, cache_root(), args.sample) for s in dict.fromkeys(train_styles + eval_styles)}
-    held = split_names(corpora[train_styles[0]].objects if "google" not in corpora
-                       else corpora["google"].objects, args.holdout, args.seed)
+    corpora, held = load_corpora(train_styles, eval_styles, args.sample, args.holdout, args.seed)
     feats = {s: image_features(c, encoder, cache) for s, c in corpora.items()}
     texts = {s: text_embeddings(c.captions, encoder, cache) for s, c in corpora.items()}
 
     # training pairs: seen names only, all training styles
-    all_caps = sorted({cap for s in train_styles for cap in corpora[s].captions})
-    cap_index = {c: i for i, c in enumerate(all_caps)}
-    obj_index: dict[str, int] = {}
-    xs, cids, fams = [], [], []
-    for s in train_styles:
-        c = corpora[s]
-        keep = [i for i, o in enumerate(c.objects) if o not in held]
-        xs.append(feats[s][keep])
-        cids += [cap_index[c.captions[i]] for i in keep]
-        fams += [obj_index.setdefault(c.objects[i], len(obj_index)) for i in keep]
-    x = np.concatenate(xs)
-    text_table = text_embeddings(all_caps, encoder, cache)
+    pairs = training_pairs(corpora, train_styles, held)
+    x = np.concatenate([feats[s][pairs.rows[s]] for s in train_styles])
+    cids, fams = pairs.caption_ids, pairs.families
+    text_table = text_embeddings(pairs.captions, encoder, cache)
     cfg = TrainConfig(hidden=args.hidden, epochs=args.epochs, input_noise=args.input_noise,
                       weight_decay=args.weight_decay, lr=args.lr, seed=args.seed)
     logger.info("training on %d pairs (%d captions, %d names held out) from %s",
-                len(x), len(set(cids)), len(held), train_styles)
+                len(x), len(set(cids.tolist())), len(held), train_styles)
     t0 = time.time()
-    head, losses = train_head(x, text_table, np.asarray(cids), np.asarray(fams), cfg)
+    head, losses = train_head(x, text_table, cids, fams, cfg)
     train_seconds = time.time() - t0
 
     results = {s: evaluate(head, feats[s], texts[s], corpora[s], held) for s in eval_styles}
-    for s, r in results.items():
-        for part in ("seen", "held_out"):
-            if part in r:
-                p = r[part]
-                logger.info("%-9s %-8s names: R@1 %.3f  R@10 %.3f  (n=%d)  tone top-1 %.3f (chance %.3f), "
-                            "dark %.3f", s, part, p["R@1"], p["R@10"], p["n_queries"],
-                            p["tone"].get("top1_among_tones", float("nan")), p["tone"].get("chance", float("nan")),
-                            p["tone"].get("dark_top1_among_tones") or float("nan"))
+    log_results(results)
     record = {
         "what": "LiT-style projection head of the default encoder: [EfficientNet-Lite0 pooled features (1280) "
                 "+ colour histogram (65)], standardised -> MLP (GELU) -> all-MiniLM-L6-v2 space (384), unit norm",

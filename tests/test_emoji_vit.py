@@ -1,0 +1,149 @@
+"""emoji-vit: the shipped open_clip ViT loads lazily from safetensors, embeds like an encoder,
+retrieves seen emoji by caption, and its training script runs end to end. No network."""
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexing.encoders import load_encoder, parse_spec
+from indexing.encoders import train_default_head as tdh
+from indexing.encoders.emoji_vit import CONFIG_PATH, RECORD_PATH, WEIGHTS_PATH, EmojiVitEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample"
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:]!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def encoder():
+    return load_encoder("emoji-vit", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def google():
+    return tdh.read_corpus("google", SAMPLE)
+
+
+def test_spec_names_the_encoder_and_loads_nothing():
+    assert parse_spec("emoji-vit").kind == "emoji-vit"
+    code = ("import sys, indexing; e = indexing.load_encoder('emoji-vit'); "
+            "print(e.name, e.dim, e._visual is None, "
+            "[m for m in ('torch', 'open_clip', 'safetensors', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
+    assert out.stdout.split() == ["emoji-vit", "384", "True", "[]"]
+
+
+def test_weights_file_is_safetensors_under_20_mb():
+    data = WEIGHTS_PATH.read_bytes()
+    assert len(data) < 20 * 1024 * 1024
+    assert data[:1] != b"\x80" and data[:2] != b"PK"  # neither a pickle nor a torch zip
+    (header_len,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + header_len])
+    assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {"F16"}
+    assert "conv1.weight" in header and "class_embedding" in header
+
+
+def test_shipped_weights_give_a_class_token_vision_transformer(encoder):
+    from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+    from torch import nn
+
+    visual = encoder.visual
+    config = json.loads(CONFIG_PATH.read_text())
+    assert isinstance(visual, VisionTransformer)
+    assert visual.pool_type == "tok" and visual.attn_pool is None
+    assert visual.output_dim == 384 and not visual.training
+    blocks = list(visual.transformer.resblocks)
+    assert len(blocks) == config["vision_cfg"]["layers"]
+    assert all(isinstance(b, ResidualAttentionBlock) and isinstance(b.attn, nn.MultiheadAttention) for b in blocks)
+    assert visual.conv1.weight.shape[0] == config["vision_cfg"]["width"]
+
+
+def test_embeddings_unit_norm_deterministic_and_match_the_tower(encoder, google):
+    import torch
+
+    paths = google.paths[:5]
+    a = encoder.encode_images(paths, batch_size=2)
+    b = encoder.encode_images(paths, batch_size=5, num_workers=0)
+    assert a.shape == (5, 384) and a.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(a, axis=1), 1.0, atol=1e-5)
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    batch = encoder.preprocess_batch(paths)
+    size = json.loads(CONFIG_PATH.read_text())["preprocess_cfg"]["size"]
+    assert tuple(batch.shape) == (5, 3, size, size)
+    with torch.no_grad():
+        raw = encoder.visual(batch).numpy()
+    np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), a, atol=1e-5)
+    assert not np.allclose(a[0], a[1], atol=1e-3)  # different emoji, different embeddings
+
+
+def test_text_side_is_the_default_encoders(encoder):
+    texts = ["grinning face", "thumbs up: dark skin tone", "red heart"]
+    t = encoder.encode_texts(texts)
+    assert t.shape == (3, 384)
+    np.testing.assert_allclose(t, load_encoder("default").encode_texts(texts), atol=1e-6)
+
+
+def test_captions_retrieve_their_own_image_among_100_seen_google_emoji(encoder, google):
+    held = tdh.split_names(google.objects, 0.2, 0)  # the split the weights were trained with
+    seen = [i for i, o in enumerate(google.objects) if o not in held]
+    rows = sorted(np.random.default_rng(7).choice(seen, size=100, replace=False).tolist())
+    img = encoder.encode_images([google.paths[i] for i in rows])
+    txt = encoder.encode_texts([google.captions[i] for i in rows])
+    sims = txt @ img.T
+    rank = (sims > np.diag(sims)[:, None]).sum(1)
+    r10 = float((rank < 10).mean())
+    assert r10 > 0.8, r10  # the shipped weights: 1.0 (25 epochs)
+
+
+def test_record_describes_the_shipped_weights():
+    record = EmojiVitEncoder.training_record()
+    assert record["model_config"] == json.loads(CONFIG_PATH.read_text())
+    assert "twitter" not in record["train_styles"]
+    assert record["held_out_names"]["dev_split"] is False
+    assert record["held_out_names"]["count"] == 382
+    assert set(record["results"]) == {"google", "twitter"}
+    assert RECORD_PATH.name == "emoji_vit_record.json"
+
+
+def test_training_refuses_the_twitter_style():
+    from indexing.encoders import train_emoji_vit
+
+    with pytest.raises(SystemExit, match="twitter"):
+        train_emoji_vit.main(["--train-styles", "google,twitter", "--no-save"])
+
+
+def test_training_script_runs_end_to_end_in_a_tiny_configuration(tmp_path):
+    # ~15 s (64 images through EfficientNet for the teacher, one step of the ViT)
+    from indexing.encoders import train_emoji_vit
+
+    out = tmp_path / "w" / "emoji_vit.safetensors"
+    record = train_emoji_vit.main(["--train-styles", "google", "--eval-styles", "google", "--limit", "64",
+                                   "--epochs", "1", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
+                                   "--out", str(out)])
+    assert record["results"]["google"]["n_images"] == 64
+    assert record["n_train_images"] == sum(o not in tdh.split_names(tdh.read_corpus("google", SAMPLE).objects,
+                                                                    0.2, 0)
+                                           for o in tdh.read_corpus("google", SAMPLE).objects[:64])
+    saved = json.loads(out.with_name("emoji_vit_record.json").read_text())
+    assert saved["config"]["epochs"] == 1
+    emb = EmojiVitEncoder(device="cpu", weights_path=out).encode_images(
+        [SAMPLE / "images" / "1f600.png"])
+    assert emb.shape == (1, 384)
+    # the teacher embeddings are cached by image sha256 beside the shared feature cache
+    assert list((tmp_path / "cache" / "train_emoji_vit").glob("teacher-*.npz"))
+    assert list((tmp_path / "cache" / "train_default_head").glob("image-features-*.npz"))
