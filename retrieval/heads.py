@@ -14,6 +14,12 @@ embeddings live too. From those terms alone:
   the terms summed and normalised): layers cumulatively from the first (a layer = its heads
   and its MLP), and each head alone. Nothing is re-encoded per ablation.
 
+With every layer ablated an image's embedding is still not constant: the stem term (the class
+embedding through ``ln_post``) is scaled by the image's own 1/sigma (the deviation of its real
+residual stream, see the decomposition's docstring), so the embeddings keep a one-parameter
+family and R@10 can stay above chance. ``all_terms_recall`` ablates the stem as well (every
+embedding the same), which is chance exactly.
+
 R@10 counts ties as a random tie-break would on average (a query whose image ties with g others
 of which b rank above: min(1, max(0, (10 - b) / g)) ), so a fully ablated tower, whose images all
 point the same way, scores chance (10 / n) rather than 1.
@@ -158,10 +164,13 @@ def recall_at_k(queries: np.ndarray, images: np.ndarray, k: int = RECALL_K) -> f
     return float(np.clip((k - above) / tied, 0.0, 1.0).mean())
 
 
-def _ablated(decomposition, layers: int = 0, head: tuple[int, int] | None = None) -> np.ndarray:
-    """The embeddings with layers [0, layers) (heads and MLPs) and/or one head mean-ablated."""
+def _ablated(decomposition, layers: int = 0, head: tuple[int, int] | None = None,
+             stem: bool = False) -> np.ndarray:
+    """The embeddings with layers [0, layers) (heads and MLPs), one head and/or the stem mean-ablated."""
     heads = decomposition.head_terms()
     total = decomposition.total()
+    if stem:
+        total = total - decomposition.stem + decomposition.stem.mean(axis=0)
     if layers:
         for part in (heads[:, :layers].sum(axis=2), decomposition.mlps[:, :layers]):
             summed = part.sum(axis=1)
@@ -184,8 +193,9 @@ def ablation_report(decomposition, caption_embeddings: np.ndarray, k: int = RECA
     single = [{"layer": layer, "head": head,
                "drop": base - recall_at_k(caption_embeddings, _ablated(decomposition, head=(layer, head)), k)}
               for layer in range(n_layers) for head in range(n_heads)]
+    everything = recall_at_k(caption_embeddings, _ablated(decomposition, layers=n_layers, stem=True), k)
     return {"k": k, "images": n, "chance": min(1.0, k / n), "recall": base,
-            "cumulative_layers": cumulative, "single_heads": single}
+            "cumulative_layers": cumulative, "all_terms_recall": everything, "single_heads": single}
 
 
 # ------------------------------------------------------------------------------ output files

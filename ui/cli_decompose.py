@@ -18,20 +18,27 @@ OutOption = Annotated[Optional[Path], typer.Option(help="Output folder. Default:
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Less logging.")]
 
 
-def _setup(collection: Path, db: str | None, spec: str, images: int, seed: int, captioned: bool):
-    """(opened collection, encoder, sample, decomposition); the encoder is checked before any work."""
+def _load_vit_encoder(spec: str):
+    """The encoder named by ``spec``, refused (one line) unless it has a decomposable ViT tower."""
     import indexing
-    from indexing.collection import Collection
-    from retrieval.heads import decompose_images, sample_items, vit_of
+    from retrieval.heads import vit_of
 
     encoder = indexing.load_encoder(spec)
-    vit_of(encoder)  # a CNN encoder is refused before the collection is read
+    vit_of(encoder)
+    return encoder
+
+
+def _decompose_sample(encoder, collection: Path, db: str | None, images: int, seed: int, captioned: bool):
+    """(sample, decomposition) of a seeded sample of the collection's images."""
+    from indexing.collection import Collection
+    from retrieval.heads import decompose_images, sample_items
+
     opened = Collection.open(collection, db)
     try:
         sample = sample_items(opened, images, seed, captioned=captioned)
     finally:
         opened.close()
-    return encoder, sample, decompose_images(encoder, sample.paths)
+    return sample, decompose_images(encoder, sample.paths)
 
 
 @decompose_app.command("heads")
@@ -59,8 +66,9 @@ def heads_command(
             raise InputError(f"--components must be at least 1, got {components}")
         if top < 1:
             raise InputError(f"--top must be at least 1, got {top}")
+        loaded = _load_vit_encoder(encoder)  # a CNN encoder is refused before anything is read
         bank_path, texts = read_bank(bank)
-        loaded, sample, decomposition = _setup(collection, db, encoder, images, seed, captioned=False)
+        sample, decomposition = _decompose_sample(loaded, collection, db, images, seed, captioned=False)
         report = head_report(decomposition, texts, loaded.encode_texts(texts), sample.ids,
                              components=components, top_images=top)
         report.update(encoder=encoder, bank=str(bank_path), seed=seed)
@@ -95,7 +103,8 @@ def ablate_command(
         configure_logging(quiet)
         from retrieval.heads import ablation_report, write_json
 
-        loaded, sample, decomposition = _setup(collection, db, encoder, images, seed, captioned=True)
+        loaded = _load_vit_encoder(encoder)
+        sample, decomposition = _decompose_sample(loaded, collection, db, images, seed, captioned=True)
         report = ablation_report(decomposition, loaded.encode_texts(sample.captions))
         report.update(encoder=encoder, seed=seed)
         folder = out if out is not None else collection / "decompose"
@@ -106,6 +115,7 @@ def ablate_command(
         typer.echo(f"{'layers ablated':>15}  R@{k}")
         for row in report["cumulative_layers"]:
             typer.echo(f"{row['layers_ablated']:>15}  {row['recall']:.3f}")
+        typer.echo(f"{'+ stem':>15}  {report['all_terms_recall']:.3f}")
         typer.echo(f"{'layer':>6} {'head':>5}  R@{k} drop")
         for row in report["single_heads"]:
             typer.echo(f"{row['layer']:>6} {row['head']:>5}  {row['drop']:+.3f}")
