@@ -236,3 +236,16 @@ def test_shipped_bank_is_rebuilt_identically(tmp_path):
     _, texts = read_bank(data / "text_banks" / "general.txt")
     assert len(texts) == len(set(texts)) > 500
     assert any("skin tone" in t for t in texts) and any("red" in t for t in texts)
+
+
+def test_default_bank_is_the_shipped_general_bank(monkeypatch):
+    from pathlib import Path
+
+    import indexing.shipped_data as shipped
+    from retrieval.heads import read_bank
+
+    checkout = Path(__file__).resolve().parents[1] / "data"
+    monkeypatch.setattr(shipped, "_package_root", lambda: checkout)  # this checkout's sce_data
+    path, texts = read_bank(None)
+    assert path == checkout / "text_banks" / "general.txt"
+    assert texts == [line for line in path.read_text(encoding="utf-8").splitlines() if line]
