@@ -49,13 +49,13 @@ def vit_of(encoder):
     """The encoder's open_clip ViT image tower, or an InputError naming the encoder."""
     name = getattr(encoder, "name", type(encoder).__name__)
     if not hasattr(type(encoder), "visual") and "visual" not in vars(encoder):
-        raise InputError(f"encoder {name!r} has no decomposable ViT image tower (use --encoder emoji-vit)")
+        raise InputError(f"encoder {name!r} exposes no ViT image tower to decompose (emoji-vit does)")
     from open_clip.transformer import VisionTransformer
 
     visual = encoder.visual
     if not isinstance(visual, VisionTransformer):
-        raise InputError(f"encoder {name!r} has no decomposable ViT image tower "
-                         f"(its image tower is a {type(visual).__name__}); use --encoder emoji-vit")
+        raise InputError(f"encoder {name!r} exposes no ViT image tower to decompose "
+                         f"(its image tower is a {type(visual).__name__}; emoji-vit's is a ViT)")
     return visual
 
 

@@ -207,8 +207,8 @@ def test_recall_at_k_counts_ties_as_chance():
 @pytest.mark.parametrize("args, message", [
     (["heads", "--bank", "MISSING"], "text bank not found"),
     (["heads", "--components", "0"], "--components must be at least 1"),
-    (["heads", "--encoder", "default"], "has no decomposable ViT image tower"),
-    (["ablate", "--encoder", "default"], "has no decomposable ViT image tower"),
+    (["heads", "--encoder", "default"], "exposes no ViT image tower to decompose"),
+    (["ablate", "--encoder", "default"], "exposes no ViT image tower to decompose"),
     (["ablate", "--images", "1"], "--images must be at least 2"),
 ])
 def test_bad_inputs_one_line(setup, args, message):
