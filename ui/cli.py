@@ -19,12 +19,14 @@ def global_options(
 
 # --- sub-command registration (each module keeps its heavy imports inside its commands) ---
 from ui.app import serve_command  # noqa: E402  (gradio is imported inside the command)
+from ui.cli_decompose import decompose_app  # noqa: E402
 from ui.cli_demo import demo_command  # noqa: E402
 from ui.cli_index import index_app  # noqa: E402
 from ui.cli_retrieval import correct_app, evaluate_command, report_command, search_command  # noqa: E402
 
 app.add_typer(index_app, name="index")
 app.add_typer(correct_app, name="correct")
+app.add_typer(decompose_app, name="decompose")
 app.command("search")(search_command)
 app.command("report")(report_command)
 app.command("evaluate")(evaluate_command)

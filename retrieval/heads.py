@@ -1,0 +1,251 @@
+"""What the heads of a collection's ViT encode, and what removing them costs (issue 14 part 4).
+
+One decomposition pass (:func:`indexing.encoders.decomposition.decompose`) over a seeded sample
+of a collection's images gives every image's embedding as a sum of terms (stem, per-layer MLPs,
+per-(layer, head) attention terms), all in the encoder's output space, where its text tower's
+embeddings live too. From those terms alone:
+
+- :func:`head_report`: per head, its TEXTSPAN texts (:func:`sce_correct.textspan.textspan`)
+  against a text bank, the variance each explains, the head's total variance, and its top
+  images: those whose head output has the largest dot product with the (unit) embedding of the
+  head's first TEXTSPAN text;
+- :func:`ablation_report`: caption->image R@10 of the sample (its captions as queries against
+  its images) when components are mean-ablated (replaced by their mean over the sample, then
+  the terms summed and normalised): layers cumulatively from the first (a layer = its heads
+  and its MLP), and each head alone. Nothing is re-encoded per ablation.
+
+With every layer ablated an image's embedding is still not constant: the stem term (the class
+embedding through ``ln_post``) is scaled by the image's own 1/sigma (the deviation of its real
+residual stream, see the decomposition's docstring), so the embeddings keep a one-parameter
+family and R@10 can stay above chance. ``all_terms_recall`` ablates the stem as well (every
+embedding the same), which is chance exactly.
+
+R@10 counts ties as a random tie-break would on average (a query whose image ties with g others
+of which b rank above: min(1, max(0, (10 - b) / g)) ), so a fully ablated tower, whose images all
+point the same way, scores chance (10 / n) rather than 1.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sce_correct.errors import InputError
+from sce_correct.textspan import textspan
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BANK = ("text_banks", "general.txt")
+DEFAULT_IMAGES = 500
+DEFAULT_SEED = 0
+RECALL_K = 10
+# Scores closer than this (relative to 1, the scores are cosines) count as tied.
+_TIE = 1e-9
+
+
+def vit_of(encoder):
+    """The encoder's open_clip ViT image tower, or an InputError naming the encoder."""
+    name = getattr(encoder, "name", type(encoder).__name__)
+    if not hasattr(type(encoder), "visual") and "visual" not in vars(encoder):
+        raise InputError(f"encoder {name!r} exposes no ViT image tower to decompose (emoji-vit does)")
+    from open_clip.transformer import VisionTransformer
+
+    visual = encoder.visual
+    if not isinstance(visual, VisionTransformer):
+        raise InputError(f"encoder {name!r} exposes no ViT image tower to decompose "
+                         f"(its image tower is a {type(visual).__name__}; emoji-vit's is a ViT)")
+    return visual
+
+
+def read_bank(path: str | Path | None) -> tuple[Path, list[str]]:
+    """(path, texts) of a text bank: one text a line, blank lines skipped; default the shipped one."""
+    from indexing.shipped_data import shipped_data
+    from indexing.tables import read_text_lines
+
+    path = Path(path) if path is not None else shipped_data(*DEFAULT_BANK)
+    if not path.is_file():
+        raise InputError(f"text bank not found: {path}")
+    texts = [t for t in read_text_lines(path) if t]
+    if not texts:
+        raise InputError(f"text bank {path} has no texts")
+    return path, texts
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The sampled items (sorted by id), their image paths and captions (None where absent)."""
+
+    ids: np.ndarray
+    paths: list[str]
+    captions: list[str | None]
+
+
+def sample_items(collection, n: int, seed: int = DEFAULT_SEED, *, captioned: bool = False) -> Sample:
+    """A seeded sample of ``n`` items (all when there are fewer), optionally only captioned ones."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 2:
+        raise InputError(f"--images must be at least 2, got {n!r}")
+    ids = collection.item_ids(captioned=captioned)
+    if len(ids) < 2:
+        what = "captioned items" if captioned else "items"
+        raise InputError(f"collection {collection.root} has {len(ids)} {what}; at least 2 are needed")
+    if len(ids) > n:
+        ids = np.sort(np.random.default_rng(seed).choice(ids, size=n, replace=False))
+    records = collection.items(ids)
+    return Sample(ids=np.asarray(ids, dtype=np.int64), paths=[records[int(i)].uri for i in ids],
+                  captions=[records[int(i)].caption for i in ids])
+
+
+def decompose_images(encoder, paths: list[str], batch_size: int = 32):
+    """Preprocess the images with the encoder's own preprocessing and decompose them."""
+    import torch
+
+    from indexing.encoders.decomposition import decompose
+
+    visual = vit_of(encoder)
+    if hasattr(encoder, "preprocess_batch"):
+        pixels = encoder.preprocess_batch(paths)
+    else:
+        pixels = torch.stack([encoder.load_and_preprocess(p) for p in paths])
+    return decompose(visual, pixels, batch_size=batch_size)
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-300)
+
+
+# ------------------------------------------------------------------------------ heads
+def head_report(decomposition, bank_texts: list[str], bank_embeddings: np.ndarray, item_ids: np.ndarray,
+                *, components: int = 5, top_images: int = 5, rank: int = 80) -> dict:
+    """Per (layer, head): TEXTSPAN texts with their variance, total variance and top images."""
+    if isinstance(components, bool) or not isinstance(components, int) or components < 1:
+        raise InputError(f"--components must be a positive integer, got {components!r}")
+    heads = decomposition.head_terms()
+    n, n_layers, n_heads, dim = heads.shape
+    bank = np.asarray(bank_embeddings, dtype=np.float64)
+    if bank.shape != (len(bank_texts), dim):
+        raise InputError(f"text bank embeddings have shape {bank.shape}, expected ({len(bank_texts)}, {dim})")
+    span_rank = min(rank, dim)
+    limit = min(span_rank, n, len(bank_texts))
+    if components > limit:
+        raise InputError(f"--components {components} exceeds what {n} images, a {dim}-d span and "
+                         f"{len(bank_texts)} texts allow (at most {limit})")
+    unit_bank = _unit(bank)
+    entries = []
+    for layer in range(n_layers):
+        for head in range(n_heads):
+            outputs = heads[:, layer, head]
+            picks = textspan(outputs, bank, n_components=components, rank=span_rank)
+            total = float(outputs.var(axis=0).sum())
+            first = unit_bank[picks[0].index] if picks else np.zeros(dim)
+            score = outputs @ first
+            order = np.argsort(-score, kind="stable")[:top_images]
+            entries.append({
+                "layer": layer, "head": head, "total_variance": total,
+                "components": [{"text": bank_texts[p.index], "bank_row": int(p.index), "variance": p.variance}
+                               for p in picks],
+                "top_images": [{"item_id": int(item_ids[i]), "score": float(score[i])} for i in order],
+            })
+    return {"layers": n_layers, "heads": n_heads, "images": n, "dim": dim, "rank": span_rank,
+            "components": components,
+            "top_images_by": "dot product of the head's output with the unit embedding of its first TEXTSPAN text",
+            "entries": entries}
+
+
+# ------------------------------------------------------------------------------ ablation
+def recall_at_k(queries: np.ndarray, images: np.ndarray, k: int = RECALL_K) -> float:
+    """Query i's relevant image is image i; cosine ranking, ties broken at random on average."""
+    q, x = _unit(np.asarray(queries, np.float64)), _unit(np.asarray(images, np.float64))
+    scores = q @ x.T
+    own = np.diag(scores)[:, None]
+    above = (scores > own + _TIE).sum(axis=1)
+    tied = (np.abs(scores - own) <= _TIE).sum(axis=1)  # includes the image itself
+    return float(np.clip((k - above) / tied, 0.0, 1.0).mean())
+
+
+def _ablated(decomposition, layers: int = 0, head: tuple[int, int] | None = None,
+             stem: bool = False) -> np.ndarray:
+    """The embeddings with layers [0, layers) (heads and MLPs), one head and/or the stem mean-ablated."""
+    heads = decomposition.head_terms()
+    total = decomposition.total()
+    if stem:
+        total = total - decomposition.stem + decomposition.stem.mean(axis=0)
+    if layers:
+        for part in (heads[:, :layers].sum(axis=2), decomposition.mlps[:, :layers]):
+            summed = part.sum(axis=1)
+            total = total - summed + summed.mean(axis=0)
+    if head is not None:
+        term = heads[:, head[0], head[1]]
+        total = total - term + term.mean(axis=0)
+    return total
+
+
+def ablation_report(decomposition, caption_embeddings: np.ndarray, k: int = RECALL_K) -> dict:
+    """R@k with no ablation, layers ablated cumulatively from the first, and each head alone."""
+    n, n_layers, n_heads, _ = decomposition.head_terms().shape
+    if caption_embeddings.shape[0] != n:
+        raise InputError(f"{caption_embeddings.shape[0]} captions for {n} images")
+    base = recall_at_k(caption_embeddings, decomposition.total(), k)
+    cumulative = [{"layers_ablated": count,
+                   "recall": recall_at_k(caption_embeddings, _ablated(decomposition, layers=count), k)}
+                  for count in range(n_layers + 1)]
+    single = [{"layer": layer, "head": head,
+               "drop": base - recall_at_k(caption_embeddings, _ablated(decomposition, head=(layer, head)), k)}
+              for layer in range(n_layers) for head in range(n_heads)]
+    everything = recall_at_k(caption_embeddings, _ablated(decomposition, layers=n_layers, stem=True), k)
+    return {"k": k, "images": n, "chance": min(1.0, k / n), "recall": base,
+            "cumulative_layers": cumulative, "all_terms_recall": everything, "single_heads": single}
+
+
+# ------------------------------------------------------------------------------ output files
+def write_json(path: str | Path, payload: dict) -> Path:
+    """``payload`` as indented JSON at ``path``, written atomically."""
+    import json
+
+    from indexing.atomic import write_atomically
+
+    path = Path(path)
+    write_atomically(path, lambda tmp: tmp.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8"))
+    return path
+
+
+def write_heads_figure(report: dict, paths_by_id: dict[int, str], path: str | Path,
+                       texts: int = 3, thumbs: int = 4) -> Path:
+    """A layers x heads grid: each cell the head's top images and its first TEXTSPAN texts."""
+    import io
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from indexing.atomic import write_atomically
+    from indexing.encoders.encoder import open_image, to_rgb_on_white
+
+    rows, cols = report["layers"], report["heads"]
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False)
+    size = 48
+    for entry in report["entries"]:
+        ax = axes[entry["layer"]][entry["head"]]
+        strip = Image.new("RGB", (size * thumbs, size), "white")
+        for slot, top in enumerate(entry["top_images"][:thumbs]):
+            try:
+                image = to_rgb_on_white(open_image(paths_by_id[top["item_id"]]))
+            except InputError:  # a file gone since it was indexed: leave its slot blank
+                continue
+            strip.paste(image.resize((size, size), Image.Resampling.BICUBIC), (slot * size, 0))
+        ax.imshow(np.asarray(strip))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        total = entry["total_variance"] or 1.0
+        lines = [f"{c['text'][:32]} ({100 * c['variance'] / total:.0f}%)" for c in entry["components"][:texts]]
+        ax.set_title(f"L{entry['layer']} H{entry['head']}", fontsize=8)
+        ax.set_xlabel("\n".join(lines), fontsize=6)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90)
+    plt.close(fig)
+    path = Path(path)
+    write_atomically(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
+    return path
