@@ -293,3 +293,19 @@ def test_encode_texts_once_encodes_each_distinct_text_once():
     np.testing.assert_array_equal(out, ToyEncoder().encode_texts(texts))
     encode_texts_once(enc, ["a", "b"])  # nothing repeated: one plain call
     assert enc.calls[-1] == ["a", "b"]
+
+
+def test_tiny_open_clip_vit_decomposes_into_its_own_embeddings(tiny_model):
+    """`encoder.visual` is the open_clip ViT, so `sce decompose` takes open_clip encoders: the
+    per-head, per-MLP and stem terms of preprocessed images sum to the encoder's embeddings."""
+    import torch
+
+    from indexing.encoders.decomposition import decompose
+
+    enc = load_encoder(f"open_clip:{tiny_model}", device="cpu")
+    images = _images()
+    pixels = torch.stack([enc.preprocess(image) for image in images])
+    parts = decompose(enc.visual, pixels)
+    total = parts.heads.sum((1, 2)) + parts.mlps.sum(1) + parts.stem
+    embedded = enc.encode_image_batch(pixels)
+    np.testing.assert_allclose(total, embedded, rtol=1e-4, atol=1e-5 * np.abs(embedded).max())

@@ -115,6 +115,12 @@ class OpenClipEncoder(Encoder):
                     self._loaded = self._load()
         return self._loaded
 
+    @property
+    def visual(self):
+        """The model's image tower (open_clip's ``model.visual``, loaded on first use): what
+        `sce decompose` splits into per-head terms when it is a class-token ViT."""
+        return self._get()[0].visual
+
     # -- the Encoder contract ----------------------------------------------------------
     def preprocess(self, image: "Image.Image") -> "torch.Tensor":
         """The model's own eval transform, after compositing transparency on white."""
