@@ -35,7 +35,31 @@ HEAD_PATH = Path(__file__).with_name("default_head.npz")
 HEAD_RECORD_PATH = Path(__file__).with_name("default_head.json")
 
 
-class DefaultEncoder(Encoder):
+class MiniLMTextSide:
+    """The text side the default encoder and emoji-vit share: all-MiniLM-L6-v2, loaded on first
+    use on the encoder's device. The class sets ``_device_arg``, ``_device``, ``_text_tower``
+    and ``_lock`` in its ``__init__``."""
+
+    @property
+    def device(self) -> str:
+        if self._device is None:
+            self._device = resolve_device(self._device_arg)
+        return self._device
+
+    @property
+    def text_tower(self) -> MiniLMTextTower:
+        with self._lock:
+            if self._text_tower is None:
+                self._text_tower = MiniLMTextTower(self.device)
+            return self._text_tower
+
+    def encode_texts(self, texts: Sequence[str], batch_size: int = 256,
+                     progress: bool = False) -> np.ndarray:
+        """all-MiniLM-L6-v2 sentence embeddings: unit-norm float32 ``(n, 384)``."""
+        return self.text_tower.encode(texts, batch_size=batch_size, progress=progress)
+
+
+class DefaultEncoder(MiniLMTextSide, Encoder):
     """EfficientNet-Lite0 + trained head (images) and all-MiniLM-L6-v2 (texts), 384-d.
 
     Both image and text embeddings are unit-norm. Everything loads on first use, from
@@ -57,24 +81,11 @@ class DefaultEncoder(Encoder):
 
     # -- lazy parts ----------------------------------------------------------------------
     @property
-    def device(self) -> str:
-        if self._device is None:
-            self._device = resolve_device(self._device_arg)
-        return self._device
-
-    @property
     def image_tower(self) -> EfficientNetLite0Tower:
         with self._lock:
             if self._image_tower is None:
                 self._image_tower = EfficientNetLite0Tower(self.device)
             return self._image_tower
-
-    @property
-    def text_tower(self) -> MiniLMTextTower:
-        with self._lock:
-            if self._text_tower is None:
-                self._text_tower = MiniLMTextTower(self.device)
-            return self._text_tower
 
     @property
     def head(self) -> ProjectionHead:
@@ -110,11 +121,6 @@ class DefaultEncoder(Encoder):
 
         cnn = self.image_tower.features(batch)
         return torch.cat([cnn, colour_features(batch.to(cnn.device))], dim=1)
-
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256,
-                     progress: bool = False) -> np.ndarray:
-        """all-MiniLM-L6-v2 sentence embeddings: unit-norm float32 ``(n, 384)``."""
-        return self.text_tower.encode(texts, batch_size=batch_size, progress=progress)
 
     # -- extra: the raw tower features (used to train the head) ---------------------------
     def encode_image_features(self, images: Iterable[ImageInput], batch_size: int = 64,

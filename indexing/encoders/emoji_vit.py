@@ -24,13 +24,14 @@ import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 
 from sce_correct.errors import InputError
 
-from .encoder import Encoder, ImageInput, resolve_device
+from .default_encoder import MiniLMTextSide
+from .encoder import Encoder, ImageInput
 from .towers import IMAGENET_MEAN, IMAGENET_STD, TEXT_DIM, MiniLMTextTower, preprocess_imagenet
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -90,7 +91,7 @@ def preprocess_image(image: "Image.Image", preprocess_cfg: dict) -> "torch.Tenso
     return x
 
 
-class EmojiVitEncoder(Encoder):
+class EmojiVitEncoder(MiniLMTextSide, Encoder):
     """Trained open_clip ViT (images) and all-MiniLM-L6-v2 (texts), 384-d, unit norm."""
 
     name = SPEC
@@ -109,12 +110,6 @@ class EmojiVitEncoder(Encoder):
         self._lock = threading.Lock()
 
     # -- lazy parts ----------------------------------------------------------------------
-    @property
-    def device(self) -> str:
-        if self._device is None:
-            self._device = resolve_device(self._device_arg)
-        return self._device
-
     @property
     def config(self) -> dict:
         if self._config is None:
@@ -144,13 +139,6 @@ class EmojiVitEncoder(Encoder):
         visual.eval().requires_grad_(False)
         logger.info("loaded emoji-vit weights from %s", self.weights_path)
         return visual.to(self.device)
-
-    @property
-    def text_tower(self) -> MiniLMTextTower:
-        with self._lock:
-            if self._text_tower is None:
-                self._text_tower = MiniLMTextTower(self.device)
-            return self._text_tower
 
     @staticmethod
     def training_record() -> dict:
@@ -187,7 +175,3 @@ class EmojiVitEncoder(Encoder):
             out = torch.nn.functional.normalize(visual(batch.to(self.device, torch.float32)).float(), dim=-1)
         return out.cpu().numpy()
 
-    def encode_texts(self, texts: Sequence[str], batch_size: int = 256,
-                     progress: bool = False) -> np.ndarray:
-        """all-MiniLM-L6-v2 sentence embeddings (the default encoder's): unit-norm ``(n, 384)``."""
-        return self.text_tower.encode(texts, batch_size=batch_size, progress=progress)
