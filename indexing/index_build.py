@@ -151,6 +151,14 @@ class IndexBuilder:
         """
         size = expected_count if expected_count is not None else self.embeddings.count(kind)
         factory, chosen = resolve_factory(factory, size, int(dim))
+        if chosen is not None and resume:
+            # The default budget follows the free memory, which changes between runs: an
+            # unfinished version chosen for the same request keeps its choice and is resumed.
+            earlier = self._unfinished_auto_choice(kind, correction, encoder, int(dim), chosen["requested"])
+            if earlier is not None and earlier != factory:
+                logger.info("resuming the %s version chosen for %s before (now it would be %s)",
+                            earlier, chosen["requested"], factory)
+                factory, chosen = earlier, {**chosen, "chosen": earlier}
         info = self._resume_or_create_version(
             kind, correction, factory, encoder, int(dim), parameters, resume,
             extra={"auto": chosen} if chosen else {},
@@ -173,6 +181,21 @@ class IndexBuilder:
             raise
         finally:
             writer.staged.close()
+
+    def _unfinished_auto_choice(self, kind: str, correction: str | None, encoder: str, dim: int,
+                                requested: str) -> str | None:
+        """The factory of the newest unfinished version built for the auto spec ``requested``."""
+        with self.catalog.sessions.begin() as session:
+            rows = session.scalars(
+                select(IndexVersion)
+                .where(IndexVersion.kind == kind, same_correction(correction), IndexVersion.encoder == encoder,
+                       IndexVersion.dim == dim, IndexVersion.state.in_([IndexState.BUILDING, IndexState.FAILED]))
+                .order_by(IndexVersion.id.desc())
+            ).all()
+            for row in rows:
+                if ((row.parameters or {}).get("auto") or {}).get("requested") == requested:
+                    return row.factory
+        return None
 
     def _resume_or_create_version(
         self, kind: str, correction: str | None, factory: str, encoder: str, dim: int,

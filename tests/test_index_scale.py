@@ -323,3 +323,25 @@ def test_cli_build_with_factory_auto_and_a_memory_budget(tmp_path, monkeypatch):
     bad = runner.invoke(app, ["index", "add", str(tmp_path / "imgs"), "-c", str(coll), "--factory", "Flat",
                               "--memory-budget", "1GB", "-q"])
     assert bad.exit_code == 1 and "--memory-budget applies to --factory auto" in bad.output
+
+
+def test_a_resumed_auto_build_keeps_the_factory_it_chose(tmp_path, monkeypatch):
+    """--factory auto's default budget follows the free memory: a retry that would choose
+    another factory resumes the unfinished version with the factory it chose the first time."""
+    vectors = mixture(60, 8, 3, seed=1)
+    choice = {"now": "Flat"}  # what choose_factory says: Flat on the first run, HNSW8 on the retry
+    monkeypatch.setattr(index_factory, "choose_factory", lambda n, dim, budget: choice["now"])
+    with make_collection(tmp_path / "coll", vectors) as coll:
+        ids = np.sort(coll.embeddings.ids("image"))
+        with pytest.raises(RuntimeError, match="stopped"):
+            with coll.new_index_version(factory="auto", checkpoint_every=10) as writer:
+                writer.add(ids[:30], coll.embeddings.get("image", ids[:30]))
+                writer.checkpoint()
+                raise RuntimeError("stopped")
+        choice["now"] = "HNSW8"
+        with coll.new_index_version(factory="auto") as writer:
+            assert writer.resumed == 30
+            writer.add(ids[30:], coll.embeddings.get("image", ids[30:]))
+        version = coll.current_version("image")
+        assert version.factory == "Flat" and version.count == 60
+        assert version.parameters["auto"]["chosen"] == "Flat"
