@@ -71,10 +71,10 @@ def main() -> None:
 
 def _round(coll: Collection, P: np.ndarray, n: int, dim: int, tmp: Path, number: int) -> None:
     t0 = time.perf_counter()
-    v = reindex(coll, "bench", progress=False)
+    v = reindex(coll, "bench", progress=False, factory="Flat")
     t_reindex = time.perf_counter() - t0
     t0 = time.perf_counter()
-    v2 = reindex(coll, "bench", progress=False, checkpoint_every=n + 1)
+    v2 = reindex(coll, "bench", progress=False, checkpoint_every=n + 1, factory="Flat")
     t_reindex_1 = time.perf_counter() - t0
     assert v.count == v2.count == n
 
