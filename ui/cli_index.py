@@ -191,7 +191,11 @@ def _print_report(report) -> None:  # noqa: ANN001 - indexing.pipeline.BuildRepo
     )
     if rejected:
         typer.echo(f"rejected: {rejected}  (see `sce index info --failures 20`)")
-    version = report.index_version
+    _print_version(report.index_version)
+
+
+def _print_version(version) -> None:  # noqa: ANN001 - indexing.index_versions.IndexVersionInfo or None
+    """The one line naming a published index version."""
     if version is not None:
         typer.echo(f"index {version.name}: {version.count} vectors, {version.factory}, {version.file}")
 
@@ -409,8 +413,7 @@ def import_command(
                    f"in {report.seconds:.1f}s; encoder {report.encoder} (dim {report.dim}); "
                    f"{report.captions_added} caption embeddings")
         for version in (report.index_version, report.caption_index_version):
-            if version is not None:
-                typer.echo(f"index {version.name}: {version.count} vectors, {version.factory}, {version.file}")
+            _print_version(version)
 
 
 @index_app.command("export")
