@@ -134,8 +134,8 @@ def records_from_rows(
         if columns.path is None:
             raise no_path_column(row.where, keys)
         value = row.values.get(columns.path)
-        caption = _clean(row.values.get(columns.text)) if columns.text else None
-        metadata = {str(key): _clean(item) for key, item in columns.metadata(row.values).items()}
+        caption = metadata_value(row.values.get(columns.text)) if columns.text else None
+        metadata = {str(key): metadata_value(item) for key, item in columns.metadata(row.values).items()}
         if value is None or str(value).strip() == "":
             # Keep the row visible as a rejected record rather than dropping it silently.
             yield SourceRecord(uri=f"{source_name}#row={number}", path=None, caption=caption, metadata=metadata)
@@ -181,8 +181,9 @@ def read_source(
     return read_table_source(source, image_root)
 
 
-def _clean(value: Any) -> Any:
-    """A JSON-friendly value: '' and NaN become None, other non-JSON types become text."""
+def metadata_value(value: Any) -> Any:
+    """A JSON-friendly value: '' and NaN become None, other non-JSON types become text (how
+    every reader of item metadata, and ``sce index import``, cleans a value)."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -194,7 +195,3 @@ def _clean(value: Any) -> Any:
     if isinstance(value, (list, dict)):
         return json.loads(json.dumps(value, default=str))
     return str(value)
-
-
-#: How every reader of item metadata cleans a value (:func:`_clean`); ``sce index import`` too.
-metadata_value = _clean
