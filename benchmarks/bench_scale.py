@@ -6,11 +6,9 @@ pure uniform random vectors have no neighbours worth the name, so IVF recall on 
 nothing), shard by shard. Stages, each in its own process so
 that its peak memory (ru_maxrss, from os.wait4) is its own:
 
-1. import: with ``indexing.embedding_import.import_embeddings`` (when importable) the shards are
-   first written in clip-retrieval's layout (img_emb/img_emb_{i}.npy +
-   metadata/metadata_{i}.parquet, by a separate process) and imported; otherwise each shard
-   is generated and stored through ``Collection.add_items`` (peak then includes generating
-   one shard). The output says which.
+1. import: the shards are first written in clip-retrieval's layout (img_emb/img_emb_{i}.npy +
+   metadata/metadata_{i}.parquet, by a separate process), then imported with
+   ``indexing.embedding_import.import_embeddings`` (``sce index import``).
 2. build: ``Collection.sync_index("image", "auto[:BUDGET]")``: the factory chosen by
    ``indexing.index_factory.choose_factory``, an on-disk IVF trained on a sample, filled shard
    by shard, merged (``merge_ondisk``) and its nprobe tuned on 1,000 stored vectors.
@@ -26,7 +24,6 @@ Goals (issue 13): recall@10 >= 0.95, p50 <= 10 ms, import peak memory below the 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import subprocess
@@ -62,14 +59,6 @@ def shards(args) -> list[tuple[int, int]]:
     return [(i, min(SHARD, args.n - start)) for i, start in enumerate(range(0, args.n, SHARD))]
 
 
-def _importer():
-    try:
-        from indexing.embedding_import import import_embeddings
-    except ImportError:
-        return None
-    return import_embeddings
-
-
 # -- stages (each run in a child process) ----------------------------------------------------------
 def stage_write_layout(args) -> dict:
     import pyarrow as pa
@@ -88,25 +77,16 @@ def stage_write_layout(args) -> dict:
 
 
 def stage_import(args) -> dict:
-    from indexing.collection import Collection, NewItem
+    from indexing.collection import Collection
+    from indexing.embedding_import import import_embeddings
 
     started = time.perf_counter()
-    importer = _importer()
     with Collection.open(Path(args.work) / "coll", create=True) as coll:
-        if importer is not None:
-            importer(coll, Path(args.work) / "clip", encoder_spec=args.encoder_spec, progress=False,
-                     build_index=False)  # the index is the next stage
-            how = "indexing.embedding_import.import_embeddings (clip-retrieval layout)"
-        else:
-            coll.bind_encoder("synthetic-vectors", args.dim)
-            for i, rows in shards(args):  # one transaction per shard
-                start = i * SHARD
-                items = [NewItem(uri=f"synthetic://{j}", sha256=hashlib.sha256(b"%d" % j).hexdigest(),
-                                 width=1, height=1) for j in range(start, start + rows)]
-                coll.add_items(items, mixture_shard(i, rows, args))
-            how = "Collection.add_items shard by shard (indexing.embedding_import is not on this branch)"
+        import_embeddings(coll, Path(args.work) / "clip", encoder_spec=args.encoder_spec, progress=False,
+                          build_index=False)  # the index is the next stage
         count = coll.embeddings.count("image")
-    return {"import_via": how, "import_seconds": time.perf_counter() - started, "stored": count}
+    return {"import_via": "indexing.embedding_import.import_embeddings (clip-retrieval layout)",
+            "import_seconds": time.perf_counter() - started, "stored": count}
 
 
 def stage_build(args) -> dict:
@@ -202,7 +182,7 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--exact-queries", type=int, default=5, help="single exact searches (the baseline)")
     parser.add_argument("--memory-budget", default=None, help="for --factory auto (default: half the free RAM)")
-    parser.add_argument("--encoder-spec", default="none", help="passed to import_embeddings when it exists")
+    parser.add_argument("--encoder-spec", default="none", help="the encoder spec the import records")
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one, removed)")
     parser.add_argument("--stage", choices=sorted(STAGES), help=argparse.SUPPRESS)
@@ -218,8 +198,7 @@ def main() -> None:
     argv = [a for a in sys.argv[1:]] + (["--work", str(work)] if not args.work else [])
     try:
         results: dict = {}
-        if _importer() is not None:
-            run_stage("write_layout", argv)
+        run_stage("write_layout", argv)
         for name in ("import", "build", "search"):
             results.update(run_stage(name, argv))
     finally:
