@@ -8,7 +8,9 @@ See DESIGN.md section 2. Public API:
   `sce_score_batches`, `sce_score_from_covariances`, `SchurCorrector.fit_batches` / `partial_fit`
 - corrections: `SchurCorrector` (t2i, i2t, t2t; paired correction and projections)
 - modes: `schur_modes`, `kernel_modes` -> list of `Mode`
-- heads: `textspan` (TEXTSPAN: the texts that span one attention head's outputs)
+- heads: `textspan` (TEXTSPAN: the texts that span one attention head's outputs), `HeadAblation`
+  (mean-ablate the heads that carry a concept)
+- files: `load_corrector` (a saved SchurCorrector or HeadAblation)
 """
 from .corrector import SchurCorrector
 from .covariance import CovarianceAccumulator, Covariances, covariances
@@ -18,6 +20,8 @@ from .modes import Mode, ModeRanker, kernel_modes, paired_spectra_and_modes, sch
 from .schur import SchurSpectra, schur_spectra, schur_spectra_batches
 from .scores import (SCEReport, matrix_entropy_score, report_from_spectra, rke_score, sce_score, sce_score_batches,
                      sce_score_from_covariances, vendi_score)
+from .heads import HeadAblation
+from .saved import load_corrector
 from .textspan import SpanText, textspan
 
 __all__ = [
@@ -27,5 +31,5 @@ __all__ = [
     "SchurSpectra", "schur_spectra", "schur_spectra_batches", "SchurCorrector",
     "Mode", "ModeRanker", "schur_modes", "kernel_modes", "paired_spectra_and_modes",
     "SceError", "InputError", "NotFoundError", "ConflictError",
-    "SpanText", "textspan",
+    "SpanText", "textspan", "HeadAblation", "load_corrector",
 ]

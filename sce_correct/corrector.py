@@ -9,9 +9,6 @@ the top eigen-directions of R = C_TS Gamma, for collections whose items have no 
 from __future__ import annotations
 
 import inspect
-import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +16,7 @@ from scipy import linalg
 
 from ._checks import as_matrix, as_pair, check_choice, check_ridge
 from .errors import InputError
+from .saved import check_format, read_npz, write_npz
 from .covariance import CovarianceAccumulator, Covariances
 from .features import CosineFeatures, RandomFourierFeatures, make_feature_map
 from .schur import (accumulate_features, choose_method, explained_covariance, ridge_cholesky, row_blocks,
@@ -323,7 +321,7 @@ class SchurCorrector:
             "method": self.method_,
             "feature_map": self.feature_map_.get_state(),
         }
-        arrays = {"meta": np.array(json.dumps(meta)), "gamma": self.gamma_}
+        arrays = {"gamma": self.gamma_}
         if self.explained_eigvecs_ is not None:
             arrays["explained_eigvals"] = self.explained_eigvals_
             arrays["explained_eigvecs"] = self.explained_eigvecs_
@@ -332,41 +330,12 @@ class SchurCorrector:
             arrays["target_mean"] = self.target_mean_
         if isinstance(self.feature_map_, RandomFourierFeatures):
             arrays["rff_frequencies"] = self.feature_map_.frequencies_
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                np.savez(fh, **arrays)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return path
+        return write_npz(path, meta, arrays)
 
     @classmethod
     def load(cls, path) -> "SchurCorrector":
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}
-        except FileNotFoundError:
-            raise
-        except Exception as exc:
-            raise InputError(f"{path} is not a saved SchurCorrector: {exc}") from None
-        try:
-            meta = json.loads(str(arrays["meta"]))
-        except (KeyError, json.JSONDecodeError):
-            raise InputError(f"{path} is not a saved SchurCorrector (no metadata)") from None
-        if meta.get("format") != FILE_FORMAT:
-            raise InputError(f"{path} is not a saved SchurCorrector (format {meta.get('format')!r})")
-        if meta.get("version") != FILE_VERSION:
-            raise InputError(
-                f"{path} was saved by another version of sce_correct (file version {meta.get('version')!r}, "
-                f"this version reads {FILE_VERSION}); fit the correction again"
-            )
+        meta, arrays = read_npz(path, "SchurCorrector")
+        check_format(path, meta, FILE_FORMAT, FILE_VERSION, "SchurCorrector")
         obj = cls(**meta["params"])
         fm_state = meta["feature_map"]
         fm_cls = CosineFeatures if fm_state["kind"] == "cosine" else RandomFourierFeatures
