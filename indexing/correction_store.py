@@ -1,7 +1,7 @@
 """Fitted corrections of a collection: the SchurCorrector file plus its catalog row.
 
-Layout: ``<collection>/corrections/<name>.npz`` (written atomically by
-``SchurCorrector.save``) and one ``corrections`` row. The file is written first and the row
+Layout: ``<collection>/corrections/<name>.npz`` (written atomically by the corrector's
+``save``: a ``SchurCorrector`` or a ``HeadAblation``) and one ``corrections`` row. The file is written first and the row
 inserted in a transaction; if the row cannot be written the file is removed, so there is
 never a row without a file or a file that a later fit with the same name would trip over.
 """
@@ -20,7 +20,7 @@ from sqlalchemy import select
 
 from indexing.atomic import replace_durably
 from indexing.catalog import Catalog, Correction
-from sce_correct import SchurCorrector
+from sce_correct import HeadAblation, SchurCorrector, load_corrector
 from sce_correct.errors import ConflictError, InputError, NotFoundError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -72,7 +72,7 @@ class CorrectionInfo:
 @dataclass
 class StoredCorrection:
     info: CorrectionInfo
-    corrector: SchurCorrector = field(repr=False)
+    corrector: SchurCorrector | HeadAblation = field(repr=False)
 
 
 def check_correction_name(name: str) -> str:
@@ -124,7 +124,7 @@ class CorrectionRegistry:
             rows = session.scalars(select(Correction).order_by(Correction.created_at)).all()
             return [self.info(row) for row in rows]
 
-    def put(self, name: str, corrector: SchurCorrector, staged: Path, *, encoder: str, dim: int,
+    def put(self, name: str, direction: str, kernel: str, staged: Path, *, encoder: str, dim: int,
             parameters: dict[str, Any], fitted_on: str | None, report: dict[str, Any]) -> None:
         """Insert (or replace) the row of ``name`` and move its ``staged`` file into place, in
         one transaction: a failed rename rolls the row back, and the renamed file is durable
@@ -136,7 +136,7 @@ class CorrectionRegistry:
                 session.delete(existing)
                 session.flush()
             session.add(Correction(
-                name=name, direction=corrector.direction, kernel=corrector.kernel,
+                name=name, direction=direction, kernel=kernel,
                 encoder=encoder, dim=int(dim), parameters=dict(parameters), file=final.name,
                 fitted_on=fitted_on, report=dict(report),
             ))
@@ -159,12 +159,19 @@ def corrections_dir(collection: Collection) -> Path:
     return collection.corrections.directory
 
 
-def save_correction(collection: Collection, name: str, corrector: SchurCorrector, *,
+def save_correction(collection: Collection, name: str, corrector: SchurCorrector | HeadAblation, *,
                     encoder: str, dim: int, parameters: dict[str, Any] | None = None,
                     fitted_on: str | None = None, report: dict[str, Any] | None = None,
-                    replace: bool = False) -> CorrectionInfo:
-    """Store a fitted corrector under `name`; an existing name is an error unless `replace`."""
+                    replace: bool = False, direction: str | None = None) -> CorrectionInfo:
+    """Store a fitted corrector under `name`; an existing name is an error unless `replace`.
+
+    ``direction`` defaults to the corrector's own (a SchurCorrector's); a HeadAblation changes
+    image embeddings, so it is stored as "t2i".
+    """
     check_correction_name(name)
+    direction = direction or getattr(corrector, "direction", None)
+    if direction not in TARGET_KIND:
+        raise InputError(f"direction must be one of {', '.join(TARGET_KIND)}, got {direction!r}")
     registry = collection.corrections
     with collection.writing():
         if registry.find(name) is not None and not replace:
@@ -172,12 +179,12 @@ def save_correction(collection: Collection, name: str, corrector: SchurCorrector
         staged = registry.directory / f".{name}.staged.npz"
         corrector.save(staged)
         try:
-            registry.put(name, corrector, staged, encoder=encoder, dim=dim, parameters=parameters or {},
+            registry.put(name, direction, corrector.kernel, staged, encoder=encoder, dim=dim, parameters=parameters or {},
                          fitted_on=fitted_on, report=report or {})
         except BaseException:
             staged.unlink(missing_ok=True)
             raise
-    logger.info("stored correction %s (%s, %s)", name, corrector.direction, corrector.kernel)
+    logger.info("stored correction %s (%s, %s)", name, direction, corrector.kernel)
     return correction_info(collection, name)
 
 
@@ -201,7 +208,7 @@ def load_correction(collection: Collection, name: str) -> StoredCorrection:
         )
     if not info.file.exists():
         raise CorrectionFileMissingError(f"the file of correction {name!r} is missing: {info.file}")
-    corrector = SchurCorrector.load(info.file)
+    corrector = load_corrector(info.file)
     if collection.dim is not None and corrector.n_features_in_ != collection.dim:
         raise InputError(
             f"correction {name!r} expects {corrector.n_features_in_}-d embeddings but the collection's "

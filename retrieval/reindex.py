@@ -10,6 +10,9 @@ Variants:
 - "paired": x -> phi(x) - s * Gamma' phi(source), with each item's own caption as the source
   (t2i; images for i2t/t2t on captions), then renormalised. Items without a paired source are
   stored uncorrected.
+- "heads" (head corrections, :mod:`retrieval.head_correction`): each item's image file is
+  re-encoded with the correction's heads mean-ablated, then renormalised; items whose file
+  cannot be read keep their stored embedding. The only variant that reads images.
 
 The job is a three-stage pipeline, so that disk and compute overlap (numpy, BLAS and file
 I/O release the GIL): a reader thread copies stored vectors into reused buffers,
@@ -47,11 +50,14 @@ from tqdm.auto import tqdm
 from indexing.collection import Collection, IndexVersionInfo, IndexVersionWriter
 from indexing.correction_store import load_correction
 from indexing.vector_index import unit_rows, unit_rows_into
+from retrieval.head_correction import HeadReencoder
+from sce_correct import HeadAblation
 from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-VARIANTS = ("auto", "projection", "paired")
+VARIANTS = ("auto", "projection", "paired", "heads")
+HEADS_CHUNK = 1024  # images decoded per chunk by the heads variant (a chunk is also the progress step)
 SOURCE_KIND = {"t2i": "caption", "i2t": "image", "t2t": "caption"}
 DEFAULT_CHECKPOINT_EVERY = 200_000
 CHECKPOINT_ENV = "SCE_REINDEX_CHECKPOINT_EVERY"
@@ -97,14 +103,21 @@ def plan_reindex(collection: Collection, correction: str, variant: str = "auto")
     stored = load_correction(collection, correction)
     corrector, info = stored.corrector, stored.info
     kind = info.target_kind
+    heads = isinstance(corrector, HeadAblation)
     if variant == "auto":
-        variant = "projection" if corrector.kernel == "cosine" else "paired"
+        variant = "heads" if heads else "projection" if corrector.kernel == "cosine" else "paired"
+    if heads != (variant == "heads"):
+        raise InputError(f"correction {correction!r} is a head correction: only the heads variant applies" if heads
+                         else f"the heads variant applies to head corrections; {correction!r} is a Schur correction")
     if variant == "projection" and corrector.kernel != "cosine":
         raise InputError(f"correction {correction!r} uses the {corrector.kernel} kernel: only the paired variant applies")
     total = collection.embeddings.count(kind)
     if total == 0:
         raise InputError(f"the collection has no stored {kind} embeddings to re-index")
-    if variant == "projection":
+    if heads:
+        P, source_kind, source_ids, dim = None, None, None, corrector.n_features_in_
+        corrector = HeadReencoder(corrector)
+    elif variant == "projection":
         P = corrector.projection(n_components=info.parameters.get("n_components"),
                                  mode=info.parameters.get("mode", "nullify")).astype(np.float32)
         dim = P.shape[0]
@@ -141,6 +154,8 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
     if checkpoint_every < 1 or chunk_size < 1:
         raise InputError("chunk_size and checkpoint_every must be positive")
     plan = plan_reindex(collection, correction, variant)
+    if plan.variant == "heads":
+        chunk_size = min(chunk_size, HEADS_CHUNK)
     started = time.perf_counter()
     with collection.new_index_version(kind=plan.kind, correction=correction, factory=factory, dim=plan.dim,
                                       parameters=plan.parameters, checkpoint_every=checkpoint_every,
@@ -158,6 +173,9 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
         version = writer.version
     logger.info("re-index %s: computed %d vectors, reused %d from checkpoints, %.1f s",
                 correction, computed, resumed, time.perf_counter() - started)
+    if isinstance(plan.corrector, HeadReencoder) and plan.corrector.uncorrected:
+        logger.warning("re-index %s: %d item(s) kept their original embedding (no readable image file)",
+                       correction, plan.corrector.uncorrected)
     logger.info("published index version %s for correction %s", version.name, correction)
     return collection.version(version.name)
 
@@ -180,6 +198,8 @@ def _apply(collection, corrector, P, source_kind, source_ids, ids, raw, out=None
     ``is_unit``: the rows of ``raw`` are unit-norm already (the pipeline normalises them
     while copying them); ``out``: where to write P x (a reused buffer).
     """
+    if isinstance(corrector, HeadReencoder):
+        return corrector.vectors(collection, ids, raw)
     x = raw if is_unit else unit_rows(raw)  # float32 throughout: this is the hot loop
     if P is not None:
         return np.matmul(x, P.T, out=out)

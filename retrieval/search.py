@@ -4,7 +4,8 @@ Strategies for a correction:
 - "query": apply the correction's projection P to the query and search the original index.
   For an inner-product index, (P q) . x == q . (P x), so this ranks exactly like a
   re-indexed version and works at once, without re-indexing (cosine projections only).
-- "reindexed": search the index version built by `sce index reindex` (any correction).
+- "reindexed": search the index version built by `sce index reindex` (any correction; the
+  only one for a head correction, which changes the image embeddings and not the query).
 - "negative": the baseline users know from other vector databases, q - a * concept, on the
   original index; `concept` is the mean prompt direction stored with the correction.
 
@@ -59,6 +60,11 @@ class CorrectionView:
     @property
     def has_projection(self) -> bool:
         return self.stored.corrector.kernel == "cosine"
+
+    @property
+    def is_heads(self) -> bool:
+        """A head correction (mean-ablated ViT heads): it changes image embeddings only."""
+        return self.stored.corrector.kernel == "heads"
 
     @cached_property
     def projection(self) -> np.ndarray:
@@ -201,6 +207,12 @@ class Retriever:
             return SearchResult(self._search(moved, k, self._version(kind, None), nprobe), kind, correction,
                                 "negative")
         if strategy == "query":
+            if view.is_heads:
+                raise InputError(
+                    f"correction {correction!r} mean-ablates heads of the image tower: it changes the image "
+                    f"embeddings, not the query, so it has no query-side form; re-index first: "
+                    f"sce index reindex --correction {correction}"
+                )
             if not view.has_projection:
                 raise InputError(
                     f"correction {correction!r} has no query-side form (kernel {view.stored.corrector.kernel}); "
@@ -211,7 +223,7 @@ class Retriever:
         if version is None:
             raise NotFoundError(f"correction {correction!r} has no re-indexed version yet: run "
                                 f"`sce index reindex --correction {correction}` or use the query strategy")
-        if not view.has_projection:
+        if not view.has_projection and not view.is_heads:  # a Gaussian kernel's index is in feature space
             q = view.stored.corrector.feature_map_.transform(q)
         return SearchResult(self._search(q, k, version, nprobe), kind, correction, "reindexed")
 

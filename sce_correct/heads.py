@@ -95,7 +95,7 @@ class HeadAblation:
             setattr(self, key, value)
         return self
 
-    def _check_params(self, n_layers: int, n_heads: int) -> None:
+    def check_params(self, n_layers: int, n_heads: int) -> None:
         if self.n_heads is not None and self.share is not None:
             raise InputError("give the number of heads or a share of the concept variance, not both")
         total = n_layers * n_heads
@@ -120,7 +120,7 @@ class HeadAblation:
         n, n_layers, n_heads, d = C.shape
         if n < 2:
             raise InputError(f"ranking heads needs the terms of at least 2 images, got {n}")
-        self._check_params(n_layers, n_heads)
+        self.check_params(n_layers, n_heads)
         U = concept_basis(concept_embeddings)
         if U.shape[0] != d:
             raise InputError(f"the concept embeddings are {U.shape[0]}-d, the head terms {d}-d")

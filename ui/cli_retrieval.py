@@ -71,14 +71,23 @@ def fit_command(
     replace: Annotated[bool, typer.Option("--replace", help="Overwrite a correction of the same name.")] = False,
     reuse: Annotated[bool, typer.Option("--reuse/--no-reuse", help="Take the stored embedding of concept images already "
                                         "in the collection (same file content); --no-reuse encodes every image.")] = True,
+    method: Annotated[str, typer.Option(help="schur (Schur-complement projection) or heads (mean-ablate the ViT "
+                                        "heads that carry the concept; needs a ViT encoder such as emoji-vit).")] = "schur",
+    heads: Annotated[Optional[int], typer.Option(min=1, help="--method heads: how many heads to ablate.")] = None,
+    share: Annotated[Optional[float], typer.Option(help="--method heads: or the fewest heads holding this share of "
+                                                   "the concept variance (default 0.5).")] = None,
+    reference_images: Annotated[int, typer.Option(min=2, help="--method heads: collection images sampled for the "
+                                                  "heads' mean terms.")] = 500,
     collection: CollectionOption = DEFAULT_COLLECTION,
     db: DbOption = None,
     quiet: QuietOption = False,
 ) -> None:
-    """Fit a Schur-complement correction from a preliminary concept set and store it.
+    """Fit a concept correction from a preliminary concept set and store it.
 
-    Concept images already in the collection (same sha256) take their stored embeddings;
-    only the others are decoded and encoded.
+    --method schur (default): a Schur-complement correction. Concept images already in the
+    collection (same sha256) take their stored embeddings; only the others are encoded.
+    --method heads: mean-ablate the image tower's heads that carry the concept (apply it by
+    re-indexing: `sce index reindex --correction NAME`).
     """
     configure_logging(quiet)
     with reporting_errors():
@@ -94,12 +103,31 @@ def fit_command(
                                      name=Path(source_texts).stem)
         else:
             raise InputError("give --concept FILE, or --source-texts and --target-texts for t2t")
+        _check_method(method, direction=direction, kernel=kernel, mode=mode, components=components, energy=energy,
+                      heads=heads, share=share)
         with _open(collection, db) as opened:
-            result = fit_concept_correction(
-                opened, opened.load_encoder(), concept_set, name=name, direction=direction, kernel=kernel, mode=mode,
-                n_components=components, energy=energy, strength=strength, ridge=ridge, center=center, replace=replace,
-                reuse_stored=reuse, progress=not quiet)
+            if method == "heads":
+                from retrieval.head_correction import fit_head_correction
+
+                result = fit_head_correction(opened, opened.load_encoder(), concept_set, name=name, n_heads=heads,
+                                             share=share, reference_images=reference_images, replace=replace)
+            else:
+                result = fit_concept_correction(
+                    opened, opened.load_encoder(), concept_set, name=name, direction=direction, kernel=kernel,
+                    mode=mode, n_components=components, energy=energy, strength=strength, ridge=ridge,
+                    center=center, replace=replace, reuse_stored=reuse, progress=not quiet)
         info = result.info
+        if method == "heads":
+            p = info.parameters
+            typer.echo(f"stored correction {info.name!r}: t2i, mean-ablated heads, {len(concept_set)} pairs "
+                       f"from {concept_set.source}")
+            typer.echo(f"  heads: {', '.join(p['heads'])} holding {p['explained_share']:.1%} of the concept "
+                       f"variance; means over {p['reference_images']} collection images")
+            typer.echo("SCE report of the preliminary set:")
+            _print_score(result.report)
+            typer.echo(f"it changes image embeddings: re-index to search with it: "
+                       f"`sce index reindex --correction {info.name}`, then `sce search --ab {info.name} \"...\"`")
+            return
         typer.echo(f"stored correction {info.name!r}: {info.direction}, {info.kernel}, {mode}, "
                    f"{len(concept_set)} pairs from {concept_set.source}")
         if concept_set.images is not None and direction != "t2t":
@@ -112,6 +140,25 @@ def fit_command(
         _print_score(result.report)
         typer.echo(f"applies to the {info.target_kind} index; search it now with "
                    f"`sce search --ab {info.name} \"...\"`, or re-index: `sce index reindex --correction {info.name}`")
+
+
+def _check_method(method: str, *, direction: str, kernel: str, mode: str, components, energy, heads, share) -> None:
+    """Options that belong to the other method are a mistake worth a line, not silently ignored."""
+    if method not in ("schur", "heads"):
+        raise InputError(f"--method must be schur or heads, got {method!r}")
+    if method == "schur":
+        if heads is not None or share is not None:
+            raise InputError("--heads and --share choose heads to ablate: they need --method heads")
+        return
+    if direction != "t2i":
+        raise InputError("a head correction changes the image embeddings: it is a t2i correction (drop --direction)")
+    if kernel != "cosine" or mode != "nullify" or components is not None or energy is not None:
+        raise InputError("--kernel, --mode, --components and --energy are Schur options; --method heads takes "
+                         "--heads or --share")
+    if heads is not None and share is not None:
+        raise InputError("give --heads or --share, not both")
+    if share is not None and not 0 < share <= 1:
+        raise InputError(f"--share must be in (0, 1], got {share}")
 
 
 @correct_app.command("list")
@@ -128,7 +175,8 @@ def list_command(collection: CollectionOption = DEFAULT_COLLECTION, db: DbOption
         for c in rows:
             p = c.parameters
             typer.echo(f"{c.name:24} {c.direction:4} {c.kernel:9} {p.get('mode', '-'):8} "
-                       f"k={p.get('n_components')}  on {c.target_kind} index  fitted on {c.fitted_on}")
+                       f"{'heads=' + ','.join(p['heads']) if p.get('method') == 'heads' else 'k=' + str(p.get('n_components'))}"
+                       f"  on {c.target_kind} index  fitted on {c.fitted_on}")
 
 
 @correct_app.command("show")
