@@ -8,13 +8,20 @@ set (default: data/concepts/skin_tone_large.csv):
   skin tone) from the image embeddings, before and after each method; chance = the
   majority-class share;
 - object retrieval: text -> image R@10 of the object's name ("waving hand"), where any
-  tone of that object counts as a hit, before and after.
+  tone of that object counts as a hit, before and after;
+- the concept at search time: for "<object>, dark skin tone" (each toned object; `--value`),
+  the share of the top 10 images that have that tone, before and after.
 
 Methods: the original embeddings; the Schur projection (nullify, fitted on the concept set,
 centred as `sce correct fit` does by default, and uncentred; query-side and re-indexed rankings
 are identical); the negative-query baseline
 q - a * concept; LEACE (PyPI concept-erasure) fitted on the same concept-set images with
-their tone labels, the reference for linear erasure.
+their tone labels, the reference for linear erasure. When the collection's encoder has a ViT
+image tower (`--encoder emoji-vit` collections), also the head correction of
+`sce correct fit --method heads` (the heads holding a share of the concept variance over the
+concept images mean-ablated, means over 500 collection images: every image is decomposed once)
+at each `--heads-share`, and heads then the Schur projection (fitted on the head-ablated
+concept images).
 
 Two protocols:
 - in-sample: each method is fitted on the whole concept set and probed on every single-tone
@@ -61,39 +68,101 @@ def recall_at_k(query_vecs, item_vecs, item_objects, query_objects, k=10) -> flo
     return float(np.mean([query_objects[i] in set(item_objects[top[i]]) for i in range(len(query_vecs))]))
 
 
-def fit_methods(text_emb, image_emb, prompts, *, components, energy, negative_weight):
-    """name -> (item transform, query transform) for every method, fitted on these pairs."""
+def schur_projection(text_emb, image_emb, *, components, energy, center=True):
+    """(P, k) of the nullify projection fitted on these pairs."""
+    P = SchurCorrector(center=center).fit(text_emb, image_emb).projection(
+        n_components=components, energy=None if components else energy)
+    return P, int(round(np.trace(np.eye(text_emb.shape[1]) - P)))
+
+
+def head_methods(heads, fit_rows, text_emb, *, shares, components, energy) -> dict:
+    """The head corrections (and heads + Schur) fitted on the concept rows ``fit_rows``."""
+    from sce_correct import HeadAblation
+
+    out = {}
+    for share in shares:
+        ablation = HeadAblation(share=share).fit(heads["concept_terms"][fit_rows], text_emb,
+                                                 reference_means=heads["reference_means"])
+        items = unit(ablation.transform(heads["item_total"], heads["item_terms"]))
+        ablated_concept = unit(ablation.transform(heads["concept_total"][fit_rows], heads["concept_terms"][fit_rows]))
+        P, k = schur_projection(text_emb, ablated_concept, components=components, energy=energy)
+        label = f"heads (share {share:g}: {len(ablation.heads_)} heads)"
+        out[label] = (lambda v, items=items: items, lambda q: q)
+        out[f"{label} + schur (k={k})"] = (lambda v, items=items, P=P: items @ P, lambda q: q)
+    return out
+
+
+def fit_methods(text_emb, image_emb, prompts, *, components, energy, negative_weight, heads=None,
+                fit_rows=None, shares=()):
+    """name -> (item transform, query transform) for every method, fitted on these pairs.
+
+    The item transforms take the collection's embedding matrix (the head corrections ignore it
+    and use the collection's decomposition in ``heads``)."""
     import torch
     from concept_erasure import LeaceEraser
 
     projections, ks = {}, {}
     for center in (True, False):
-        corr = SchurCorrector(center=center).fit(text_emb, image_emb)
-        projections[center] = corr.projection(n_components=components, energy=None if components else energy)
-        ks[center] = int(round(np.trace(np.eye(text_emb.shape[1]) - projections[center])))
+        projections[center], ks[center] = schur_projection(text_emb, image_emb, components=components,
+                                                           energy=energy, center=center)
     concept_vec = unit(unit(text_emb).mean(axis=0))
     tones = sorted(set(prompts))
     z = np.eye(len(tones))[[tones.index(p) for p in prompts]]
     eraser = LeaceEraser.fit(torch.from_numpy(unit(image_emb)).double(), torch.from_numpy(z).double())
     leace = lambda v: eraser(torch.from_numpy(v).double()).numpy()  # noqa: E731
     same = lambda v: v  # noqa: E731
-    return {
+    methods = {
         "original": (same, same),
         f"schur projection (centred, k={ks[True]})": (lambda v: v @ projections[True], same),
         f"schur projection (uncentred, k={ks[False]})": (lambda v: v @ projections[False], same),
         f"negative query (a={negative_weight})": (same, lambda q: q - negative_weight * concept_vec),
         "LEACE (concept-erasure)": (leace, leace),
     }
+    if heads is not None:
+        rows = np.ones(len(text_emb), dtype=bool) if fit_rows is None else fit_rows
+        methods.update(head_methods(heads, rows, text_emb, shares=shares, components=components, energy=energy))
+    return methods
 
 
-def evaluate(methods, X, labels, objects, probe_mask, queries):
-    """Probe accuracy on X[probe_mask] and R@10 for each query set, per method."""
+def decompose_collection(encoder, coll, ids, concept_images, reference_images=500, seed=0):
+    """The head terms and totals of every item and every concept image, and the reference means."""
+    from retrieval.head_correction import decompose_paths, reference_means
+
+    records = coll.items(ids)
+    item_terms, item_total = [], []
+    paths = [records[int(i)].uri for i in ids]
+    for start in range(0, len(paths), 256):
+        d, positions = decompose_paths(encoder, paths[start:start + 256])
+        if len(positions) != len(paths[start:start + 256]):
+            raise SystemExit(f"some images of the collection cannot be read (near {paths[start]})")
+        item_terms.append(d.head_terms().astype(np.float32))
+        item_total.append(d.total())
+    d, positions = decompose_paths(encoder, [str(p) for p in concept_images])
+    if len(positions) != len(concept_images):
+        raise SystemExit("some concept images cannot be read")
+    means, _ = reference_means(encoder, coll, reference_images, seed)
+    return {"item_terms": np.concatenate(item_terms), "item_total": np.concatenate(item_total),
+            "concept_terms": d.head_terms(), "concept_total": d.total(), "reference_means": means}
+
+
+def value_share(query_vecs, item_vecs, item_labels, value: str, k: int = 10) -> float:
+    """Mean share of each query's top-k items whose label is ``value`` (e.g. "dark")."""
+    scores = query_vecs @ item_vecs.T
+    top = np.argpartition(-scores, k, axis=1)[:, :k]
+    return float(np.mean(item_labels[top] == value))
+
+
+def evaluate(methods, X, labels, objects, probe_mask, queries, value_queries=None, value="dark"):
+    """Probe accuracy on X[probe_mask], R@10 for each query set and, for ``value_queries``
+    ("<object>, dark skin tone"), the share of the top 10 with that ``value``, per method."""
     out = {}
     for name, (items_fn, query_fn) in methods.items():
         items = items_fn(X)
         row = {"probe_accuracy": probe_accuracy(items[probe_mask], labels[probe_mask], objects[probe_mask])}
         for label, (q, q_objects) in queries.items():
             row[label] = recall_at_k(unit(query_fn(q)), items, objects, np.array(q_objects))
+        if value_queries is not None:
+            row[f"{value}_share10"] = value_share(unit(query_fn(value_queries)), items, labels, value)
         out[name] = row
     return out
 
@@ -108,6 +177,9 @@ def main() -> None:
     ap.add_argument("--negative-weight", type=float, default=1.0)
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out split of objects")
     ap.add_argument("--json", default=None, help="also write the figures here")
+    ap.add_argument("--value", default="dark", help="the concept value of the '<object>, VALUE skin tone' queries")
+    ap.add_argument("--heads-share", default="0.5,0.8,0.95",
+                    help="shares of the concept variance for the head corrections (ViT encoders only)")
     args = ap.parse_args()
 
     concept = load_concept_set(args.concept)
@@ -117,6 +189,8 @@ def main() -> None:
         records = coll.items(ids)
         X = unit(coll.embeddings.get("image", ids))
         embedded = embed_images(encoder, concept.images, coll)  # stored vectors where the file is an item
+        heads = decompose_collection(encoder, coll, ids, concept.images) if hasattr(encoder, "visual") else None
+    shares = [float(x) for x in args.heads_share.split(",") if x.strip()] if heads is not None else []
     meta = [records[i].metadata or {} for i in ids.tolist()]
     objects = np.array([m.get("object") or records[i].caption for m, i in zip(meta, ids.tolist())])
     labels = np.array([m.get(args.label_field) or "" for m in meta])
@@ -134,8 +208,11 @@ def main() -> None:
     toned_objects = sorted(set(objects[toned]))
     all_objects = sorted(set(objects))
     q_toned = encoder.encode_texts(toned_objects)
+    tone_query = "{object}, " + args.value + " skin tone"
+    q_toned_value = encoder.encode_texts([tone_query.format(object=o) for o in toned_objects])
     q_all = encoder.encode_texts(all_objects)
-    fit_kw = dict(components=args.components, energy=args.energy, negative_weight=args.negative_weight)
+    fit_kw = dict(components=args.components, energy=args.energy, negative_weight=args.negative_weight,
+                  heads=heads, shares=shares)
 
     def chance(mask):
         return max(np.mean(labels[mask] == t) for t in set(labels[mask]))
@@ -144,7 +221,7 @@ def main() -> None:
     methods = fit_methods(text_emb, image_emb, concept.prompts, **fit_kw)
     in_sample = evaluate(methods, X, labels, objects, toned,
                          {"recall10_toned_objects": (q_toned, toned_objects),
-                          "recall10_all_objects": (q_all, all_objects)})
+                          "recall10_all_objects": (q_all, all_objects)}, q_toned_value, args.value)
     # Held-out objects: two halves of the toned objects, fit on one, probe the other.
     rng = np.random.default_rng(args.seed)
     halves = np.array_split(rng.permutation(toned_objects), 2)
@@ -155,10 +232,12 @@ def main() -> None:
         probe_mask = toned & np.isin(objects, list(half))
         half_objects = sorted(half)
         q_half = encoder.encode_texts(half_objects)
-        m = fit_methods(text_emb[fit_rows], image_emb[fit_rows], prompts[fit_rows].tolist(), **fit_kw)
+        q_half_value = encoder.encode_texts([tone_query.format(object=o) for o in half_objects])
+        m = fit_methods(text_emb[fit_rows], image_emb[fit_rows], prompts[fit_rows].tolist(), fit_rows=fit_rows,
+                        **fit_kw)
         held_out.append(evaluate(m, X, labels, objects, probe_mask,
                                  {"recall10_toned_objects": (q_half, half_objects),
-                                  "recall10_all_objects": (q_all, all_objects)}))
+                                  "recall10_all_objects": (q_all, all_objects)}, q_half_value, args.value))
         chances.append(chance(probe_mask))
     # Rows by position: the projection sizes in the names may differ between the halves.
     held_out_mean = {name: {key: float(np.mean([list(h.values())[row][key] for h in held_out]))
@@ -168,7 +247,9 @@ def main() -> None:
     print(f"collection {args.collection}: {len(ids)} images, {toned.sum()} with one {args.label_field}, "
           f"{len(toned_objects)} toned objects; concept set {concept.source.name}: {len(concept)} pairs "
           f"({embedded.reused} from stored embeddings)")
-    header = f"{'method':<38}{'probe acc':>10}{'R@10 toned objects':>20}{'R@10 all objects':>18}"
+    share_key = f"{args.value}_share10"
+    header = (f"{'method':<48}{'probe acc':>10}{'R@10 toned objects':>20}{'R@10 all objects':>18}"
+              f"{args.value + ' share@10':>16}")
     sections = [
         (f"in-sample (fitted on all {len(concept)} pairs; chance {chance(toned):.3f})", in_sample),
         (f"held-out objects (2 halves; fitted on {[int(len(concept) - np.isin(concept_objects, list(h)).sum()) for h in halves]} "
@@ -177,8 +258,8 @@ def main() -> None:
     for title, table in sections:
         print(f"\n{title}\n{header}")
         for name, row in table.items():
-            print(f"{name:<38}{row['probe_accuracy']:>10.3f}{row['recall10_toned_objects']:>20.3f}"
-                  f"{row['recall10_all_objects']:>18.3f}")
+            print(f"{name:<48}{row['probe_accuracy']:>10.3f}{row['recall10_toned_objects']:>20.3f}"
+                  f"{row['recall10_all_objects']:>18.3f}{row[share_key]:>16.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "concept": str(concept.source),

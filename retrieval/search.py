@@ -75,7 +75,10 @@ class CorrectionView:
 
     @cached_property
     def concept_basis(self) -> np.ndarray | None:
-        """U_k: the concept's top directions (what a focus projection keeps), or None."""
+        """U_k: the concept's top directions (what a focus projection keeps), or None; for a head
+        correction the span of its prompts' differences."""
+        if self.is_heads:
+            return self.stored.corrector.concept_basis_
         if not self.has_projection:
             return None
         k = self.stored.info.parameters.get("n_components") or 1
