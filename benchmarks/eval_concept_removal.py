@@ -124,6 +124,26 @@ def fit_methods(text_emb, image_emb, prompts, *, components, energy, negative_we
     return methods
 
 
+def print_tone_variance(heads, text_emb) -> None:
+    """Where the concept lives: variance along the prompts' differences, per term of the concept images."""
+    from sce_correct.heads import concept_basis
+
+    U = concept_basis(text_emb)
+
+    def along(x):
+        x = x - x.mean(axis=0)
+        return float(((x @ U) ** 2).sum(axis=-1).mean())
+
+    terms = heads["concept_terms"]
+    print(f"concept variance of the concept images' embeddings along the prompts' differences: "
+          f"{along(heads['concept_total']):.1f}")
+    print(f"  all heads summed {along(terms.sum(axis=(1, 2))):.1f}; MLPs summed {along(heads['concept_mlps'].sum(axis=1)):.1f}; "
+          f"stem {along(heads['concept_stem']):.1f}")
+    print("  MLP by layer " + " ".join(f"{along(heads['concept_mlps'][:, l]):.1f}" for l in range(terms.shape[1])))
+    for layer in range(terms.shape[1]):
+        print(f"  heads of layer {layer}: " + " ".join(f"{along(terms[:, layer, h]):.2f}" for h in range(terms.shape[2])))
+
+
 def decompose_collection(encoder, coll, ids, concept_images, reference_images=500, seed=0):
     """The head terms and totals of every item and every concept image, and the reference means."""
     from retrieval.head_correction import decompose_paths, reference_means
@@ -142,7 +162,8 @@ def decompose_collection(encoder, coll, ids, concept_images, reference_images=50
         raise SystemExit("some concept images cannot be read")
     means, _ = reference_means(encoder, coll, reference_images, seed)
     return {"item_terms": np.concatenate(item_terms), "item_total": np.concatenate(item_total),
-            "concept_terms": d.head_terms(), "concept_total": d.total(), "reference_means": means}
+            "concept_terms": d.head_terms(), "concept_total": d.total(), "concept_mlps": d.mlps,
+            "concept_stem": d.stem, "reference_means": means}
 
 
 def value_share(query_vecs, item_vecs, item_labels, value: str, k: int = 10) -> float:
@@ -244,6 +265,8 @@ def main() -> None:
                             for key in held_out[0][name]}
                      for row, name in enumerate(held_out[0])}
 
+    if heads is not None:
+        print_tone_variance(heads, text_emb)
     print(f"collection {args.collection}: {len(ids)} images, {toned.sum()} with one {args.label_field}, "
           f"{len(toned_objects)} toned objects; concept set {concept.source.name}: {len(concept)} pairs "
           f"({embedded.reused} from stored embeddings)")
