@@ -239,6 +239,10 @@ def test_head_heatmap_endpoint_maps_the_uploaded_image(site):
     np.testing.assert_allclose(np.asarray(table["data"], dtype=np.float64), want, rtol=1e-12)
     assert table["headers"] == ["col 0", "col 1", "col 2", "col 3"]
     assert "Layer 1, head 2 along 'picture number 3' on grey.png" in summary and f"{want.sum():.4g} in all" in summary
+    pixels = encoder.load_and_preprocess(grey)[None]
+    direction = unit(encoder.encode_texts([text])[0])
+    class_term = decompose(encoder.visual, pixels, tokens=True).heads[0, 1, 2, 0] @ direction
+    assert f"the class token adds {class_term:.4g} (the head's term along the text: " in summary
     with Image.open(overlay) as shown:
         pixels = np.asarray(shown.convert("RGB"), dtype=np.int64)
     assert pixels.shape == (320, 320, 3)

@@ -177,11 +177,17 @@ class HeadsActions:
         n_layers = len(visual.transformer.resblocks)
         layer = whole_number(layer, "layer", 0, n_layers - 1)
         head = whole_number(head, "head", 0, int(visual.transformer.resblocks[0].attn.num_heads) - 1)
-        grid = patch_heatmap(visual, encoder.load_and_preprocess(path), encoder.encode_texts([text])[0], layer, head)
+        from indexing.encoders.decomposition import decompose
+
+        pixels, direction = encoder.load_and_preprocess(path), encoder.encode_texts([text])[0]
+        grid = patch_heatmap(visual, pixels, direction, layer, head)
+        # The head's whole term along the text; what the patches leave is the class token's own term.
+        whole = float(decompose(visual, pixels[None]).heads[0, layer, head] @ (direction / np.linalg.norm(direction)))
         summary = (f"Layer {layer}, head {head} along {html.escape(repr(text), quote=False)} on "
                    f"{html.escape(Path(files[0]).name, quote=False)}: per-patch contributions from "
-                   f"{grid.min():.4g} to {grid.max():.4g}, {grid.sum():.4g} in all (the class token adds the "
-                   "rest of the head's term). Red: along the text, blue: against it; opacity: strength.")
+                   f"{grid.min():.4g} to {grid.max():.4g}, {grid.sum():.4g} in all; the class token adds "
+                   f"{whole - grid.sum():.4g} (the head's term along the text: {whole:.4g}). Red: along the text, "
+                   "blue: against it; opacity: strength relative to the strongest patch.")
         table = {"headers": [f"col {c}" for c in range(grid.shape[1])],
                  "data": [[float(v) for v in row] for row in grid]}
         return heatmap_overlay(path, grid), summary, table
