@@ -30,6 +30,8 @@ from ui.app_state import AppState, uploaded_files
 from ui.app_uploads import check_image
 
 TOP_IMAGES = 8
+#: The largest sample the page accepts: the terms are float64, layers x heads x dim per image.
+MAX_IMAGES = 2000
 OVERVIEW_TEXTS = 3
 HEATMAP_WIDTH = 320
 #: The heatmap's strongest cell is drawn at this opacity over the image, weaker ones fainter.
@@ -121,7 +123,7 @@ class HeadsActions:
         every head's first texts [layer, head, total variance, texts]).
         """
         encoder, _ = self._vit()
-        key = (whole_number(images, "the sample size", 2), whole_number(components, "texts per head", 1))
+        key = (whole_number(images, "the sample size", 2, MAX_IMAGES), whole_number(components, "texts per head", 1))
         with self._compute_lock:  # a second click waits for the first and reuses its report
             if key not in self.reports:
                 self.reports[key] = collection_head_report(
@@ -152,8 +154,9 @@ class HeadsActions:
                                       for top in entry["top_images"]])
         overview = []
         for other in report["entries"]:
-            share = other["total_variance"] or 1.0
-            picks = "; ".join(f"{c['text']} ({c['variance'] / share:.0%})" for c in other["components"][:OVERVIEW_TEXTS])
+            whole = other["total_variance"] or 1.0
+            picks = "; ".join(f"{c['text']} ({c['variance'] / whole:.0%})"
+                              for c in other["components"][:OVERVIEW_TEXTS])
             overview.append([other["layer"], other["head"], f"{other['total_variance']:.4g}", picks])
         summary = (f"**Layer {layer}, head {head}** of {n_layers} x {n_heads}: total variance "
                    f"{entry['total_variance']:.4g} over {report['images']} sampled images (seed {report['seed']}), "
@@ -189,7 +192,9 @@ class HeadsActions:
                    f"{whole - grid.sum():.4g} (the head's term along the text: {whole:.4g}). Red: along the text, "
                    "blue: against it; opacity: strength relative to the strongest patch.")
         table = {"headers": [f"col {c}" for c in range(grid.shape[1])],
-                 "data": [[float(v) for v in row] for row in grid]}
+                 "data": [[float(v) for v in row] for row in grid],  # full precision for API callers
+                 "metadata": {"display_value": [[f"{v:.4g}" for v in row] for row in grid],
+                              "styling": [["" for _ in row] for row in grid]}}
         return heatmap_overlay(path, grid), summary, table
 
 
@@ -199,7 +204,7 @@ def build_heads_tab(state: AppState) -> None:
     gr.Markdown(INTRO)
     status = gr.Markdown(elem_id="heads-status")
     with gr.Row():
-        images = gr.Number(DEFAULT_IMAGES, precision=0, minimum=2, label="Images sampled (seeded)",
+        images = gr.Number(DEFAULT_IMAGES, precision=0, minimum=2, maximum=MAX_IMAGES, label="Images sampled (seeded)",
                            elem_id="heads-images")
         components = gr.Slider(1, 10, value=5, step=1, label="TEXTSPAN texts per head", elem_id="heads-components")
         layer = gr.Dropdown([0], value=0, label="Layer", allow_custom_value=True, elem_id="heads-layer")
@@ -208,9 +213,9 @@ def build_heads_tab(state: AppState) -> None:
     summary = gr.Markdown(elem_id="heads-summary")
     with gr.Row(equal_height=True):
         texts = gr.Dataframe(headers=TEXTS_HEADERS, label="The head's TEXTSPAN texts", interactive=False,
-                             elem_id="heads-texts", scale=2)
+                             column_widths=["12%", "48%", "18%", "22%"], wrap=True, elem_id="heads-texts", scale=1)
         top = gr.Gallery(label="Its top images", columns=4, height="auto", object_fit="contain",
-                         elem_id="heads-gallery", elem_classes="result-gallery", scale=3)
+                         elem_id="heads-gallery", elem_classes="result-gallery", scale=1)
     with gr.Accordion("Every head", open=False):
         overview = gr.Dataframe(headers=OVERVIEW_HEADERS, interactive=False, max_height=360, elem_id="heads-overview")
     gr.Markdown("#### A head's contribution per patch, along a text\nThe uploaded image goes through the "
@@ -231,7 +236,7 @@ def build_heads_tab(state: AppState) -> None:
     outputs = [summary, texts, top, overview]
     compute.click(act["heads"], [images, components, layer, head], outputs, api_name="heads", concurrency_id="read")
     gr.on([layer.input, head.input], act["show_head"], [images, components, layer, head], outputs,
-          api_visibility="private", show_progress="hidden")
+          api_visibility="private", show_progress="hidden", trigger_mode="always_last")
     gr.on([heatmap_button.click, direction.submit], act["head_heatmap"], [upload, direction, layer, head],
           [heatmap, heatmap_summary, grid], api_name="head_heatmap", concurrency_id="read")
     state.blocks.load(act["availability"], None, [status, layer, head], api_visibility="private",
