@@ -111,7 +111,8 @@ class HeadsActions:
         blocks = list(visual.transformer.resblocks)
         heads = int(blocks[0].attn.num_heads)
         rows, cols = (int(g) for g in visual.grid_size)
-        text = (f"Encoder `{html.escape(encoder.name, quote=False)}`: {len(blocks)} layers x {heads} heads, "
+        name = getattr(encoder, "name", type(encoder).__name__)
+        text = (f"Encoder `{html.escape(name, quote=False)}`: {len(blocks)} layers x {heads} heads, "
                 f"a {rows} x {cols} grid of patches.")
         return (text, gr.update(choices=list(range(len(blocks))), value=0),
                 gr.update(choices=list(range(heads)), value=0))
