@@ -249,3 +249,91 @@ def write_heads_figure(report: dict, paths_by_id: dict[int, str], path: str | Pa
     path = Path(path)
     write_atomically(path, lambda tmp: tmp.write_bytes(buffer.getvalue()))
     return path
+
+
+# ------------------------------------------------------------------------------ shared by the CLI and the web UI
+#: Images decomposed per step of :func:`collection_head_report` (a multiple of decompose's batch).
+_REPORT_CHUNK = 128
+
+
+def collection_head_report(encoder, collection, *, bank: str | Path | None = None, images: int = DEFAULT_IMAGES,
+                           seed: int = DEFAULT_SEED, components: int = 5, top_images: int = 5,
+                           progress=None) -> dict:
+    """:func:`head_report` of a seeded sample of an open collection: `sce decompose heads` and the
+    web UI's Heads tab both call this.
+
+    The encoder is checked first (a CNN is refused before anything is read), then the bank
+    (default: the shipped general bank) is read, ``images`` items are sampled (``seed``), their
+    images decomposed and the bank embedded with the encoder's text tower. The report gains
+    ``encoder`` (its name), ``bank`` (path), ``bank_texts`` (count) and ``seed``, and every top
+    image its ``uri``. ``progress``, if given, is called as ``progress(fraction, description)``.
+    """
+    from indexing.encoders.decomposition import Decomposition
+
+    def step(fraction: float, text: str) -> None:
+        if progress is not None:
+            progress(fraction, text)
+
+    if isinstance(top_images, bool) or not isinstance(top_images, int) or top_images < 1:
+        raise InputError(f"top images must be a positive integer, got {top_images!r}")
+    vit_of(encoder)
+    bank_path, texts = read_bank(bank)
+    sample = sample_items(collection, images, seed)
+    n = len(sample.paths)
+    parts = []
+    for start in range(0, n, _REPORT_CHUNK):
+        step(0.8 * start / n, f"decomposing images {start + 1}-{min(n, start + _REPORT_CHUNK)} of {n}")
+        parts.append(decompose_images(encoder, sample.paths[start:start + _REPORT_CHUNK]))
+    decomposition = parts[0] if len(parts) == 1 else Decomposition(
+        heads=np.concatenate([p.heads for p in parts]), mlps=np.concatenate([p.mlps for p in parts]),
+        stem=np.concatenate([p.stem for p in parts]))
+    step(0.8, f"embedding the {len(texts)} texts of {bank_path.name}")
+    bank_embeddings = encoder.encode_texts(texts)
+    step(0.9, "TEXTSPAN per head")
+    report = head_report(decomposition, texts, bank_embeddings, sample.ids, components=components,
+                         top_images=top_images)
+    report.update(encoder=getattr(encoder, "name", type(encoder).__name__), bank=str(bank_path),
+                  bank_texts=len(texts), seed=seed)
+    paths = dict(zip((int(i) for i in sample.ids), sample.paths))
+    for entry in report["entries"]:
+        entry["top_images"] = [dict(top, uri=paths[top["item_id"]]) for top in entry["top_images"]]
+    return report
+
+
+# ------------------------------------------------------------------------------ per-patch heatmap
+def patch_heatmap(visual, pixels, text_vector: np.ndarray, layer: int, head: int) -> np.ndarray:
+    """One head's per-patch contribution along a text direction, as the (rows, cols) patch grid.
+
+    ``pixels``: one preprocessed image, (3, H, W) or (1, 3, H, W); ``text_vector``: a direction
+    in the tower's output space (normalised here to unit length). Cell (r, c) is the dot product
+    of the direction with the head's term from the patch in row r, column c
+    (``decompose(..., tokens=True)``): open_clip's VisionTransformer puts the class token first,
+    then ``conv1``'s output grid flattened row by row. The cells plus the class token's own term
+    sum to the head's term dotted with the direction.
+    """
+    import torch
+
+    from indexing.encoders.decomposition import decompose
+
+    if isinstance(pixels, np.ndarray):
+        pixels = torch.from_numpy(pixels)
+    if isinstance(pixels, torch.Tensor) and pixels.ndim == 3:
+        pixels = pixels[None]
+    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4 or pixels.shape[0] != 1:
+        shape = tuple(pixels.shape) if hasattr(pixels, "shape") else type(pixels).__name__
+        raise InputError(f"patch_heatmap takes one preprocessed image (3, H, W), got {shape}")
+    # decompose refuses a tower it cannot split (not a class-token ViT) in one line.
+    terms = decompose(visual, pixels, tokens=True).heads[0]  # (layers, heads, tokens, dim)
+    n_layers, n_heads, n_tokens, dim = terms.shape
+    for what, value, count in (("layer", layer, n_layers), ("head", head, n_heads)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 <= value < count:
+            raise InputError(f"{what} must be an integer from 0 to {count - 1} (the tower has {count} "
+                             f"{what}s), got {value!r}")
+    direction = np.asarray(text_vector, dtype=np.float64).reshape(-1)
+    if direction.shape != (dim,) or not np.isfinite(direction).all() or not np.linalg.norm(direction) > 0:
+        raise InputError(f"the text direction must be a finite non-zero {dim}-d vector, got shape "
+                         f"{np.shape(text_vector)}")
+    rows, cols = (int(g) for g in visual.grid_size)
+    if n_tokens != 1 + rows * cols:
+        raise InputError(f"the tower has {n_tokens} tokens, not 1 + {rows} x {cols} patches")
+    return (terms[layer, head, 1:] @ _unit(direction)).reshape(rows, cols)

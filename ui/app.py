@@ -1,8 +1,8 @@
-"""`sce serve`: the Gradio web UI over a collection (Search, Corrections, Clusters, Report).
+"""`sce serve`: the Gradio web UI over a collection (Search, Corrections, Clusters, Report, Heads).
 
 This module composes the page and serves it. Each tab lays itself out and wires its actions
 in its own module (`ui.tab_search`, `ui.tab_corrections`, `ui.tab_clusters` for Clusters and
-Report, `ui.tab_evaluate`); what they share is `ui.app_state.AppState`, and
+Report, `ui.tab_evaluate`, `ui.tab_heads`); what they share is `ui.app_state.AppState`, and
 `ui.app_errors` turns failures into one-line messages. Gradio is imported inside the
 functions, so `import ui.app` (and `sce --help`) stays fast.
 
@@ -14,7 +14,8 @@ Every main action is a named API endpoint, callable with ``gradio_client``::
         "raised fist dark skin tone", None, "no-skin-tone", "auto", 1.0, 12, "image", "skin_tone",
         api_name="/search")
 
-Endpoints: /search, /concept_report, /fit_correction, /reindex, /clusters, /report, /evaluate.
+Endpoints: /search, /concept_report, /fit_correction, /reindex, /clusters, /report, /evaluate,
+/heads, /head_heatmap.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 DEFAULT_MAX_UPLOAD_MB = 20
-ENDPOINTS = ("search", "concept_report", "fit_correction", "reindex", "clusters", "report", "evaluate")
+ENDPOINTS = ("search", "concept_report", "fit_correction", "reindex", "clusters", "report", "evaluate",
+             "heads", "head_heatmap")
 
 # Gallery tweaks (Gradio's own class names; if they change, galleries fall back to Gradio's look):
 # a mode is one row of small square thumbnails without captions (they show on click), and
@@ -54,8 +56,8 @@ Search the collection, and see how a **concept correction** (for example one tha
 tone) changes the results: original on the left, corrected on the right.
 **Search** compares results, **Corrections** fits a correction from a small set of prompt/image
 pairs and re-indexes with it, **Clusters** shows the image modes before and after the prompts'
-part is removed, and **Report** gives the SCE score of a prompt/image set and evaluates
-text-to-image outputs."""
+part is removed, **Report** gives the SCE score of a prompt/image set and evaluates
+text-to-image outputs, and **Heads** shows what each attention head of a ViT encoder encodes."""
 
 
 def build_app(collection_dir: str | Path, db: str | None = None, encoder: Any = None,
@@ -73,6 +75,7 @@ def build_app(collection_dir: str | Path, db: str | None = None, encoder: Any = 
     from ui.tab_clusters import build_clusters_tab, build_report_tab
     from ui.tab_corrections import build_corrections_tab
     from ui.tab_evaluate import build_evaluate_section
+    from ui.tab_heads import build_heads_tab
     from ui.tab_search import build_search_tab
 
     state = AppState(collection_dir, db=db, encoder=encoder, concepts_dir=concepts_dir,
@@ -93,6 +96,8 @@ def build_app(collection_dir: str | Path, db: str | None = None, encoder: Any = 
             with gr.Tab("Report", id="report"):
                 build_report_tab(state)
                 build_evaluate_section(state)  # `sce evaluate` (issue 7), from the app's encoder
+            with gr.Tab("Heads", id="heads"):
+                build_heads_tab(state)  # issue 14: a ViT encoder's heads in words, per patch
         app.load(user_errors(state.refresh), None,
                  [header, search.correction, corrections.reindex_choice, corrections.table],
                  api_visibility="private", show_progress="hidden")
@@ -147,7 +152,7 @@ def serve_command(
     concepts: Annotated[Optional[Path], typer.Option(
         help="Folder of concept-set CSVs offered in the UI. Default: the concept sets shipped with the package.")] = None,
 ) -> None:
-    """Open the web UI over a collection: A/B search, corrections, clusters and SCE reports."""
+    """Open the web UI over a collection: A/B search, corrections, clusters, SCE reports and a ViT's heads."""
     from sce_correct.errors import ConflictError
     from ui.cli_index import configure_logging, reporting_errors
 

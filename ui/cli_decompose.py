@@ -60,26 +60,28 @@ def heads_command(
 
     with reporting_errors():
         configure_logging(quiet)
-        from retrieval.heads import head_report, read_bank, write_heads_figure, write_json
+        from indexing.collection import Collection
+        from retrieval.heads import collection_head_report, write_heads_figure, write_json
 
         if components < 1:
             raise InputError(f"--components must be at least 1, got {components}")
         if top < 1:
             raise InputError(f"--top must be at least 1, got {top}")
         loaded = _load_vit_encoder(encoder)  # a CNN encoder is refused before anything is read
-        bank_path, texts = read_bank(bank)
-        sample, decomposition = _decompose_sample(loaded, collection, db, images, seed, captioned=False)
-        report = head_report(decomposition, texts, loaded.encode_texts(texts), sample.ids,
-                             components=components, top_images=top)
-        report.update(encoder=encoder, bank=str(bank_path), seed=seed)
-        paths = dict(zip((int(i) for i in sample.ids), sample.paths))
-        for entry in report["entries"]:
-            entry["top_images"] = [dict(t, uri=paths[t["item_id"]]) for t in entry["top_images"]]
+        opened = Collection.open(collection, db)
+        try:  # the same code path as the web UI's Heads tab
+            report = collection_head_report(loaded, opened, bank=bank, images=images, seed=seed,
+                                            components=components, top_images=top)
+        finally:
+            opened.close()
+        report["encoder"] = encoder  # the spec as given
+        paths = {t["item_id"]: t["uri"] for entry in report["entries"] for t in entry["top_images"]}
         folder = out if out is not None else collection / "decompose"
         json_path = write_json(folder / "heads.json", report)
         png_path = write_heads_figure(report, paths, folder / "heads.png")
         typer.echo(f"{report['layers']} layers x {report['heads']} heads, {report['images']} images, "
-                   f"bank {bank_path.name} ({len(texts)} texts); top images by {report['top_images_by']}")
+                   f"bank {Path(report['bank']).name} ({report['bank_texts']} texts); "
+                   f"top images by {report['top_images_by']}")
         for entry in report["entries"]:
             picks = "; ".join(f"{c['text']} {c['variance']:.4g}" for c in entry["components"])
             ids = " ".join(str(t["item_id"]) for t in entry["top_images"])
