@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import json
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,14 @@ def test_searching_needs_the_reindexed_version_then_matches_a_brute_force_rankin
     hits = line["corrected"]
     assert [h["id"] for h in hits] == ids[order].tolist()
     np.testing.assert_allclose([h["score"] for h in hits], scores[order], atol=2e-4)
+    # The web UI's A/B search takes the same re-indexed version.
+    from ui.app_state import AppState
+    from ui.tab_search import SearchActions
+
+    state = AppState(corpus["coll"], encoder=corpus["encoder"])
+    summary, _, corrected, _ = SearchActions(state).search(query, None, "tone-heads", "auto", 1.0, 8, "image", "")
+    assert "re-indexed version" in summary
+    assert [int(re.search(r"\bid (\d+)\b", item[1]).group(1)) for item in corrected] == ids[order].tolist()
 
 
 def test_an_item_whose_file_is_gone_keeps_its_stored_embedding(corpus, tmp_path, caplog):
@@ -257,7 +266,7 @@ def test_the_plan_pickles_without_its_encoder(corpus, fitted):
 def test_bad_head_options_are_one_line(corpus, args, message):
     result = invoke("correct", "fit", "-c", corpus["coll"], "--name", "bad", "--concept", corpus["concept"], *args, "-q")
     assert result.exit_code == 1, result.output
-    assert __import__("re").search(message, result.output), result.output
+    assert re.search(message, result.output), result.output
     assert "Traceback" not in result.output
     assert "bad" not in invoke("correct", "list", "-c", corpus["coll"]).output.split()
 
