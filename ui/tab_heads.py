@@ -79,7 +79,8 @@ def heatmap_overlay(image_path: str | Path, grid: np.ndarray, width: int = HEATM
     # The centre crop at the grid's aspect: what a centre-cropping encoder sees (all of a square image).
     backdrop = ImageOps.fit(to_rgb_on_white(open_image(image_path)), size, Image.Resampling.BICUBIC)
     scale = float(np.abs(grid).max()) or 1.0
-    relative = np.asarray(Image.fromarray((grid / scale).astype(np.float32)).resize(size, Image.Resampling.BILINEAR))
+    # NEAREST: each patch is drawn as its own block, so the cells of a coarse grid stay readable
+    relative = np.asarray(Image.fromarray((grid / scale).astype(np.float32)).resize(size, Image.Resampling.NEAREST))
     colours = colormaps["RdBu_r"]((np.clip(relative, -1, 1) + 1) / 2)[..., :3] * 255
     alpha = HEATMAP_ALPHA * np.clip(np.abs(relative), 0, 1)[..., None]
     blended = (1 - alpha) * np.asarray(backdrop, dtype=np.float64) + alpha * colours
