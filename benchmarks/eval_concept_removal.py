@@ -10,7 +10,16 @@ set (default: data/concepts/skin_tone_large.csv):
 - object retrieval: text -> image R@10 of the object's name ("waving hand"), where any
   tone of that object counts as a hit, before and after;
 - the concept at search time: for "<object>, dark skin tone" (each toned object; `--value`),
-  the share of the top 10 images that have that tone, before and after.
+  the share of the top 10 images that have that tone, before and after, and how much of the
+  original's excess over a tone-blind ranking is gone. A ranking blind to tone still shows
+  some dark items (the object's dark variant among its five tones, and other objects' dark
+  ones): the reference row replaces each toned item by its object's mean, which no correction
+  can beat without preferring the other tones.
+
+Issue 15's approaches (`benchmarks/concept_approaches.py`) are rows of their own: iterative
+removal, context pairs from the collection's metadata centred by object, and a neighbour
+mean after the projection. The caption index gets the same measures for I2T and T2T
+corrections (held-out objects).
 
 Methods: the original embeddings; the Schur projection (nullify, fitted on the concept set,
 centred as `sce correct fit` does by default, and uncentred; query-side and re-indexed rankings
@@ -50,6 +59,9 @@ from indexing.encoders.encoder import encode_texts_once
 from retrieval.concepts import load_concept_set
 from retrieval.corrections import embed_images, unit
 from sce_correct import SchurCorrector
+from sce_correct.corrector import DEFAULT_ENERGY
+
+import concept_approaches as ca  # noqa: E402  (benchmarks/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,7 +105,7 @@ def head_methods(heads, fit_rows, text_emb, *, shares, components, energy) -> di
 
 
 def fit_methods(text_emb, image_emb, prompts, *, components, energy, negative_weight, heads=None,
-                fit_rows=None, shares=()):
+                fit_rows=None, shares=(), context=None):
     """name -> (item transform, query transform) for every method, fitted on these pairs.
 
     The item transforms take the collection's embedding matrix (the head corrections ignore it
@@ -118,10 +130,41 @@ def fit_methods(text_emb, image_emb, prompts, *, components, energy, negative_we
         f"negative query (a={negative_weight})": (same, lambda q: q - negative_weight * concept_vec),
         "LEACE (concept-erasure)": (leace, leace),
     }
+    P_iter, rounds = ca.iterative_projection(text_emb, image_emb, energy=energy or DEFAULT_ENERGY)
+    methods[f"iterative removal ({rounds} round(s), k={int(round(np.trace(np.eye(len(P_iter)) - P_iter)))})"] = (
+        lambda v: v @ P_iter.T, same)
+    if context is not None:  # pairs from the collection: each toned item's caption with its image
+        captions, images, groups, items = context
+        for k in (8, 16):
+            P_ctx = ca.context_projection(captions[items], images[items], groups[items], k)
+            methods[f"t2i in context (metadata, by object), k={k}"] = (lambda v, P=P_ctx: v @ P, same)
+            if k == 8:
+                methods["t2i in context k=8 + neighbour mean (0.85, 8)"] = (
+                    lambda v, P=P_ctx: ca.knn_smooth(v @ P), same)
+    methods[f"schur k={ks[True]} + neighbour mean (cos >= 0.85, 8)"] = (
+        lambda v: ca.knn_smooth(v @ projections[True]), same)
     if heads is not None:
         rows = np.ones(len(text_emb), dtype=bool) if fit_rows is None else fit_rows
         methods.update(head_methods(heads, rows, text_emb, shares=shares, components=components, energy=energy))
     return methods
+
+
+def caption_methods(text_emb, image_emb, concept_rows, CAP, X, objects, fit_items, energy) -> dict:
+    """name -> caption-space projection P (applied to the caption index and to the query) for
+    I2T and T2T, fitted on the concept rows (and, for the context pairs, the collection's items)."""
+    energy = energy or DEFAULT_ENERGY
+    out = {"original": np.eye(CAP.shape[1])}
+    i2t = SchurCorrector(direction="i2t", center=True).fit(image_emb, text_emb)
+    k = i2t.n_components_for_energy(energy)
+    out[f"i2t: concept images -> tone prompts (k={k})"] = i2t.projection(n_components=k)
+    has_item = concept_rows >= 0
+    t2t = SchurCorrector(direction="t2t", center=True).fit(text_emb[has_item], CAP[concept_rows[has_item]])
+    k = t2t.n_components_for_energy(energy)
+    out[f"t2t: tone prompts -> captions (k={k})"] = t2t.projection(n_components=k)
+    for k in (8, 16):
+        out[f"i2t in context (metadata, by object), k={k}"] = ca.context_projection(
+            X[fit_items], CAP[fit_items], objects[fit_items], k)
+    return out
 
 
 def print_tone_variance(heads, text_emb) -> None:
@@ -209,6 +252,7 @@ def main() -> None:
         ids = coll.embeddings.ids("image")
         records = coll.items(ids)
         X = unit(coll.embeddings.get("image", ids))
+        CAP = unit(coll.embeddings.get("caption", ids))  # every sample item has a caption
         embedded = embed_images(encoder, concept.images, coll)  # stored vectors where the file is an item
         heads = decompose_collection(encoder, coll, ids, concept.images) if hasattr(encoder, "visual") else None
     shares = [float(x) for x in args.heads_share.split(",") if x.strip()] if heads is not None else []
@@ -234,12 +278,17 @@ def main() -> None:
     q_all = encoder.encode_texts(all_objects)
     fit_kw = dict(components=args.components, energy=args.energy, negative_weight=args.negative_weight,
                   heads=heads, shares=shares)
+    floor_name = "reference: tone-blind (object means)"
 
     def chance(mask):
         return max(np.mean(labels[mask] == t) for t in set(labels[mask]))
 
     # In-sample: fitted on the whole concept set.
-    methods = fit_methods(text_emb, image_emb, concept.prompts, **fit_kw)
+    methods = fit_methods(text_emb, image_emb, concept.prompts, context=(CAP, X, objects, toned), **fit_kw)
+    methods[floor_name] = (lambda v: ca.group_means(v, objects, toned), lambda q: q)
+    corrected = unit(methods[next(n for n in methods if n.startswith("schur projection (centred"))][0](X))
+    near = np.argsort(-(corrected[toned] @ corrected.T), axis=1)[:, 1:5]
+    same_object = float(np.mean(objects[near] == objects[toned][:, None]))
     in_sample = evaluate(methods, X, labels, objects, toned,
                          {"recall10_toned_objects": (q_toned, toned_objects),
                           "recall10_all_objects": (q_all, all_objects)}, q_toned_value, args.value)
@@ -254,40 +303,83 @@ def main() -> None:
         half_objects = sorted(half)
         q_half = encoder.encode_texts(half_objects)
         q_half_value = encoder.encode_texts([tone_query.format(object=o) for o in half_objects])
+        fit_items = toned & ~np.isin(objects, list(half))
         m = fit_methods(text_emb[fit_rows], image_emb[fit_rows], prompts[fit_rows].tolist(), fit_rows=fit_rows,
-                        **fit_kw)
+                        context=(CAP, X, objects, fit_items), **fit_kw)
+        m[floor_name] = (lambda v: ca.group_means(v, objects, toned), lambda q: q)
         held_out.append(evaluate(m, X, labels, objects, probe_mask,
                                  {"recall10_toned_objects": (q_half, half_objects),
                                   "recall10_all_objects": (q_all, all_objects)}, q_half_value, args.value))
         chances.append(chance(probe_mask))
+    # The caption index (I2T and T2T corrections), held-out objects only.
+    concept_item_rows = np.array([-1 if r is None else r for r in rows])
+    caption_halves = []
+    for half in halves:
+        half = set(half.tolist())
+        fit_rows = np.array([o not in half for o in concept_objects])
+        fit_items = toned & ~np.isin(objects, list(half))
+        probe_mask = toned & np.isin(objects, list(half))
+        half_objects = sorted(half)
+        q_half = unit(encoder.encode_texts(half_objects))
+        q_value = unit(encoder.encode_texts([tone_query.format(object=o) for o in half_objects]))
+        projections_c = caption_methods(text_emb[fit_rows], image_emb[fit_rows], concept_item_rows[fit_rows], CAP, X,
+                                        objects, fit_items, args.energy)
+        table = {}
+        for name, P in projections_c.items():
+            Z = CAP @ P.T
+            table[name] = {
+                "probe_accuracy": probe_accuracy(Z[probe_mask], labels[probe_mask], objects[probe_mask]),
+                "recall10_toned_objects": recall_at_k(unit(q_half @ P.T), Z, objects, np.array(half_objects)),
+                "recall10_all_objects": recall_at_k(unit(unit(q_all) @ P.T), Z, objects, np.array(all_objects)),
+                f"{args.value}_share10": value_share(unit(q_value @ P.T), Z, labels, args.value)}
+        floor = ca.group_means(CAP, objects, toned)
+        table[floor_name] = {
+            "probe_accuracy": probe_accuracy(floor[probe_mask], labels[probe_mask], objects[probe_mask]),
+            "recall10_toned_objects": recall_at_k(q_half, floor, objects, np.array(half_objects)),
+            "recall10_all_objects": recall_at_k(unit(q_all), floor, objects, np.array(all_objects)),
+            f"{args.value}_share10": value_share(q_value, floor, labels, args.value)}
+        caption_halves.append(table)
+    caption_mean = {name: {key: float(np.mean([list(h.values())[row][key] for h in caption_halves]))
+                           for key in caption_halves[0][name]}
+                    for row, name in enumerate(caption_halves[0])}
     # Rows by position: the projection sizes in the names may differ between the halves.
     held_out_mean = {name: {key: float(np.mean([list(h.values())[row][key] for h in held_out]))
                             for key in held_out[0][name]}
                      for row, name in enumerate(held_out[0])}
 
+    print(f"after the centred projection, {same_object:.1%} of each toned image's 4 nearest images are "
+          "other tones of its object (what the neighbour mean averages)")
     if heads is not None:
         print_tone_variance(heads, text_emb)
     print(f"collection {args.collection}: {len(ids)} images, {toned.sum()} with one {args.label_field}, "
           f"{len(toned_objects)} toned objects; concept set {concept.source.name}: {len(concept)} pairs "
           f"({embedded.reused} from stored embeddings)")
     share_key = f"{args.value}_share10"
-    header = (f"{'method':<48}{'probe acc':>10}{'R@10 toned objects':>20}{'R@10 all objects':>18}"
-              f"{args.value + ' share@10':>16}")
+    header = (f"{'method':<52}{'probe acc':>10}{'R@10 toned objects':>20}{'R@10 all objects':>18}"
+              f"{args.value + ' share@10':>16}{'excess gone':>13}")
     sections = [
         (f"in-sample (fitted on all {len(concept)} pairs; chance {chance(toned):.3f})", in_sample),
         (f"held-out objects (2 halves; fitted on {[int(len(concept) - np.isin(concept_objects, list(h)).sum()) for h in halves]} "
          f"pairs; chance {np.mean(chances):.3f}; k as in the first half)", held_out_mean),
+        ("caption index, held-out objects (probe and hits on the caption embeddings; the query "
+         "corrected by the same projection)", caption_mean),
     ]
     for title, table in sections:
+        # "excess gone": the share of the original's excess over the tone-blind reference that a
+        # method removes, (original - method) / (original - reference); 1 = as tone-blind as it gets.
+        top, bottom = table["original"][share_key], table[floor_name][share_key]
+        for row in table.values():
+            row[f"{args.value}_excess_gone"] = (top - row[share_key]) / (top - bottom) if top > bottom else float("nan")
         print(f"\n{title}\n{header}")
         for name, row in table.items():
-            print(f"{name:<48}{row['probe_accuracy']:>10.3f}{row['recall10_toned_objects']:>20.3f}"
-                  f"{row['recall10_all_objects']:>18.3f}{row[share_key]:>16.3f}")
+            print(f"{name[:51]:<52}{row['probe_accuracy']:>10.3f}{row['recall10_toned_objects']:>20.3f}"
+                  f"{row['recall10_all_objects']:>18.3f}{row[share_key]:>16.3f}{row[share_key.replace('share10', 'excess_gone')]:>13.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({
             "concept": str(concept.source),
             "chance": {"in_sample": chance(toned), "held_out": float(np.mean(chances))},
-            "in_sample": in_sample, "held_out_objects": held_out_mean}, indent=2))
+            "in_sample": in_sample, "held_out_objects": held_out_mean, "captions_held_out_objects": caption_mean},
+            indent=2))
 
 
 if __name__ == "__main__":

@@ -35,6 +35,27 @@ DEFAULT_ENERGY = 0.99
 MAX_CORRECTION_NORM = 1e15
 
 
+def _check_groups(groups, n: int, center: bool) -> np.ndarray:
+    if not center:
+        raise InputError("groups centre the features within each group: they need center=True")
+    labels = np.asarray(groups)
+    if labels.shape != (n,):
+        raise InputError(f"groups must give one label per pair ({n}), got shape {labels.shape}")
+    if len(np.unique(labels)) == n:
+        raise InputError("every pair is a group of its own: centred within groups, nothing is left to fit "
+                         "(a group needs pairs that differ in the concept)")
+    return labels
+
+
+def _group_centred(phi: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Rows minus the mean of their group."""
+    _, inverse = np.unique(groups, return_inverse=True)
+    counts = np.bincount(inverse)
+    sums = np.zeros((len(counts), phi.shape[1]))
+    np.add.at(sums, inverse, phi)
+    return phi - (sums / counts[:, None])[inverse]
+
+
 class SchurCorrector:
     """Schur-complement correction learned from preliminary (source, target) pairs.
 
@@ -89,8 +110,16 @@ class SchurCorrector:
         self.center = center
 
     # -- fitting -----------------------------------------------------------------------------
-    def fit(self, source_emb, target_emb) -> "SchurCorrector":
-        """Learn Gamma from preliminary pairs: row i of `source_emb` pairs with row i of `target_emb`."""
+    def fit(self, source_emb, target_emb, groups=None) -> "SchurCorrector":
+        """Learn Gamma from preliminary pairs: row i of `source_emb` pairs with row i of `target_emb`.
+
+        ``groups`` (one label per pair, with ``center=True``): centre the features within each
+        group instead of over all pairs, so that what differs between groups (the object in
+        "waving hand, dark skin tone" / "thumbs up, light skin tone") is not what the source
+        explains, only what varies inside a group (the concept). The fit is then computed
+        in memory; ``source_mean_`` / ``target_mean_`` stay the overall means (what the paired
+        correction subtracts for an item whose group it does not know).
+        """
         ridge = self._check_params()
         source, target = as_pair(source_emb, target_emb, "source_emb", "target_emb")
         if source.shape[1] != target.shape[1]:
@@ -98,13 +127,15 @@ class SchurCorrector:
                 f"source_emb has {source.shape[1]} columns and target_emb {target.shape[1]}: "
                 "both sides must come from the same encoder space"
             )
+        if groups is not None:
+            groups = _check_groups(groups, len(source), self.center)
         self.__dict__.pop("accumulator_", None)  # a new fit starts new sums
         fmap = make_feature_map(self.kernel, sigma=self.sigma, rff_dim=self.rff_dim, seed=self.seed)
         # One draw of random features, shared by both sides (sigma's median heuristic sees both).
         fmap.fit(source if self.kernel == "cosine" else np.vstack([source, target]))
         n, D = len(source), fmap.n_output_features_
         method = choose_method(self.method, n, D)
-        if method == "primal":
+        if method == "primal" and groups is None:
             # Gamma and R need no C_target (with_yy=False); row blocks, as in sce_score
             acc, max_norm = accumulate_features(row_blocks(source, target), fmap, kernel=self.kernel,
                                                 names=("source_emb", "target_emb"),
@@ -115,9 +146,17 @@ class SchurCorrector:
         source_mean = target_mean = None
         if self.center:
             source_mean, target_mean = phi_s.mean(axis=0), phi_t.mean(axis=0)
-            phi_s, phi_t = phi_s - source_mean, phi_t - target_mean
+            if groups is None:
+                phi_s, phi_t = phi_s - source_mean, phi_t - target_mean
+            else:
+                phi_s, phi_t = _group_centred(phi_s, groups), _group_centred(phi_t, groups)
         phi_s = phi_s.astype(np.float64, copy=False)
         phi_t = phi_t.astype(np.float64, copy=False)
+        if method == "primal":  # groups given: the covariances of the group-centred features
+            R, gamma = explained_covariance(phi_s.T @ phi_s / n, phi_s.T @ phi_t / n, ridge, what="C_source",
+                                            with_gamma=True)
+            self._check_strength_bound(phi_s, gamma)
+            return self._set_fit(fmap, gamma, R, n, source.shape[1], "primal", source_mean, target_mean)
         # Push-through identity: (Phi_S'Phi_S + n eps I)^-1 Phi_S' = Phi_S' (K_S + n eps I)^-1.
         K_S = symmetric_part(phi_s @ phi_s.T)
         A = linalg.cho_solve(ridge_cholesky(K_S, n * ridge, "K_source"), phi_t, check_finite=False)

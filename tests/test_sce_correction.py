@@ -375,3 +375,49 @@ def test_a_sigma_outside_the_usable_range_is_refused(sigma):
         sc.SchurCorrector(kernel="gaussian", sigma=sigma, rff_dim=10).fit(T, I)
     with pytest.raises(sc.InputError, match="sigma"):
         sc.sce_score(T, I, kernel="gaussian-exact", sigma=sigma)
+
+
+# -- centring within groups ------------------------------------------------------------------
+def _brute_group_fit(source, target, groups, ridge):
+    """R and Gamma from unit rows minus their group's mean, by explicit loops and an inverse."""
+    S = source / np.linalg.norm(source, axis=1, keepdims=True)
+    T = target / np.linalg.norm(target, axis=1, keepdims=True)
+    S, T = S.copy(), T.copy()
+    for g in set(groups.tolist()):
+        rows = groups == g
+        S[rows] -= S[rows].mean(axis=0)
+        T[rows] -= T[rows].mean(axis=0)
+    n, d = S.shape
+    C_S, C_ST = S.T @ S / n, S.T @ T / n
+    gamma = np.linalg.inv(C_S + ridge * np.eye(d)) @ C_ST
+    return C_ST.T @ gamma, gamma
+
+
+@pytest.mark.parametrize("method", ["primal", "dual"])
+def test_groups_centre_within_each_group_like_a_brute_force_fit(method):
+    rng = np.random.default_rng(11)
+    n, d = 60, 8
+    groups = np.repeat(np.arange(12), 5)  # 12 objects, 5 concept values each
+    source = rng.normal(size=(n, d)) + 3 * rng.normal(size=(12, d))[groups]  # strong per-group offsets
+    target = source @ rng.normal(size=(d, d)) * 0.3 + rng.normal(size=(n, d))
+    fitted = sc.SchurCorrector(center=True, method=method, ridge=1e-3).fit(source, target, groups=groups)
+    R, gamma = _brute_group_fit(source, target, groups, 1e-3)
+    np.testing.assert_allclose(fitted.gamma_, gamma, rtol=1e-7, atol=1e-9)
+    lam = np.sort(np.linalg.eigvalsh(R))[::-1]
+    np.testing.assert_allclose(fitted.explained_eigvals_, np.clip(lam, 0, None), rtol=1e-7, atol=1e-10)
+    vec = np.linalg.eigh(R)[1][:, ::-1][:, :3]
+    np.testing.assert_allclose(fitted.projection(n_components=3), np.eye(d) - vec @ vec.T, atol=1e-7)
+
+
+def test_one_group_is_the_ordinary_centred_fit_and_bad_groups_are_named():
+    rng = np.random.default_rng(12)
+    source, target = rng.normal(size=(30, 6)), rng.normal(size=(30, 6))
+    grouped = sc.SchurCorrector(center=True).fit(source, target, groups=np.zeros(30))
+    plain = sc.SchurCorrector(center=True).fit(source, target)
+    np.testing.assert_allclose(grouped.gamma_, plain.gamma_, rtol=1e-8, atol=1e-10)
+    with pytest.raises(sc.InputError, match="need center=True"):
+        sc.SchurCorrector(center=False).fit(source, target, groups=np.zeros(30))
+    with pytest.raises(sc.InputError, match="one label per pair"):
+        sc.SchurCorrector(center=True).fit(source, target, groups=np.zeros(29))
+    with pytest.raises(sc.InputError, match="group of its own"):
+        sc.SchurCorrector(center=True).fit(source, target, groups=np.arange(30))

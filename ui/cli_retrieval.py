@@ -78,6 +78,11 @@ def fit_command(
                                                    "the concept variance (default 0.5).")] = None,
     reference_images: Annotated[int, typer.Option(min=2, help="--method heads: collection images sampled for the "
                                                   "heads' mean terms.")] = 500,
+    from_metadata: Annotated[Optional[str], typer.Option(help="Fit on the collection's own caption/image pairs of the "
+                                                         "items that set this metadata field (e.g. skin_tone), "
+                                                         "centred within groups; instead of --concept.")] = None,
+    group_by: Annotated[Optional[str], typer.Option(help="--from-metadata: the field whose items form a group "
+                                                    "(default: the caption without the value).")] = None,
     collection: CollectionOption = DEFAULT_COLLECTION,
     db: DbOption = None,
     quiet: QuietOption = False,
@@ -94,6 +99,14 @@ def fit_command(
         from retrieval.concepts import load_concept_set, read_text_lines, text_pairs
         from retrieval.corrections import fit_concept_correction
 
+        if from_metadata is not None:
+            _fit_from_metadata(name=name, field=from_metadata, group_by=group_by, concept=concept,
+                               texts=bool(source_texts or target_texts), method=method, direction=direction,
+                               kernel=kernel, mode=mode, components=components, energy=energy, ridge=ridge,
+                               replace=replace, collection=collection, db=db)
+            return
+        if group_by is not None:
+            raise InputError("--group-by groups the pairs of --from-metadata FIELD")
         if concept is not None and (source_texts or target_texts):
             raise InputError("give --concept or --source-texts/--target-texts, not both")
         if concept is not None:
@@ -140,6 +153,30 @@ def fit_command(
         _print_score(result.report)
         typer.echo(f"applies to the {info.target_kind} index; search it now with "
                    f"`sce search --ab {info.name} \"...\"`, or re-index: `sce index reindex --correction {info.name}`")
+
+
+def _fit_from_metadata(*, name, field, group_by, concept, texts, method, direction, kernel, mode, components, energy,
+                       ridge, replace, collection, db) -> None:
+    from retrieval.metadata_concepts import fit_metadata_correction
+
+    if concept is not None or texts:
+        raise InputError("--from-metadata takes the pairs from the collection: drop --concept / --source-texts")
+    if method != "schur" or kernel != "cosine" or energy is not None:
+        raise InputError("--from-metadata fits a cosine Schur projection sized by --components "
+                         "(--method heads, --kernel and --energy do not apply)")
+    with _open(collection, db) as opened:
+        result = fit_metadata_correction(opened, name=name, field=field, group_by=group_by, direction=direction,
+                                         mode=mode, n_components=components, ridge=ridge, replace=replace)
+    info, p = result.info, result.info.parameters
+    typer.echo(f"stored correction {info.name!r}: {info.direction}, cosine, {mode}, {p['n_pairs']} items of the "
+               f"collection setting {field!r} ({len(p['values'])} values) in {p['groups']} groups "
+               f"(by {p['group_by']})")
+    typer.echo(f"  projection: {result.n_components} concept direction(s) holding "
+               f"{result.explained_share:.1%} of what the pairs explain")
+    typer.echo("SCE report of the pairs:")
+    _print_score(result.report)
+    typer.echo(f"applies to the {info.target_kind} index; search it now with "
+               f"`sce search --ab {info.name} \"...\"`, or re-index: `sce index reindex --correction {info.name}`")
 
 
 def _check_method(method: str, *, direction: str, kernel: str, mode: str, components, energy, heads, share) -> None:

@@ -1,0 +1,75 @@
+"""Approaches to removing a concept that `eval_concept_removal.py` measures beside the library's
+default (issue 15), as pure functions of embedding arrays.
+
+- :func:`iterative_projection`: fit, project, refit on the residual (INLP's loop, with prompts
+  instead of labels) until the prompts explain less than ``tol`` of what they explained first.
+- :func:`context_projection`: pairs that carry the concept in context (an item's caption
+  "waving hand, dark skin tone" with its image, from the collection's metadata), centred
+  within groups (the object), so that what varies between objects is not removed, only what
+  varies with the concept inside each object.
+- :func:`knn_smooth`: a correction conditional on each item's nearest items: after the
+  projection, each vector is averaged with its near neighbours (cosine >= ``tau``), which on
+  a corpus holding every tone of an object averages the tones away.
+- :func:`group_means`: the reference a tone-blind ranking would reach (each toned item
+  replaced by the mean of its object's toned items); it uses the labels, so it is not a method.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from sce_correct import SchurCorrector
+from sce_correct.corrector import DEFAULT_ENERGY
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, dtype=np.float64)
+    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-300)
+
+
+def iterative_projection(source: np.ndarray, target: np.ndarray, *, energy: float = DEFAULT_ENERGY,
+                         max_rounds: int = 5, tol: float = 0.01) -> tuple[np.ndarray, int]:
+    """(P, rounds): the product of the nullify projections of each round (fitted on the targets
+    projected by the rounds before), stopping when tr R falls below ``tol`` of the first round's."""
+    P = np.eye(target.shape[1])
+    first = None
+    rounds = 0
+    for _ in range(max_rounds):
+        corrector = SchurCorrector(center=True).fit(source, _unit(target) @ P)
+        total = float(corrector.explained_eigvals_.sum())
+        first = total if first is None else first
+        if rounds and total < tol * first:
+            break
+        k = corrector.n_components_for_energy(energy)
+        P = corrector.projection(n_components=k) @ P
+        rounds += 1
+    return P, rounds
+
+
+def context_projection(source: np.ndarray, target: np.ndarray, groups: np.ndarray, k: int) -> np.ndarray:
+    """The nullify projection of the top-k directions of a fit centred within ``groups``."""
+    return SchurCorrector(center=True).fit(source, target, groups=groups).projection(n_components=k)
+
+
+def knn_smooth(Y: np.ndarray, *, tau: float = 0.85, neighbours: int = 8, block: int = 2048) -> np.ndarray:
+    """Each unit row averaged with its up to ``neighbours`` nearest rows of cosine >= ``tau``."""
+    Y = _unit(Y)
+    out = np.empty_like(Y)
+    for start in range(0, len(Y), block):
+        S = Y[start:start + block] @ Y.T
+        top = np.argpartition(-S, neighbours, axis=1)[:, :neighbours + 1]  # includes the row itself
+        near = np.take_along_axis(S, top, axis=1) >= tau
+        for i in range(len(S)):
+            members = top[i][near[i]]
+            out[start + i] = Y[members].mean(axis=0) if len(members) else Y[start + i]
+    return out
+
+
+def group_means(V: np.ndarray, groups: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """V with each row in ``mask`` replaced by the mean of the masked rows of its group."""
+    out = np.array(V, dtype=np.float64)
+    rows = np.flatnonzero(mask)
+    keys, inverse = np.unique(groups[rows], return_inverse=True)
+    sums = np.zeros((len(keys), V.shape[1]))
+    np.add.at(sums, inverse, out[rows])
+    out[rows] = (sums / np.bincount(inverse)[:, None])[inverse]
+    return out
