@@ -29,6 +29,7 @@ from retrieval.concepts import ConceptSet
 from retrieval.corrections import FitResult, unit
 from retrieval.heads import DEFAULT_IMAGES, DEFAULT_SEED, sample_items, vit_of
 from sce_correct import HeadAblation, sce_score
+from sce_correct.heads import DEFAULT_SHARE
 from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
@@ -113,7 +114,8 @@ def fit_head_correction(collection: Collection, encoder, concept: ConceptSet, *,
     images = decomposition.total()
     report = sce_score(texts, images)
     parameters = {
-        "method": "heads", "heads": ablation.head_names, "n_heads": n_heads, "share": share,
+        "method": "heads", "heads": ablation.head_names, "n_heads": n_heads,
+        "share": share if share is not None or n_heads is not None else DEFAULT_SHARE,  # what chose the heads
         "explained_share": ablation.explained_share_, "reference_images": read, "seed": seed,
         "n_pairs": len(concept), "distinct_prompts": len(set(concept.prompts)),
         "concept_vector": [round(float(x), 7) for x in unit(unit(texts).mean(axis=0))],
