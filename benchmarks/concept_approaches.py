@@ -73,3 +73,20 @@ def group_means(V: np.ndarray, groups: np.ndarray, mask: np.ndarray) -> np.ndarr
     np.add.at(sums, inverse, out[rows])
     out[rows] = (sums / np.bincount(inverse)[:, None])[inverse]
     return out
+
+
+def kernel_projection_map_back(source: np.ndarray, target: np.ndarray, items: np.ndarray, k: int, *,
+                               rff_dim: int = 1000, seed: int = 0) -> np.ndarray:
+    """A Gaussian-kernel correction with the index kept d-dimensional: fit in random Fourier
+    feature space (centred), null the top-k directions of R there, and map each corrected
+    feature back with the least-squares linear map from features to embeddings of ``items``."""
+    corrector = SchurCorrector(kernel="gaussian", center=True, rff_dim=rff_dim, seed=seed).fit(source, target)
+    fmap = corrector.feature_map_
+    S, T = fmap.transform(source), fmap.transform(target)
+    S, T = S - S.mean(axis=0), T - T.mean(axis=0)
+    R = (S.T @ T / len(S)).T @ corrector.gamma_  # C_TS Gamma
+    _, vec = np.linalg.eigh((R + R.T) / 2)
+    U = vec[:, ::-1][:, :k]
+    phi = fmap.transform(items)
+    back, *_ = np.linalg.lstsq(phi, items, rcond=None)
+    return (phi - (phi @ U) @ U.T) @ back

@@ -17,8 +17,8 @@ set (default: data/concepts/skin_tone_large.csv):
   can beat without preferring the other tones.
 
 Issue 15's approaches (`benchmarks/concept_approaches.py`) are rows of their own: iterative
-removal, context pairs from the collection's metadata centred by object, and a neighbour
-mean after the projection. The caption index gets the same measures for I2T and T2T
+removal, context pairs from the collection's metadata centred by object, a Gaussian-kernel
+correction mapped back to d dimensions, and a neighbour mean after the projection. The caption index gets the same measures for I2T and T2T
 corrections (held-out objects).
 
 Methods: the original embeddings; the Schur projection (nullify, fitted on the concept set,
@@ -141,6 +141,8 @@ def fit_methods(text_emb, image_emb, prompts, *, components, energy, negative_we
             if k == 8:
                 methods["t2i in context k=8 + neighbour mean (0.85, 8)"] = (
                     lambda v, P=P_ctx: ca.knn_smooth(v @ P), same)
+    methods["gaussian kernel (RFF 1000), k=4, mapped back"] = (
+        lambda v: ca.kernel_projection_map_back(text_emb, image_emb, v, 4), same)
     methods[f"schur k={ks[True]} + neighbour mean (cos >= 0.85, 8)"] = (
         lambda v: ca.knn_smooth(v @ projections[True]), same)
     if heads is not None:
