@@ -154,6 +154,10 @@ def test_searching_needs_the_reindexed_version_then_matches_a_brute_force_rankin
     from ui.tab_search import SearchActions
 
     state = AppState(corpus["coll"], encoder=corpus["encoder"])
+    label = dict((name, text) for text, name in state.correction_choices())["tone-heads"]
+    assert label == "tone-heads (mean-ablated heads, image index, re-indexed)"
+    row = next(r for r in state.correction_rows() if r[0] == "tone-heads")
+    assert row[4] == "mean-ablated heads" and row[5] == ",".join(stored_ablation(corpus["coll"]).corrector.head_names)
     summary, _, corrected, _ = SearchActions(state).search(query, None, "tone-heads", "auto", 1.0, 8, "image", "")
     assert "re-indexed version" in summary
     assert [int(re.search(r"\bid (\d+)\b", item[1]).group(1)) for item in corrected] == ids[order].tolist()

@@ -227,7 +227,7 @@ class AppState:
     def correction_choices(self) -> list[tuple[str, str]]:
         choices = [("none: original results only", NO_CORRECTION)]
         for info in list_corrections(self.collection):
-            mode = info.parameters.get("mode", "nullify")
+            mode = _mode_of(info)
             built = self.collection.current_version(info.target_kind, info.name) is not None
             label = f"{info.name} ({mode}, {info.target_kind} index{', re-indexed' if built else ''})"
             if self.check_correction(info):
@@ -247,7 +247,8 @@ class AppState:
             else:
                 built = "not yet (needed before searching)"
             rows.append([
-                info.name, Path(info.fitted_on or "-").name, info.direction, info.kernel, p.get("mode", "nullify"),
+                info.name, Path(info.fitted_on or "-").name, info.direction, info.kernel, _mode_of(info),
+                ",".join(p["heads"]) if info.kernel == "heads" else
                 "-" if p.get("n_components") is None else str(p["n_components"]),
                 f"{info.target_kind} index", built, self.check_correction(info) or "ok",
             ])
@@ -265,3 +266,8 @@ class AppState:
             gr.update(choices=names, value=names[-1] if names else None),
             self.correction_rows(),
         )
+
+
+def _mode_of(info: CorrectionInfo) -> str:
+    """nullify / focus for a Schur correction; a head correction mean-ablates heads."""
+    return "mean-ablated heads" if info.kernel == "heads" else info.parameters.get("mode", "nullify")
