@@ -169,7 +169,7 @@ def save_correction(collection: Collection, name: str, corrector: SchurCorrector
     image embeddings, so it is stored as "t2i".
     """
     check_correction_name(name)
-    direction = direction or getattr(corrector, "direction", None)
+    direction = direction or getattr(corrector, "direction", None) or ("t2i" if corrector.kernel == "heads" else None)
     if direction not in TARGET_KIND:
         raise InputError(f"direction must be one of {', '.join(TARGET_KIND)}, got {direction!r}")
     registry = collection.corrections

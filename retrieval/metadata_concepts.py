@@ -28,7 +28,7 @@ import numpy as np
 
 from indexing.collection import Collection
 from indexing.correction_store import check_correction_name, save_correction
-from retrieval.corrections import MODES, FitResult, unit
+from retrieval.corrections import MODES, FitResult
 from sce_correct import SchurCorrector, sce_score
 from sce_correct.errors import InputError
 
@@ -56,9 +56,12 @@ class MetadataPairs:
 
 
 def caption_without(caption: str, value: str) -> str:
-    """The caption with the value taken out as a phrase, spacing and stray commas tidied."""
+    """The caption with the value's last occurrence taken out as a phrase, spacing and stray
+    commas tidied. The last one: in "Dark horse, dark skin tone" the tone is the second
+    "dark", so the item groups with "Dark horse, light skin tone"."""
     pattern = r"(?<![\w-])" + re.escape(value) + r"(?![\w-])"
-    text = re.sub(pattern, " ", caption, flags=re.IGNORECASE)
+    found = list(re.finditer(pattern, caption, flags=re.IGNORECASE))
+    text = caption if not found else caption[:found[-1].start()] + " " + caption[found[-1].end():]
     text = re.sub(r"\s*,\s*(,\s*)+", ", ", text)
     return re.sub(r"\s+", " ", text).strip(" ,").lower()
 
@@ -138,8 +141,8 @@ def fit_metadata_correction(collection: Collection, *, name: str, field: str, gr
         "ridge": ridge, "center": True, "from_metadata": field, "group_by": group_by or "caption without the value",
         "groups": n_groups, "values": sorted(set(pairs.values)), "n_pairs": len(pairs),
         "distinct_prompts": len(set(pairs.values)),
-        # the negative-query baseline's direction: the mean of the explaining side's unit rows
-        "concept_vector": [round(float(x), 7) for x in unit(unit(source).mean(axis=0))],
+        # no "concept_vector": the pairs give no prompt for the concept alone, so the
+        # negative-query baseline (q - a * concept) is refused for these corrections
     }
     info = save_correction(collection, name, corrector, encoder=collection.encoder_name, dim=collection.dim,
                            parameters=parameters, fitted_on=f"metadata:{field}", report=report.to_dict(),

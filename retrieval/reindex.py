@@ -109,6 +109,9 @@ def plan_reindex(collection: Collection, correction: str, variant: str = "auto")
     if heads != (variant == "heads"):
         raise InputError(f"correction {correction!r} is a head correction: only the heads variant applies" if heads
                          else f"the heads variant applies to head corrections; {correction!r} is a Schur correction")
+    if variant == "paired" and info.parameters.get("from_metadata"):
+        raise InputError(f"correction {correction!r} was fitted within groups (--from-metadata): its paired form would "
+                         "also remove what differs between groups; re-index it with the projection variant")
     if variant == "projection" and corrector.kernel != "cosine":
         raise InputError(f"correction {correction!r} uses the {corrector.kernel} kernel: only the paired variant applies")
     total = collection.embeddings.count(kind)

@@ -86,7 +86,11 @@ class CorrectionView:
 
     @property
     def concept_vector(self) -> np.ndarray:
-        return np.asarray(self.stored.info.parameters["concept_vector"], dtype=np.float64)
+        vector = self.stored.info.parameters.get("concept_vector")
+        if vector is None:
+            raise InputError(f"correction {self.name!r} has no concept direction for the negative-query baseline "
+                             "(it was fitted on pairs without a prompt for the concept alone, e.g. --from-metadata)")
+        return np.asarray(vector, dtype=np.float64)
 
 
 @dataclass(frozen=True)

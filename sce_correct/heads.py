@@ -203,4 +203,10 @@ class HeadAblation:
             obj.explained_share_ = float(meta["explained_share"])
         except (KeyError, TypeError, ValueError) as exc:
             raise InputError(f"{path} is not a complete saved HeadAblation ({exc})") from None
+        L, H, d = obj.n_layers_, obj.n_heads_in_, obj.n_features_in_
+        heads = obj.heads_
+        if (heads.ndim != 2 or heads.shape[1] != 2 or obj.means_.shape != (len(heads), d)
+                or obj.concept_variance_.shape != (L, H) or obj.concept_basis_.shape[0] != d
+                or (len(heads) and (heads.min() < 0 or heads[:, 0].max() >= L or heads[:, 1].max() >= H))):
+            raise InputError(f"{path} is not a consistent saved HeadAblation (its arrays disagree in shape)")
         return obj

@@ -118,6 +118,15 @@ def test_save_load_round_trip_and_load_corrector_dispatch(tmp_path):
     assert isinstance(load_corrector(schur.save(tmp_path / "schur.npz")), SchurCorrector)
     with pytest.raises(InputError, match="not a saved SchurCorrector"):
         SchurCorrector.load(path)
+    import json
+
+    with np.load(path) as data:
+        arrays = {k: data[k] for k in data.files}
+    arrays["means"] = arrays["means"][:, :3]  # a file whose arrays disagree
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(InputError, match="arrays disagree in shape"):
+        HeadAblation.load(tmp_path / "bad.npz")
+    assert json.loads(str(arrays["meta"]))["format"] == "sce_correct.HeadAblation"
     np.savez(tmp_path / "other.npz", meta=np.array('{"format": "x"}'))
     with pytest.raises(InputError, match="not a saved correction"):
         load_corrector(tmp_path / "other.npz")

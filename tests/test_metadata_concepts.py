@@ -31,7 +31,8 @@ def invoke(*args):
 @pytest.mark.parametrize("caption, value, group", [
     ("waving hand sign, dark skin tone", "dark", "waving hand sign, skin tone"),
     ("waving hand sign, medium-dark skin tone", "medium-dark", "waving hand sign, skin tone"),
-    ("Dark horse, dark skin tone", "dark", "horse, skin tone"),
+    ("Dark horse, dark skin tone", "dark", "dark horse, skin tone"),
+    ("Dark horse, light skin tone", "light", "dark horse, skin tone"),
     ("a red apple", "red", "a apple"),
     ("two hands, light, dark", "light", "two hands, dark"),
 ])
@@ -110,6 +111,11 @@ def test_cli_fit_and_refusals(toy_collection, monkeypatch, toy_encoder):
     assert "24 items of the collection setting 'shade' (4 values) in 6 groups (by obj)" in done.output
     search = invoke("search", "-c", toy_collection, "--ab", "ctx", "--kind", "caption", "object 1, dark shade")
     assert search.exit_code == 0, search.output
+    negative = invoke("search", "-c", toy_collection, "--correction", "ctx", "--kind", "caption", "--strategy",
+                      "negative", "object 1")
+    assert negative.exit_code == 1 and "no concept direction for the negative-query baseline" in negative.output
+    paired = invoke("index", "reindex", "-c", toy_collection, "--correction", "ctx", "--variant", "paired")
+    assert paired.exit_code == 1 and "re-index it with the projection variant" in paired.output
     for args, message in [
         (["--from-metadata", "shade", "--concept", "x.csv"], "drop --concept"),
         (["--from-metadata", "shade", "--energy", "0.9"], "sized by --components"),
@@ -117,6 +123,8 @@ def test_cli_fit_and_refusals(toy_collection, monkeypatch, toy_encoder):
         (["--group-by", "obj", "--concept", "x.csv"], "--group-by groups the pairs of --from-metadata"),
         (["--from-metadata", "nope"], "sets the metadata field 'nope'"),
         (["--from-metadata", "obj"], "nothing varies with the concept inside a group"),
+        (["--from-metadata", "shade", "--heads", "3"], "do not apply"),
+        (["--from-metadata", "shade", "--no-center"], "do not apply"),
     ]:
         result = invoke("correct", "fit", "-c", toy_collection, "--name", "bad", *args, "-q")
         assert result.exit_code == 1 and re.search(re.escape(message), result.output), (args, result.output)

@@ -100,6 +100,11 @@ def fit_command(
         from retrieval.corrections import fit_concept_correction
 
         if from_metadata is not None:
+            if heads is not None or share is not None or reference_images != 500 or strength != 1.0 \
+                    or not center or not reuse:
+                raise InputError("--from-metadata fits a centred projection of the collection's stored pairs: "
+                                 "--heads, --share, --reference-images, --strength, --no-center and --no-reuse "
+                                 "do not apply")
             _fit_from_metadata(name=name, field=from_metadata, group_by=group_by, concept=concept,
                                texts=bool(source_texts or target_texts), method=method, direction=direction,
                                kernel=kernel, mode=mode, components=components, energy=energy, ridge=ridge,
@@ -117,7 +122,8 @@ def fit_command(
         else:
             raise InputError("give --concept FILE, or --source-texts and --target-texts for t2t")
         _check_method(method, direction=direction, kernel=kernel, mode=mode, components=components, energy=energy,
-                      heads=heads, share=share)
+                      heads=heads, share=share, strength=strength, ridge=ridge, center=center, reuse=reuse,
+                      reference_images=reference_images)
         with _open(collection, db) as opened:
             if method == "heads":
                 from retrieval.head_correction import fit_head_correction
@@ -179,14 +185,18 @@ def _fit_from_metadata(*, name, field, group_by, concept, texts, method, directi
                f"`sce search --ab {info.name} \"...\"`, or re-index: `sce index reindex --correction {info.name}`")
 
 
-def _check_method(method: str, *, direction: str, kernel: str, mode: str, components, energy, heads, share) -> None:
+def _check_method(method: str, *, direction: str, kernel: str, mode: str, components, energy, heads, share,
+                  strength: float, ridge: float, center: bool, reuse: bool, reference_images: int) -> None:
     """Options that belong to the other method are a mistake worth a line, not silently ignored."""
     if method not in ("schur", "heads"):
         raise InputError(f"--method must be schur or heads, got {method!r}")
     if method == "schur":
-        if heads is not None or share is not None:
-            raise InputError("--heads and --share choose heads to ablate: they need --method heads")
+        if heads is not None or share is not None or reference_images != 500:
+            raise InputError("--heads, --share and --reference-images choose heads to ablate: they need --method heads")
         return
+    if strength != 1.0 or ridge != 1e-4 or not center or not reuse:
+        raise InputError("--strength, --ridge, --no-center and --no-reuse are Schur options; --method heads takes "
+                         "--heads or --share")
     if direction != "t2i":
         raise InputError("a head correction changes the image embeddings: it is a t2i correction (drop --direction)")
     if kernel != "cosine" or mode != "nullify" or components is not None or energy is not None:
@@ -247,7 +257,8 @@ def delete_command(name: str, collection: CollectionOption = DEFAULT_COLLECTION,
 @index_app.command("reindex")
 def reindex_command(
     correction: Annotated[str, typer.Option(help="Name of a fitted correction.")],
-    variant: Annotated[str, typer.Option(help="auto, projection or paired (each item's own caption).")] = "auto",
+    variant: Annotated[str, typer.Option(help="auto, projection, paired (each item's own caption) or heads "
+                                         "(head corrections: re-encodes the image files).")] = "auto",
     factory: FactoryOption = None,
     memory_budget: MemoryBudgetOption = None,
     chunk_size: Annotated[int, typer.Option(min=1, help="Vectors read and written at a time.")] = 65536,
@@ -260,7 +271,8 @@ def reindex_command(
     address: AddressOption = None,
     actors: ActorsOption = None,
 ) -> None:
-    """Build a corrected index version from the stored embeddings (no image decoding).
+    """Build a corrected index version from the stored embeddings (no image decoding; a head
+    correction's re-index reads the image files again).
 
     Resumable after a kill; the new version is swapped in atomically when complete, and
     searches keep using the previous one meanwhile.
