@@ -95,6 +95,18 @@ def make_png_header_only(path: Path, width: int, height: int) -> Path:
 
 
 @pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test (``usefixtures("no_network")``)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[1:]!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture
 def toy_encoder() -> ToyEncoder:
     return ToyEncoder()
 

@@ -3,7 +3,6 @@ retrieves seen emoji by caption, and its training script runs end to end. No net
 from __future__ import annotations
 
 import json
-import socket
 import struct
 import subprocess
 import sys
@@ -20,13 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[1:]!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # conftest: a connection attempt fails the test
 
 
 @pytest.fixture(scope="module")

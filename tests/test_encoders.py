@@ -3,7 +3,6 @@ default encoder (offline), and image loading errors. No network: sockets are blo
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -26,14 +25,7 @@ TINY_CONFIG = {  # a 2-layer ViT + 2-layer text transformer, 32-d shared space
 TINY = "sce-test-tiny-vit"
 
 
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to open a network connection fails the test."""
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[1:]!r}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
+pytestmark = pytest.mark.usefixtures("no_network")  # conftest: a connection attempt fails the test
 
 
 @pytest.fixture(scope="module")
