@@ -37,8 +37,14 @@ HEAD_RECORD_PATH = Path(__file__).with_name("default_head.json")
 
 class MiniLMTextSide:
     """The text side the default encoder and emoji-vit share: all-MiniLM-L6-v2, loaded on first
-    use on the encoder's device. The class sets ``_device_arg``, ``_device``, ``_text_tower``
-    and ``_lock`` in its ``__init__``."""
+    use on the encoder's device. The class calls :meth:`_init_text_side` in its ``__init__``
+    (``_lock`` also guards the class's own lazy parts)."""
+
+    def _init_text_side(self, device: str | None) -> None:
+        self._device_arg = device
+        self._device: str | None = None
+        self._text_tower: MiniLMTextTower | None = None
+        self._lock = threading.Lock()
 
     @property
     def device(self) -> str:
@@ -71,13 +77,10 @@ class DefaultEncoder(MiniLMTextSide, Encoder):
     unit_norm = True
 
     def __init__(self, device: str | None = None, head_path: str | Path | None = None):
-        self._device_arg = device
-        self._device: str | None = None
+        self._init_text_side(device)
         self.head_path = Path(head_path) if head_path is not None else HEAD_PATH
         self._head: ProjectionHead | None = None
         self._image_tower: EfficientNetLite0Tower | None = None
-        self._text_tower: MiniLMTextTower | None = None
-        self._lock = threading.Lock()
 
     # -- lazy parts ----------------------------------------------------------------------
     @property

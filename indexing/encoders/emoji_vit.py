@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable
@@ -32,7 +31,7 @@ from sce_correct.errors import InputError
 
 from .default_encoder import MiniLMTextSide
 from .encoder import Encoder, ImageInput
-from .towers import IMAGENET_MEAN, IMAGENET_STD, TEXT_DIM, MiniLMTextTower, preprocess_imagenet
+from .towers import IMAGENET_MEAN, IMAGENET_STD, TEXT_DIM, preprocess_imagenet
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -100,14 +99,11 @@ class EmojiVitEncoder(MiniLMTextSide, Encoder):
 
     def __init__(self, device: str | None = None, weights_path: str | Path | None = None,
                  config_path: str | Path | None = None):
-        self._device_arg = device
-        self._device: str | None = None
+        self._init_text_side(device)
         self.weights_path = Path(weights_path) if weights_path is not None else WEIGHTS_PATH
         self.config_path = Path(config_path) if config_path is not None else CONFIG_PATH
         self._config: dict | None = None
         self._visual = None
-        self._text_tower: MiniLMTextTower | None = None
-        self._lock = threading.Lock()
 
     # -- lazy parts ----------------------------------------------------------------------
     @property
