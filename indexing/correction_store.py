@@ -165,11 +165,11 @@ def save_correction(collection: Collection, name: str, corrector: SchurCorrector
                     replace: bool = False, direction: str | None = None) -> CorrectionInfo:
     """Store a fitted corrector under `name`; an existing name is an error unless `replace`.
 
-    ``direction`` defaults to the corrector's own (a SchurCorrector's); a HeadAblation changes
-    image embeddings, so it is stored as "t2i".
+    ``direction`` defaults to the corrector's own (a HeadAblation's is "t2i": it changes image
+    embeddings).
     """
     check_correction_name(name)
-    direction = direction or getattr(corrector, "direction", None) or ("t2i" if corrector.kernel == "heads" else None)
+    direction = direction or corrector.direction
     if direction not in TARGET_KIND:
         raise InputError(f"direction must be one of {', '.join(TARGET_KIND)}, got {direction!r}")
     registry = collection.corrections

@@ -122,7 +122,7 @@ def fit_head_correction(collection: Collection, encoder, concept: ConceptSet, *,
     }
     info = save_correction(collection, name, ablation, encoder=encoder.name, dim=encoder.dim,
                            parameters=parameters, fitted_on=str(concept.source), report=report.to_dict(),
-                           replace=replace, direction="t2i")
+                           replace=replace)
     logger.info("head correction %s: ablates %s (%.1f%% of the concept variance)", name,
                 ", ".join(ablation.head_names), 100 * ablation.explained_share_)
     return FitResult(info=info, report=report, n_components=len(ablation.heads_),

@@ -25,6 +25,7 @@ import numpy as np
 from indexing.collection import Collection, IndexVersionInfo, SearchHit
 from indexing.correction_store import StoredCorrection, load_correction
 from retrieval.corrections import unit
+from sce_correct import HeadAblation
 from sce_correct.errors import InputError, MissingDependencyError, NotFoundError, SceError
 
 logger = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ class CorrectionView:
     @property
     def is_heads(self) -> bool:
         """A head correction (mean-ablated ViT heads): it changes image embeddings only."""
-        return self.stored.corrector.kernel == "heads"
+        return isinstance(self.stored.corrector, HeadAblation)
 
     @cached_property
     def projection(self) -> np.ndarray:

@@ -80,6 +80,7 @@ class HeadAblation:
     """
 
     kernel = "heads"  # what the correction catalog lists beside the Schur kernels
+    direction = "t2i"  # it changes image embeddings (the caller's label, as SchurCorrector's)
 
     def __init__(self, n_heads: int | None = None, share: float | None = None):
         self.n_heads = n_heads
