@@ -17,13 +17,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from retrieval.corrections import unit
 from sce_correct import SchurCorrector
 from sce_correct.corrector import DEFAULT_ENERGY
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64)
-    return v / np.maximum(np.linalg.norm(v, axis=-1, keepdims=True), 1e-300)
 
 
 def iterative_projection(source: np.ndarray, target: np.ndarray, *, energy: float = DEFAULT_ENERGY,
@@ -34,7 +30,7 @@ def iterative_projection(source: np.ndarray, target: np.ndarray, *, energy: floa
     first = None
     rounds = 0
     for _ in range(max_rounds):
-        corrector = SchurCorrector(center=True).fit(source, _unit(target) @ P)
+        corrector = SchurCorrector(center=True).fit(source, unit(target) @ P)
         total = float(corrector.explained_eigvals_.sum())
         first = total if first is None else first
         if rounds and total < tol * first:
@@ -52,7 +48,7 @@ def context_projection(source: np.ndarray, target: np.ndarray, groups: np.ndarra
 
 def knn_smooth(Y: np.ndarray, *, tau: float = 0.85, neighbours: int = 8, block: int = 2048) -> np.ndarray:
     """Each unit row averaged with its up to ``neighbours`` nearest rows of cosine >= ``tau``."""
-    Y = _unit(Y)
+    Y = unit(Y)
     out = np.empty_like(Y)
     for start in range(0, len(Y), block):
         S = Y[start:start + block] @ Y.T

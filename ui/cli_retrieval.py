@@ -157,8 +157,13 @@ def fit_command(
                        f"{result.explained_share:.1%} of what the prompts explain")
         typer.echo("SCE report of the preliminary set:")
         _print_score(result.report)
-        typer.echo(f"applies to the {info.target_kind} index; search it now with "
-                   f"`sce search --ab {info.name} \"...\"`, or re-index: `sce index reindex --correction {info.name}`")
+        _echo_next_steps(info)
+
+
+def _echo_next_steps(info) -> None:
+    """How to use a correction just stored (one that has a query-side form)."""
+    typer.echo(f"applies to the {info.target_kind} index; search it now with "
+               f"`sce search --ab {info.name} \"...\"`, or re-index: `sce index reindex --correction {info.name}`")
 
 
 def _fit_from_metadata(*, name, field, group_by, concept, texts, method, direction, kernel, mode, components, energy,
@@ -181,8 +186,7 @@ def _fit_from_metadata(*, name, field, group_by, concept, texts, method, directi
                f"{result.explained_share:.1%} of what the pairs explain")
     typer.echo("SCE report of the pairs:")
     _print_score(result.report)
-    typer.echo(f"applies to the {info.target_kind} index; search it now with "
-               f"`sce search --ab {info.name} \"...\"`, or re-index: `sce index reindex --correction {info.name}`")
+    _echo_next_steps(info)
 
 
 def _check_method(method: str, *, direction: str, kernel: str, mode: str, components, energy, heads, share,
