@@ -211,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dev", action="store_true",
                     help="development run: also hold out 20%% of the seen names (seed 1) and report them as "
                          "'held_out' (for choosing settings without looking at the real held-out names)")
+    ap.add_argument("--eval-every", type=int, default=0,
+                    help="with --dev: log the dev names' Google R@1/R@10 every N epochs (a learning curve for "
+                         "choosing the schedule; refused without --dev, so no choice is made on the held-out names)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (default %(default)s)")
     ap.add_argument("--limit", type=int, default=None,
@@ -223,6 +226,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
+    if args.eval_every and not args.dev:
+        raise SystemExit("--eval-every needs --dev (a curve on the held-out names would invite choosing on them)")
     train_styles, eval_styles = tdh.parse_styles(args.train_styles, args.eval_styles)
     root = args.cache_dir or cache_root()
     feature_cache, cache = root / "train_default_head", root / "train_emoji_vit"
@@ -271,12 +276,32 @@ def main(argv: list[str] | None = None) -> dict:
                 torch.get_num_threads())
     checkpoint_path = cache / "checkpoint.safetensors"
 
+    curve = []
+    if args.eval_every:
+        curve_corpus = corpora["google" if "google" in corpora else train_styles[0]]
+        curve_pixels = load_pixels(curve_corpus, list(range(len(curve_corpus.rows))), student)
+        curve_text = tdh.text_embeddings(curve_corpus.captions, teacher_encoder, feature_cache)
+        curve_mask = np.asarray([o in eval_held for o in curve_corpus.objects])
+
+    def dev_point(model, epoch):  # the dev names' R@k now (eval mode, no RNG drawn)
+        model.eval()
+        with torch.no_grad():
+            img = torch.cat([model(curve_pixels[i:i + 256]) for i in range(0, len(curve_pixels), 256)])
+        model.train()
+        img = torch.nn.functional.normalize(img, dim=-1).numpy()
+        r = tdh.recall_at(curve_text[curve_mask], img, np.flatnonzero(curve_mask))
+        curve.append({"epoch": epoch + 1, "R@1": round(r["R@1"], 4), "R@10": round(r["R@10"], 4)})
+        logger.info("dev curve: epoch %d  R@1 %.3f  R@10 %.3f", epoch + 1, r["R@1"], r["R@10"])
+
     def checkpoint(model, epoch):  # the latest epoch's weights, should a long run be stopped
-        save_weights(half_state(model), checkpoint_path, {"epoch": epoch})
+        if args.eval_every and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == cfg.epochs):
+            dev_point(model, epoch)
+        if not args.no_save:
+            save_weights(half_state(model), checkpoint_path, {"epoch": epoch})
 
     t0 = time.time()
     losses = train_visual(visual, pixels, teacher, text_table, pairs.caption_ids, pairs.families, cfg,
-                          checkpoint=None if args.no_save else checkpoint)
+                          checkpoint=None if args.no_save and not args.eval_every else checkpoint)
     train_seconds = time.time() - t0
 
     # measure the weights as shipped: float16, loaded through the encoder
@@ -307,6 +332,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": asdict(cfg),
         "threads": torch.get_num_threads(),
         "final_loss": losses[-1],
+        **({"dev_curve": curve} if curve else {}),
         "losses": [round(v, 4) for v in losses],
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.time() - started, 1),
