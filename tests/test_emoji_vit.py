@@ -140,3 +140,45 @@ def test_training_script_runs_end_to_end_in_a_tiny_configuration(tmp_path):
     # the teacher embeddings are cached by image sha256 beside the shared feature cache
     assert list((tmp_path / "cache" / "train_emoji_vit").glob("teacher-*.npz"))
     assert list((tmp_path / "cache" / "train_default_head").glob("image-features-*.npz"))
+
+
+def test_teacher_contrastive_loss_matches_a_numpy_log_softmax():
+    import torch
+
+    from indexing.encoders.train_emoji_vit import teacher_contrastive_loss
+
+    rng = np.random.default_rng(3)
+    img = rng.normal(size=(7, 16))
+    teach = rng.normal(size=(7, 16))
+    img /= np.linalg.norm(img, axis=1, keepdims=True)
+    teach /= np.linalg.norm(teach, axis=1, keepdims=True)
+    logits = img @ teach.T / 0.05
+    logits -= logits.max(1, keepdims=True)
+    expected = -np.mean(np.diag(logits) - np.log(np.exp(logits).sum(1)))
+    got = teacher_contrastive_loss(torch.from_numpy(img), torch.from_numpy(teach), 0.05).item()
+    assert got == pytest.approx(expected, rel=1e-9)
+    # its own teacher embedding as the student's: lower loss than a shuffled one
+    same = teacher_contrastive_loss(torch.from_numpy(teach), torch.from_numpy(teach), 0.05).item()
+    assert same < got
+
+
+def test_eval_every_is_refused_without_dev():
+    from indexing.encoders import train_emoji_vit
+
+    with pytest.raises(SystemExit, match="--dev"):
+        train_emoji_vit.main(["--eval-every", "1", "--no-save"])
+
+
+def test_dev_run_records_a_learning_curve_on_the_dev_names(tmp_path):
+    # ~15 s: a --dev run holds out a further 20 % of the seen names and logs their R@k per epoch
+    from indexing.encoders import train_emoji_vit
+
+    record = train_emoji_vit.main(["--train-styles", "google", "--eval-styles", "google", "--limit", "64",
+                                   "--epochs", "2", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
+                                   "--dev", "--eval-every", "1", "--teacher-contrast-weight", "0.5",
+                                   "--no-save"])
+    assert [p["epoch"] for p in record["dev_curve"]] == [1, 2]
+    assert record["held_out_names"]["dev_split"] is True
+    assert record["config"]["teacher_contrast_weight"] == 0.5
+    assert all(0.0 <= p["R@1"] <= p["R@10"] <= 1.0 for p in record["dev_curve"])
+    assert not list(tmp_path.glob("**/*.safetensors"))  # --no-save writes no weights, no checkpoint
