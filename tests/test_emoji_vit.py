@@ -182,3 +182,44 @@ def test_dev_run_records_a_learning_curve_on_the_dev_names(tmp_path):
     assert record["config"]["teacher_contrast_weight"] == 0.5
     assert all(0.0 <= p["R@1"] <= p["R@10"] <= 1.0 for p in record["dev_curve"])
     assert not list(tmp_path.glob("**/*.safetensors"))  # --no-save writes no weights, no checkpoint
+
+
+def test_distillation_views_come_only_from_names_the_run_trains_on(tmp_path):
+    from indexing.encoders.train_emoji_vit import distillation_views
+
+
+    class _CountingTeacher:  # mean colour as the embedding; counts how often it is run
+        head_path = SAMPLE / "captions.csv"  # any file: the pool's cache key reads its sha256
+        calls = 0
+
+        def encode_images(self, images, **_):
+            self.calls += 1
+            x = np.stack([np.asarray(im, np.float32).mean((0, 1)) for im in images])
+            return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+    google = tdh.read_corpus("google", SAMPLE)
+    corpus = tdh.Corpus("google", SAMPLE, google.rows[:60])
+    names_held = tdh.split_names(google.objects, 0.2, 0)
+    run_held = names_held | set(corpus.objects[:20])  # a dev run holds out more names
+    teacher = _CountingTeacher()
+    views = distillation_views({"google": corpus}, ["google"], names_held, run_held, 40, 0, teacher, tmp_path)
+    sources = [o for o in corpus.objects if o not in names_held]  # the pool's source list
+    used = {sources[i] for i in views.sources.ravel() if i >= 0}
+    assert used and not used & run_held
+    assert 0 < len(views.teacher) < 40  # the views touching the dev names were dropped
+    everything = distillation_views({"google": corpus}, ["google"], names_held, names_held, 40, 0, teacher,
+                                    tmp_path)
+    assert len(everything.teacher) == 40 and teacher.calls == 1  # one cached pool for both runs
+
+
+def test_training_with_views_adds_them_to_every_step(tmp_path):
+    # ~15 s: a tiny run with a pool of 12 views, 4 per step
+    from indexing.encoders import train_emoji_vit
+
+    record = train_emoji_vit.main(["--train-styles", "google", "--eval-styles", "google", "--limit", "64",
+                                   "--epochs", "1", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
+                                   "--views", "12", "--views-per-batch", "4", "--no-save"])
+    assert record["config"]["views"] == 12 and record["config"]["views_per_batch"] == 4
+    assert record["n_distillation_views"] == 12  # no dev split: every view is of a trained name
+    assert "12 views made from them" in record["what"]
+    assert list((tmp_path / "cache" / "train_emoji_vit").glob("distill-views-*.npz"))

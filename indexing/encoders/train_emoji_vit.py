@@ -20,6 +20,11 @@ The loss mixes two targets per image:
   embedding against the batch's teacher embeddings, its own teacher embedding the positive (on
   a dev split, 0.5 beat plain cosine distillation after 30 epochs: see the record's ``tuning``).
 
+With ``--views N``, a seeded pool of N extra images made from the training images (blends, crops
+and halves of two names: :mod:`indexing.encoders.distill_views`) with their teacher embeddings
+joins every step (``--views-per-batch``), with the two distillation terms only: the student
+sees the teacher's function on many more inputs than the captioned ones.
+
 Augmentation: a small random zoom (scale in [1 - s, 1 + s]) and shift, filled with the white
 background, on the preprocessed tensors. No flips: emoji have a direction (arrows, "facing
 right", left/right hands) that captions name; no colour jitter: colours and skin tones are
@@ -48,6 +53,7 @@ import numpy as np
 from indexing.atomic import file_sha256, write_atomically
 
 from . import train_default_head as tdh
+from .distill_views import DistillViews, cached_views
 from .emoji_vit import CONFIG_PATH, WEIGHTS_PATH, EmojiVitEncoder, build_visual, read_config
 from .towers import TEXT_DIM, cache_root
 
@@ -69,6 +75,8 @@ class VitTrainConfig:
     init_temperature: float = 0.05
     aug_scale: float = 0.12
     aug_shift: float = 0.08
+    views: int = 0  # extra distillation views made from the training images (distill_views)
+    views_per_batch: int = 48
     seed: int = 0
 
 
@@ -132,10 +140,13 @@ def teacher_contrastive_loss(img, teach, temperature: float):
 
 
 def train_visual(visual, pixels, teacher: np.ndarray, text: np.ndarray, caption_ids: np.ndarray,
-                 families: np.ndarray, cfg: VitTrainConfig, checkpoint=None) -> list[float]:
+                 families: np.ndarray, cfg: VitTrainConfig, checkpoint=None,
+                 view_pixels=None, view_teacher: np.ndarray | None = None) -> list[float]:
     """Fit ``visual`` (in place) on ``pixels`` (n, 3, H, W), their teacher embeddings
     (n, 384; a NaN row: no teacher for that image, caption loss only) and caption ids into
-    ``text`` (m, 384). Returns the mean loss per epoch."""
+    ``text`` (m, 384). With ``view_pixels`` (v, 3, H, W) and their ``view_teacher`` (v, 384),
+    every step adds ``cfg.views_per_batch`` of them (cycled in a seeded order) to the batch,
+    with the distillation terms only (they have no caption). Returns the mean loss per epoch."""
     import torch
     from torch import nn
 
@@ -146,6 +157,11 @@ def train_visual(visual, pixels, teacher: np.ndarray, text: np.ndarray, caption_
     has_teacher = torch.from_numpy(np.isfinite(teacher).all(1))
     teach = torch.from_numpy(np.nan_to_num(teacher.astype(np.float32)))
     cid = torch.from_numpy(caption_ids.astype(np.int64))
+    n_views = 0 if view_pixels is None else len(view_pixels)
+    per_batch = min(cfg.views_per_batch, n_views)
+    if n_views:
+        view_teach = torch.from_numpy(view_teacher.astype(np.float32))
+        view_order, view_at = rng.permutation(n_views), 0
     log_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / cfg.init_temperature))))
     decay = [p for n, p in visual.named_parameters() if p.ndim >= 2 and "embedding" not in n]
     no_decay = [p for n, p in visual.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
@@ -160,14 +176,23 @@ def train_visual(visual, pixels, teacher: np.ndarray, text: np.ndarray, caption_
         t0, epoch_loss, epoch_cos = time.time(), [], []
         for idx in batches:
             idx_t = torch.from_numpy(idx)
-            x = augment(pixels[idx_t], generator, cfg.aug_scale, cfg.aug_shift)
-            img = nn.functional.normalize(visual(x), dim=-1)
-            has = has_teacher[idx_t]
-            cos = (img * teach[idx_t]).sum(1)[has].mean() if bool(has.any()) else img.new_tensor(1.0)
+            x, targets, has = pixels[idx_t], teach[idx_t], has_teacher[idx_t]
+            if per_batch:
+                if view_at + per_batch > n_views:
+                    view_order, view_at = rng.permutation(n_views), 0
+                v_t = torch.from_numpy(view_order[view_at:view_at + per_batch])
+                view_at += per_batch
+                x = torch.cat([x, view_pixels[v_t].float()])
+                targets = torch.cat([targets, view_teach[v_t]])
+                has = torch.cat([has, torch.ones(per_batch, dtype=torch.bool)])
+            x = augment(x, generator, cfg.aug_scale, cfg.aug_shift)
+            img_all = nn.functional.normalize(visual(x), dim=-1)
+            img = img_all[:len(idx)]  # the labelled images; the rest are views
+            cos = (img_all * targets).sum(1)[has].mean() if bool(has.any()) else img.new_tensor(1.0)
             loss = cfg.distill_weight * (1.0 - cos)
             if cfg.teacher_contrast_weight and int(has.sum()) > 1:
                 loss = loss + cfg.teacher_contrast_weight * teacher_contrastive_loss(
-                    img[has], teach[idx_t][has], cfg.init_temperature)
+                    img_all[has], targets[has], cfg.init_temperature)
             if cfg.caption_weight:
                 loss = loss + cfg.caption_weight * tdh.caption_contrastive_loss(img, cid[idx_t], t_all, log_scale)
             opt.zero_grad()
@@ -187,6 +212,23 @@ def train_visual(visual, pixels, teacher: np.ndarray, text: np.ndarray, caption_
             checkpoint(visual, epoch)
     visual.eval()
     return losses
+
+
+def distillation_views(corpora: dict, train_styles: list[str], names_held: set[str], run_held: set[str],
+                       n: int, seed: int, teacher_encoder, cache: Path) -> DistillViews:
+    """The cached pool of ``n`` views made from every training style's images of the names
+    not in ``names_held`` (one pool for a run and its --dev runs), keeping the views whose
+    sources are all outside ``run_held`` (the names this run holds out)."""
+    paths, objects = [], []
+    for s in train_styles:
+        c = corpora[s]
+        keep = [i for i, o in enumerate(c.objects) if o not in names_held]
+        paths += [c.paths[i] for i in keep]
+        objects += [c.objects[i] for i in keep]
+    family = {o: i for i, o in enumerate(sorted(set(objects)))}
+    key = f"{TEACHER_KEY}-{file_sha256(teacher_encoder.head_path)[:16]}"
+    views = cached_views(paths, np.asarray([family[o] for o in objects]), n, seed, teacher_encoder, cache, key)
+    return views.only_sources(np.asarray([o not in run_held for o in objects]))
 
 
 def half_state(visual) -> dict:
@@ -224,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="styles whose images get the distillation target (default: every training style); "
                          "the others only the caption loss")
     ap.add_argument("--teacher-only", action="store_true",
-                    help="compute and cache the teacher embeddings, then stop")
+                    help="compute and cache the teacher embeddings (and with --views the distillation views), then stop")
     ap.add_argument("--holdout", type=float, default=0.2, help="share of names held out (default %(default)s)")
     ap.add_argument("--dev", action="store_true",
                     help="development run: also hold out 20%% of the seen names (seed 1) and report them as "
@@ -261,7 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     teacher_encoder = DefaultEncoder(device="cpu")
     corpora, held = tdh.load_corpora(train_styles, eval_styles, args.sample, args.holdout, args.seed)
-    eval_held = held
+    eval_held, names_held = held, set(held)  # names_held: the real held-out names, never in a view
     if args.dev:
         seen = [o for o in corpora["google" if "google" in corpora else train_styles[0]].objects if o not in held]
         eval_held = tdh.split_names(seen, 0.2, 1)
@@ -279,12 +321,24 @@ def main(argv: list[str] | None = None) -> dict:
         else np.full((len(pairs.rows[s]), TEXT_DIM), np.nan, np.float32) for s in train_styles])
     if args.teacher_only:
         logger.info("teacher embeddings of %d images cached", int(np.isfinite(teacher).all(1).sum()))
+        if args.views:
+            distillation_views(corpora, train_styles, names_held, held, args.views, args.seed, teacher_encoder, cache)
         return {}
 
     config = read_config(args.config)
     student = EmojiVitEncoder(device="cpu", config_path=args.config)
     pixels = torch.cat([load_pixels(corpora[s], pairs.rows[s], student) for s in train_styles])
     cfg = VitTrainConfig(**{k: getattr(args, k) for k in asdict(VitTrainConfig())})
+    view_pixels = view_teacher = None
+    if cfg.views:
+        views = distillation_views(corpora, train_styles, names_held, held, cfg.views, cfg.seed,
+                                   teacher_encoder, cache)
+        from PIL import Image
+
+        view_pixels = student.preprocess_batch([Image.fromarray(x) for x in views.images]).half()
+        view_teacher = views.teacher
+        logger.info("%d distillation views (of %d made; the others touch names held out of this run)",
+                    len(views.teacher), cfg.views)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         visual = build_visual(config)
@@ -319,7 +373,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     t0 = time.time()
     losses = train_visual(visual, pixels, teacher, text_table, pairs.caption_ids, pairs.families, cfg,
-                          checkpoint=None if args.no_save and not args.eval_every else checkpoint)
+                          checkpoint=None if args.no_save and not args.eval_every else checkpoint,
+                          view_pixels=view_pixels, view_teacher=view_teacher)
     train_seconds = time.time() - t0
 
     # measure the weights as shipped: float16, loaded through the encoder
@@ -334,8 +389,10 @@ def main(argv: list[str] | None = None) -> dict:
     tdh.log_results(results)
     record = {
         "what": "emoji-vit: an open_clip VisionTransformer (class-token pooling) trained from scratch on emoji, "
-                "distilled from the default encoder's image embeddings and contrastive (LiT-style) against the "
-                "frozen all-MiniLM-L6-v2 caption embeddings; unit norm, 384-d",
+                "distilled from the default encoder's image embeddings"
+                + (f" (of the training images and of {cfg.views} views made from them)" if cfg.views else "")
+                + " and contrastive (LiT-style) against the frozen all-MiniLM-L6-v2 caption embeddings; "
+                "unit norm, 384-d",
         "command": "python -m indexing.encoders.train_emoji_vit " + " ".join(argv if argv is not None else sys.argv[1:]),
         "model_config": config,
         "parameters": int(n_params),
@@ -347,6 +404,7 @@ def main(argv: list[str] | None = None) -> dict:
         "n_train_images": int(len(pixels)),
         "teacher_styles": teacher_styles,
         "n_teacher_images": int(np.isfinite(teacher).all(1).sum()),
+        "n_distillation_views": 0 if view_teacher is None else int(len(view_teacher)),
         "config": asdict(cfg),
         "threads": torch.get_num_threads(),
         "final_loss": losses[-1],
