@@ -8,8 +8,9 @@ Variants:
 - "projection" (cosine corrections): x -> P x for unit-norm x, stored without renormalising,
   so inner-product scores equal those of the query-side correction (P q) . x.
 - "paired": x -> phi(x) - s * Gamma' phi(source), with each item's own caption as the source
-  (t2i; images for i2t/t2t on captions), then renormalised. Items without a paired source are
-  stored uncorrected.
+  (t2i; images for i2t/t2t on captions), x and the source unit-norm (the space the correction
+  was fitted in, :func:`retrieval.corrections.fit_concept_correction`), then renormalised.
+  Items without a paired source are stored uncorrected.
 - "heads" (head corrections, :mod:`retrieval.head_correction`): each item's image file is
   re-encoded with the correction's heads mean-ablated, then renormalised; items whose file
   cannot be read keep their stored embedding. The only variant that reads images.
@@ -209,7 +210,8 @@ def _apply(collection, corrector, P, source_kind, source_ids, ids, raw, out=None
     has_source = np.isin(ids, source_ids)
     out = corrector.feature_map_.transform(x)  # phi(x), corrected below where a source exists
     if has_source.any():
-        out[has_source] -= corrector.explained(collection.embeddings.get(source_kind, ids[has_source]))
+        source = unit_rows(collection.embeddings.get(source_kind, ids[has_source]))  # stored raw, unit like x
+        out[has_source] -= corrector.explained(source)
     return out.astype(np.float32, copy=False)  # renormalised by the writer (normalize=True)
 
 
