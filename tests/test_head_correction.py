@@ -252,6 +252,15 @@ def test_the_plan_pickles_without_its_encoder(corpus, fitted):
                                    atol=1e-6)
         with pytest.raises(Exception, match="only the heads variant"):
             plan_reindex(opened, "tone-heads", variant="projection")
+        # the caller's loaded encoder (the web UI's) is the one used, not a second copy
+        given = plan_reindex(opened, "tone-heads", encoder=corpus["encoder"])
+        assert given.corrector.encoder is corpus["encoder"]
+        np.testing.assert_allclose(corrected_vectors(opened, given, ids, opened.embeddings.get("image", ids)), first,
+                                   atol=1e-6)
+        import indexing
+
+        with pytest.raises(Exception, match="encoder"):  # another encoder than the collection's is refused
+            plan_reindex(opened, "tone-heads", encoder=indexing.load_encoder("default"))
 
 
 @pytest.mark.parametrize("args, message", [
