@@ -191,22 +191,14 @@ def print_tone_variance(heads, text_emb) -> None:
 
 def decompose_collection(encoder, coll, ids, concept_images, reference_images=500, seed=0):
     """The head terms and totals of every item and every concept image, and the reference means."""
-    from retrieval.head_correction import decompose_paths, reference_means
+    from retrieval.head_correction import reference_means
+    from retrieval.heads import decompose_images
 
     records = coll.items(ids)
-    item_terms, item_total = [], []
-    paths = [records[int(i)].uri for i in ids]
-    for start in range(0, len(paths), 256):
-        d, positions = decompose_paths(encoder, paths[start:start + 256])
-        if len(positions) != len(paths[start:start + 256]):
-            raise SystemExit(f"some images of the collection cannot be read (near {paths[start]})")
-        item_terms.append(d.head_terms().astype(np.float32))
-        item_total.append(d.total())
-    d, positions = decompose_paths(encoder, [str(p) for p in concept_images])
-    if len(positions) != len(concept_images):
-        raise SystemExit("some concept images cannot be read")
+    items = decompose_images(encoder, [records[int(i)].uri for i in ids], what="collection image")
+    d = decompose_images(encoder, concept_images, what="concept image")
     means, _ = reference_means(encoder, coll, reference_images, seed)
-    return {"item_terms": np.concatenate(item_terms), "item_total": np.concatenate(item_total),
+    return {"item_terms": items.head_terms().astype(np.float32), "item_total": items.total(),
             "concept_terms": d.head_terms(), "concept_total": d.total(), "concept_mlps": d.mlps,
             "concept_stem": d.stem, "reference_means": means}
 

@@ -13,6 +13,7 @@ from indexing.catalog import EmbeddingKind
 from indexing.collection import Collection
 from indexing.correction_store import CorrectionInfo, check_correction_name, save_correction
 from indexing.encoders.encoder import encode_texts_once
+from indexing.vector_index import unit_rows
 from retrieval.concepts import ConceptSet
 from sce_correct import SchurCorrector, SCEReport, sce_score
 from sce_correct.corrector import DEFAULT_ENERGY
@@ -152,6 +153,10 @@ def fit_concept_correction(collection: Collection, encoder, concept: ConceptSet,
     concept image shares: fitted uncentred on skin_tone_large.csv, the no-skin-tone projection
     also removed "hand" and a "waving hand" search returned water waves and flags.
 
+    Both sides are normalised to unit length first: a correction is fitted, and applied, on
+    unit-norm embeddings (what the index holds and what queries are), whatever scale the
+    encoder's raw outputs have.
+
     For the cosine kernel the projection size is fixed now (from `n_components` or `energy`)
     and stored with the correction, so every later search and re-index uses the same one.
     Nothing is written when any step fails.
@@ -166,6 +171,11 @@ def fit_concept_correction(collection: Collection, encoder, concept: ConceptSet,
     collection.check_encoder(encoder.name, encoder.dim)
     source, target, images = _encode_pairs(encoder, concept, direction,
                                            collection if reuse_stored else None, progress)
+    # Fitted on unit-norm embeddings, the space the index and the queries live in (a re-index
+    # and a search apply the correction to unit rows). The cosine kernel normalises anyway; a
+    # Gaussian one's bandwidth and random features are for the scale they were fitted on, and
+    # raw encoder outputs (open_clip) are not unit-norm.
+    source, target = unit_rows(source), unit_rows(target)
     corrector = SchurCorrector(direction=direction, kernel=kernel, ridge=ridge, strength=strength,
                                sigma=sigma, rff_dim=rff_dim, seed=seed, center=center).fit(source, target)
     k = share = None

@@ -17,7 +17,6 @@ embedding; the re-index counts and logs them.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 import numpy as np
 
@@ -27,7 +26,7 @@ from indexing.encoders.encoder import encode_texts_once
 from indexing.vector_index import unit_rows
 from retrieval.concepts import ConceptSet
 from retrieval.corrections import FitResult, unit
-from retrieval.heads import DEFAULT_IMAGES, DEFAULT_SEED, sample_items, vit_of
+from retrieval.heads import DEFAULT_IMAGES, DEFAULT_SEED, decompose_images, decompose_paths, sample_items, vit_of
 from sce_correct import HeadAblation, sce_score
 from sce_correct.heads import DEFAULT_SHARE
 from sce_correct.errors import InputError
@@ -35,37 +34,6 @@ from sce_correct.errors import InputError
 logger = logging.getLogger(__name__)
 
 DECODE_BATCH = 64
-
-
-def load_pixels(encoder, paths: Sequence[str | None]):
-    """(pixels, positions): the readable images of ``paths`` preprocessed by the encoder, and
-    their positions in ``paths`` (None paths and unreadable files are left out)."""
-    import torch
-
-    from indexing.encoders.encoder import UnreadableImageError
-
-    tensors, positions = [], []
-    for position, path in enumerate(paths):
-        if path is None:
-            continue
-        try:
-            tensors.append(encoder.load_and_preprocess(path))
-        except (UnreadableImageError, OSError) as error:
-            logger.debug("skipping %s: %s", path, error)
-            continue
-        positions.append(position)
-    pixels = torch.stack(tensors) if tensors else None
-    return pixels, positions
-
-
-def decompose_paths(encoder, paths: Sequence[str | None]):
-    """(decomposition or None, positions) of the readable images among ``paths``."""
-    from indexing.encoders.decomposition import decompose
-
-    pixels, positions = load_pixels(encoder, paths)
-    if pixels is None:
-        return None, positions
-    return decompose(vit_of(encoder), pixels), positions
 
 
 def reference_means(encoder, collection: Collection, images: int = DEFAULT_IMAGES,
@@ -101,10 +69,7 @@ def fit_head_correction(collection: Collection, encoder, concept: ConceptSet, *,
     vit_of(encoder)  # a clear line for a CNN encoder before any decoding
     if concept.images is None:
         raise InputError(f"a head correction needs prompt/image pairs; {concept.source} pairs texts")
-    decomposition, positions = decompose_paths(encoder, [str(p) for p in concept.images])
-    if len(positions) != len(concept.images):
-        unread = sorted(set(range(len(concept.images))) - set(positions))
-        raise InputError(f"{len(unread)} concept image(s) cannot be read, e.g. {concept.images[unread[0]]}")
+    decomposition = decompose_images(encoder, concept.images, what="concept image")
     _, n_layers, n_heads_in, _ = decomposition.head_terms().shape
     HeadAblation(n_heads=n_heads, share=share).check_params(n_layers, n_heads_in)  # before the sample's pass
     texts = encode_texts_once(encoder, concept.prompts)

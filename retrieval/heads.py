@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,8 @@ DEFAULT_BANK = ("text_banks", "general.txt")
 DEFAULT_IMAGES = 500
 DEFAULT_SEED = 0
 RECALL_K = 10
+#: Images decomposed per pass of :func:`decompose_images` (a multiple of decompose's batch).
+DECOMPOSE_CHUNK = 128
 # Scores closer than this (relative to 1, the scores are cosines) count as tied.
 _TIE = 1e-9
 
@@ -97,18 +100,60 @@ def sample_items(collection, n: int, seed: int = DEFAULT_SEED, *, captioned: boo
                   captions=[records[int(i)].caption for i in ids])
 
 
-def decompose_images(encoder, paths: list[str], batch_size: int = 32):
-    """Preprocess the images with the encoder's own preprocessing and decompose them."""
+def load_pixels(encoder, paths: Sequence[str | None]):
+    """(pixels, positions): the readable images of ``paths`` preprocessed by the encoder, and
+    their positions in ``paths`` (None paths and unreadable files are left out)."""
     import torch
 
+    from indexing.encoders.encoder import UnreadableImageError
+
+    tensors, positions = [], []
+    for position, path in enumerate(paths):
+        if path is None:
+            continue
+        try:
+            tensors.append(encoder.load_and_preprocess(path))
+        except (UnreadableImageError, OSError) as error:
+            logger.debug("skipping %s: %s", path, error)
+            continue
+        positions.append(position)
+    pixels = torch.stack(tensors) if tensors else None
+    return pixels, positions
+
+
+def decompose_paths(encoder, paths: Sequence[str | None]):
+    """(decomposition or None, positions) of the readable images among ``paths``, in one batch."""
     from indexing.encoders.decomposition import decompose
 
-    visual = vit_of(encoder)
-    if hasattr(encoder, "preprocess_batch"):
-        pixels = encoder.preprocess_batch(paths)
-    else:
-        pixels = torch.stack([encoder.load_and_preprocess(p) for p in paths])
-    return decompose(visual, pixels, batch_size=batch_size)
+    pixels, positions = load_pixels(encoder, paths)
+    if pixels is None:
+        return None, positions
+    return decompose(vit_of(encoder), pixels), positions
+
+
+def decompose_images(encoder, paths: Sequence[str], *, what: str = "image", chunk: int = DECOMPOSE_CHUNK,
+                     progress=None):
+    """The decomposition of every image of ``paths``, ``chunk`` images at a time (the terms of a
+    ViT-B/32 take ~0.6 MB an image in float64; a pass holds one chunk's activations). An
+    unreadable file is an :class:`InputError` naming it (``what``: what the images are).
+    ``progress(fraction, text)`` is told before each chunk."""
+    from indexing.encoders.decomposition import Decomposition
+
+    n = len(paths)
+    parts = []
+    for start in range(0, n, chunk):
+        if progress is not None:
+            progress(start / n, f"decomposing images {start + 1}-{min(n, start + chunk)} of {n}")
+        batch = [str(p) for p in paths[start:start + chunk]]
+        decomposition, positions = decompose_paths(encoder, batch)
+        if len(positions) != len(batch):
+            unread = sorted(set(range(len(batch))) - set(positions))
+            raise InputError(f"{what} {batch[unread[0]]} cannot be read"
+                             + (f" ({len(unread)} of images {start + 1}-{start + len(batch)})" if len(unread) > 1 else ""))
+        parts.append(decomposition)
+    if not parts:
+        raise InputError(f"no {what}s to decompose")
+    return Decomposition.concatenate(parts)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -252,8 +297,6 @@ def write_heads_figure(report: dict, paths_by_id: dict[int, str], path: str | Pa
 
 
 # ------------------------------------------------------------------------------ shared by the CLI and the web UI
-#: Images decomposed per step of :func:`collection_head_report` (a multiple of decompose's batch).
-_REPORT_CHUNK = 128
 
 
 def collection_head_report(encoder, collection, *, bank: str | Path | None = None, images: int = DEFAULT_IMAGES,
@@ -268,8 +311,6 @@ def collection_head_report(encoder, collection, *, bank: str | Path | None = Non
     ``encoder`` (its name), ``bank`` (path), ``bank_texts`` (count) and ``seed``, and every top
     image its ``uri``. ``progress``, if given, is called as ``progress(fraction, description)``.
     """
-    from indexing.encoders.decomposition import Decomposition
-
     def step(fraction: float, text: str) -> None:
         if progress is not None:
             progress(fraction, text)
@@ -279,14 +320,7 @@ def collection_head_report(encoder, collection, *, bank: str | Path | None = Non
     vit_of(encoder)
     bank_path, texts = read_bank(bank)
     sample = sample_items(collection, images, seed)
-    n = len(sample.paths)
-    parts = []
-    for start in range(0, n, _REPORT_CHUNK):
-        step(0.8 * start / n, f"decomposing images {start + 1}-{min(n, start + _REPORT_CHUNK)} of {n}")
-        parts.append(decompose_images(encoder, sample.paths[start:start + _REPORT_CHUNK]))
-    decomposition = parts[0] if len(parts) == 1 else Decomposition(
-        heads=np.concatenate([p.heads for p in parts]), mlps=np.concatenate([p.mlps for p in parts]),
-        stem=np.concatenate([p.stem for p in parts]))
+    decomposition = decompose_images(encoder, sample.paths, progress=lambda f, text: step(0.8 * f, text))
     step(0.8, f"embedding the {len(texts)} texts of {bank_path.name}")
     bank_embeddings = encoder.encode_texts(texts)
     step(0.9, "TEXTSPAN per head")

@@ -8,8 +8,9 @@ Variants:
 - "projection" (cosine corrections): x -> P x for unit-norm x, stored without renormalising,
   so inner-product scores equal those of the query-side correction (P q) . x.
 - "paired": x -> phi(x) - s * Gamma' phi(source), with each item's own caption as the source
-  (t2i; images for i2t/t2t on captions), then renormalised. Items without a paired source are
-  stored uncorrected.
+  (t2i; images for i2t/t2t on captions), x and the source unit-norm (the space the correction
+  was fitted in, :func:`retrieval.corrections.fit_concept_correction`), then renormalised.
+  Items without a paired source are stored uncorrected.
 - "heads" (head corrections, :mod:`retrieval.head_correction`): each item's image file is
   re-encoded with the correction's heads mean-ablated, then renormalised; items whose file
   cannot be read keep their stored embedding. The only variant that reads images.
@@ -96,8 +97,10 @@ class ReindexPlan:
         return (collection, self.corrector, self.projection, self.source_kind, self.source_ids)
 
 
-def plan_reindex(collection: Collection, correction: str, variant: str = "auto") -> ReindexPlan:
-    """Check the request and work out the job (an InputError names what is wrong)."""
+def plan_reindex(collection: Collection, correction: str, variant: str = "auto", encoder=None) -> ReindexPlan:
+    """Check the request and work out the job (an InputError names what is wrong). ``encoder``:
+    the collection's encoder if already loaded (a head correction re-encodes with it; else it is
+    loaded on the first chunk)."""
     if variant not in VARIANTS:
         raise InputError(f"variant must be one of {', '.join(VARIANTS)}; got {variant!r}")
     stored = load_correction(collection, correction)
@@ -119,7 +122,9 @@ def plan_reindex(collection: Collection, correction: str, variant: str = "auto")
         raise InputError(f"the collection has no stored {kind} embeddings to re-index")
     if heads:
         P, source_kind, source_ids, dim = None, None, None, corrector.n_features_in_
-        corrector = HeadReencoder(corrector)
+        if encoder is not None:
+            collection.check_encoder(encoder.name, encoder.dim)
+        corrector = HeadReencoder(corrector, encoder)
     elif variant == "projection":
         P = corrector.projection(n_components=info.parameters.get("n_components"),
                                  mode=info.parameters.get("mode", "nullify")).astype(np.float32)
@@ -146,8 +151,11 @@ Runner = Callable[[Collection, ReindexPlan, int, IndexVersionWriter, Any], int]
 
 def reindex(collection: Collection, correction: str, *, variant: str = "auto", chunk_size: int = 65536,
             factory: str | None = None, progress: bool = True,
-            checkpoint_every: int | None = None, runner: Runner | None = None) -> IndexVersionInfo:
+            checkpoint_every: int | None = None, runner: Runner | None = None, encoder=None) -> IndexVersionInfo:
     """Build (or resume) the corrected index version for `correction`; returns it once published.
+
+    ``encoder``: the collection's encoder, when the caller has it loaded (the web UI), so that a
+    head correction does not load a second copy.
 
     ``runner``: what computes the vectors (default this process's pipeline; the Ray engine,
     :mod:`retrieval.ray_reindex`, passes its own); the version is written here either way.
@@ -156,7 +164,7 @@ def reindex(collection: Collection, correction: str, *, variant: str = "auto", c
         checkpoint_every = int(os.environ.get(CHECKPOINT_ENV) or DEFAULT_CHECKPOINT_EVERY)
     if checkpoint_every < 1 or chunk_size < 1:
         raise InputError("chunk_size and checkpoint_every must be positive")
-    plan = plan_reindex(collection, correction, variant)
+    plan = plan_reindex(collection, correction, variant, encoder=encoder)
     if plan.variant == "heads":
         chunk_size = min(chunk_size, HEADS_CHUNK)
     started = time.perf_counter()
@@ -209,7 +217,8 @@ def _apply(collection, corrector, P, source_kind, source_ids, ids, raw, out=None
     has_source = np.isin(ids, source_ids)
     out = corrector.feature_map_.transform(x)  # phi(x), corrected below where a source exists
     if has_source.any():
-        out[has_source] -= corrector.explained(collection.embeddings.get(source_kind, ids[has_source]))
+        source = unit_rows(collection.embeddings.get(source_kind, ids[has_source]))  # stored raw, unit like x
+        out[has_source] -= corrector.explained(source)
     return out.astype(np.float32, copy=False)  # renormalised by the writer (normalize=True)
 
 

@@ -18,6 +18,7 @@ import sce_correct as sc
 from indexing.atomic import write_atomically
 from indexing.catalog import EmbeddingKind
 from indexing.encoders.encoder import encode_texts_once
+from retrieval.corrections import unit
 from retrieval.pairs import PairedSet
 from sce_correct.errors import InputError
 from sce_correct.features import median_sample_rows
@@ -81,7 +82,10 @@ def report_from_embeddings(text_emb: np.ndarray, image_emb: np.ndarray, uris: li
     """The report of embeddings in memory. With at least as many pairs as feature dimensions
     it is the collection's computation with one batch (one covariance pass gives the spectra
     and both kinds of modes); fewer pairs work in the dual (n x n)."""
-    text, image, sigma = paired_inputs(text_emb, image_emb, kernel=kernel, sigma=sigma, seed=seed)
+    # On unit rows, as corrections are fitted: a Gaussian kernel's bandwidth is then the same
+    # whatever the scale of the encoder's raw outputs (open_clip's are not unit-norm).
+    text, image, sigma = paired_inputs(unit(text_emb), unit(image_emb), kernel=kernel, sigma=sigma,
+                                       seed=seed)
     # One feature map for the whole report: the original modes use the bandwidth the score used
     # (texts and images), so both kinds of modes live in the same feature space.
     kw = dict(kernel=kernel, sigma=sigma, rff_dim=rff_dim, seed=seed)
@@ -168,10 +172,13 @@ def _report_streamed(collection, encoder, ids: np.ndarray, described: str, *, ke
     chunk_rows = max(1, int(chunk_rows))
     stored_captions = bool(np.isin(ids, store.ids(EmbeddingKind.CAPTION)).all())
 
-    def texts(chunk: np.ndarray, records) -> np.ndarray:
+    def texts(chunk: np.ndarray, records) -> np.ndarray:  # unit rows, as report_from_embeddings uses
         if stored_captions:
-            return store.get(EmbeddingKind.CAPTION, chunk)
-        return encode_texts_once(encoder, [records[item_id].caption for item_id in chunk.tolist()])
+            return unit(store.get(EmbeddingKind.CAPTION, chunk))
+        return unit(encode_texts_once(encoder, [records[item_id].caption for item_id in chunk.tolist()]))
+
+    def image_rows(chunk: np.ndarray) -> np.ndarray:
+        return unit(store.get(EmbeddingKind.IMAGE, chunk))
 
     kept: list[np.ndarray] = []  # the ids reported, chunk by chunk (an item deleted meanwhile is left out)
 
@@ -182,15 +189,15 @@ def _report_streamed(collection, encoder, ids: np.ndarray, described: str, *, ke
             chunk = np.array([item_id for item_id in chunk.tolist() if item_id in records], dtype=np.int64)
             kept.append(chunk)
             if len(chunk):
-                yield texts(chunk, records), store.get(EmbeddingKind.IMAGE, chunk)
+                yield texts(chunk, records), image_rows(chunk)
 
     def images():
         for chunk in kept:
             if len(chunk):
-                yield store.get(EmbeddingKind.IMAGE, chunk)
+                yield image_rows(chunk)
 
     if kernel == "gaussian" and sigma is None:
-        sigma = _median_sigma(collection, ids, texts, seed)
+        sigma = _median_sigma(collection, ids, texts, image_rows, seed)
     spectra, original, schur = sc.paired_spectra_and_modes(
         pairs(), images, n_modes=n_modes, top=top, kernel=kernel, sigma=sigma, rff_dim=rff_dim, ridge=ridge,
         seed=seed)
@@ -204,7 +211,7 @@ def _report_streamed(collection, encoder, ids: np.ndarray, described: str, *, ke
                    ridge=ridge, spectrum_size=spectrum_size)
 
 
-def _median_sigma(collection, ids: np.ndarray, texts, seed: int) -> float:
+def _median_sigma(collection, ids: np.ndarray, texts, images, seed: int) -> float:
     """The median heuristic of the in-memory report (texts stacked above images) on just the
     rows it samples, read from the store."""
     n = len(ids)
@@ -212,8 +219,7 @@ def _median_sigma(collection, ids: np.ndarray, texts, seed: int) -> float:
     rows = np.arange(2 * n) if rows is None else rows
     text_rows, image_rows = rows[rows < n], rows[rows >= n] - n
     text_ids, image_ids = ids[text_rows], ids[image_rows]
-    sample = np.concatenate([texts(text_ids, collection.items(text_ids)),
-                             collection.embeddings.get(EmbeddingKind.IMAGE, image_ids)])
+    sample = np.concatenate([texts(text_ids, collection.items(text_ids)), images(image_ids)])
     return sc.median_pairwise_distance(sample, seed=seed, max_rows=len(sample))
 
 

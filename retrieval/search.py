@@ -232,7 +232,7 @@ class Retriever:
             raise NotFoundError(f"correction {correction!r} has no re-indexed version yet: run "
                                 f"`sce index reindex --correction {correction}` or use the query strategy")
         if not view.has_projection and not view.is_heads:  # a Gaussian kernel's index is in feature space
-            q = view.stored.corrector.feature_map_.transform(q)
+            q = view.stored.corrector.feature_map_.transform(unit(q))  # fitted on unit-norm embeddings
         return SearchResult(self._search(q, k, version, nprobe), kind, correction, "reindexed")
 
     def _version(self, kind: str, correction: str | None) -> IndexVersionInfo:

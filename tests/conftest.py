@@ -111,6 +111,27 @@ def toy_encoder() -> ToyEncoder:
     return ToyEncoder()
 
 
+TINY_OPEN_CLIP = "sce-test-tiny-vit"
+TINY_OPEN_CLIP_CONFIG = {  # a 2-layer ViT + 2-layer text transformer, 32-d shared space
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """The name of a tiny open_clip model registered with open_clip: random but seeded weights
+    (``open_clip:<name>`` loads it offline), raw outputs far from unit norm."""
+    import json
+
+    open_clip = pytest.importorskip("open_clip")
+    folder = tmp_path_factory.mktemp("open_clip_cfg")
+    (folder / f"{TINY_OPEN_CLIP}.json").write_text(json.dumps(TINY_OPEN_CLIP_CONFIG))
+    open_clip.add_model_config(folder)
+    return TINY_OPEN_CLIP
+
+
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """Twelve distinct images in nested folders, one with a non-ASCII name."""

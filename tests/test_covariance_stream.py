@@ -363,6 +363,10 @@ def _in_memory(collection, encoder, where, *, kernel, ridge, n_modes, top, rff_d
         text = collection.embeddings.get(EmbeddingKind.CAPTION, ids)
     except KeyError:
         text = encode_texts_once(encoder, captions)
+    # the report works on unit rows (as corrections are fitted), whatever the stored scale
+    image, text = np.asarray(image, np.float64), np.asarray(text, np.float64)
+    image = image / np.linalg.norm(image, axis=1, keepdims=True)
+    text = text / np.linalg.norm(text, axis=1, keepdims=True)
     kw = dict(kernel=kernel, rff_dim=rff_dim)
     spectra = sc.schur_spectra(text, image, ridge=ridge, **kw)
     kw["sigma"] = spectra.sigma
@@ -426,3 +430,22 @@ def test_collection_report_is_streamed_and_equals_the_in_memory_report(tmp_path,
     assert [[i.index for i in m.items] for m in whole.schur_modes] == [[i.index for i in m.items]
                                                                       for m in got.schur_modes]
     collection.close()
+
+
+@pytest.mark.parametrize("kernel", ["cosine", "gaussian"])
+def test_report_does_not_depend_on_the_scale_of_raw_embeddings(kernel):
+    # open_clip's raw outputs are not unit-norm: the report (like a fitted correction) reads unit rows
+    from retrieval.report import report_from_embeddings
+
+    rng = np.random.default_rng(4)
+    text = rng.normal(size=(60, 6))
+    image = 0.7 * text @ rng.normal(size=(6, 6)) + rng.normal(size=(60, 6))
+    names = [f"/img/{k}.png" for k in range(60)]
+    kw = dict(kernel=kernel, n_modes=2, top=3, rff_dim=40)
+    unit = report_from_embeddings(text / np.linalg.norm(text, axis=1, keepdims=True),
+                                  image / np.linalg.norm(image, axis=1, keepdims=True), names, names, **kw)
+    scaled = report_from_embeddings(7.0 * text * rng.uniform(0.5, 2.0, size=(60, 1)), 3.0 * image, names, names, **kw)
+    if kernel == "gaussian":  # the bandwidth of unit rows, not of the raw scale
+        assert scaled.score.sigma == pytest.approx(unit.score.sigma, rel=1e-12) and unit.score.sigma < 2.0
+    assert scaled.score.image_share == pytest.approx(unit.score.image_share, rel=1e-9)
+    assert scaled.spectrum_schur == pytest.approx(unit.spectrum_schur, rel=1e-9, abs=1e-12)

@@ -19,11 +19,13 @@ from indexing.correction_store import list_corrections
 from indexing.shipped_data import shipped_data
 from retrieval.concepts import load_concept_set
 from retrieval.corrections import fit_concept_correction
-from ui.cli_demo import COLOURS, DEMO_CORRECTIONS, DEMO_QUERIES, ensure_demo_collection, show_ab_examples
+from ui.cli_demo import (COLOURS, DEMO_CORRECTIONS, DEMO_METADATA_CORRECTIONS, DEMO_QUERIES, ensure_demo_collection,
+                         show_ab_examples)
 
 #: The emoji (caption without the tone) near the demo's queries: hands in every tone; people
 #: dancing, running, walking, playing with a ball (default tone) of each gender; books.
-HANDS = re.compile(r"thumbs (up|down) sign|pinching hand|call me hand|index pointing at the viewer|waving hand sign")
+HANDS = re.compile(r"thumbs (up|down) sign|pinching hand|call me hand|index pointing at the viewer|waving hand sign"
+                   r"|ok hand sign")
 PEOPLE = re.compile(r"dancer|(wo)?man dancing|runner|(wo)?man running|pedestrian|(wo)?man walking|handball"
                     r"|(wo)?man playing handball|person with ball|(wo)?man bouncing ball|mer(man|maid|person)")
 BOOKS = re.compile(r"(green|blue|orange|closed|open) book|notebook|books")
@@ -34,11 +36,12 @@ GENDER_TRIPLES = 8  # the first triples (man, woman, person) of concepts/gender.
 def tiny_data(tmp_path) -> Path:
     data = tmp_path / "data"
     rows = []
-    for i in range(12):
+    for i in range(12):  # 4 things in 3 tones (the metadata correction pairs them)
+        tone = ("light", "medium", "dark")[i % 3]
         make_image(data / "sample" / "images" / f"{i}.png", seed=i)
-        rows.append({"file": f"images/{i}.png", "caption": f"thing {i}"})
+        rows.append({"file": f"images/{i}.png", "caption": f"thing {i // 3}, {tone} skin tone", "skin_tone": tone})
     with (data / "sample" / "captions.csv").open("w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=["file", "caption"])
+        w = csv.DictWriter(fh, fieldnames=["file", "caption", "skin_tone"])
         w.writeheader()
         w.writerows(rows)
     (data / "concepts").mkdir()
@@ -97,7 +100,9 @@ def test_demo_setup_fits_missing_and_stale_corrections_only(tiny_data, tmp_path)
     ensure_demo_collection(root, tiny_data, progress=False)
     with Collection.open(root) as coll:
         first = {c.name: c for c in list_corrections(coll)}
-        assert set(first) == {name for name, *_ in DEMO_CORRECTIONS}
+        assert set(first) == {name for name, *_ in DEMO_CORRECTIONS + DEMO_METADATA_CORRECTIONS}
+        for name, field in DEMO_METADATA_CORRECTIONS:
+            assert first[name].parameters["from_metadata"] == field and first[name].parameters["groups"] == 4
         assert all(c.parameters["center"] for c in first.values())
         assert coll.info().items == 12
         # An older demo's fit: uncentred. The next run must fit it again, and only it.
@@ -109,7 +114,7 @@ def test_demo_setup_fits_missing_and_stale_corrections_only(tiny_data, tmp_path)
     with Collection.open(root) as coll:
         after = {c.name: c for c in list_corrections(coll)}
     assert after[name].parameters["center"] is True
-    for other, *_ in DEMO_CORRECTIONS[1:]:
+    for other, *_ in DEMO_CORRECTIONS[1:] + DEMO_METADATA_CORRECTIONS:
         assert after[other].created_at == first[other].created_at  # untouched
 
 
@@ -126,7 +131,8 @@ def test_demo_examples_show_the_dominant_value_drop(sample_slice, tmp_path, caps
         show_ab_examples(coll, coll.load_encoder())
     printed = {m["correction"]: m for m in SHARES.finditer(capsys.readouterr().out)}
     assert set(printed) == {q.correction for q in DEMO_QUERIES}, printed
-    expected_value = {"no-skin-tone": "dark", "no-gender": "woman", "no-colour": "green"}
+    expected_value = {"no-skin-tone": "dark", "no-gender": "woman", "no-colour": "green",
+                      "no-skin-tone-in-context": "dark"}
     for example in DEMO_QUERIES:
         line = printed[example.correction]
         assert line["query"] == example.query

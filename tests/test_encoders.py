@@ -17,25 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample"
 ENCODERS = REPO / "indexing" / "encoders"
 
-TINY_CONFIG = {  # a 2-layer ViT + 2-layer text transformer, 32-d shared space
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
-}
-TINY = "sce-test-tiny-vit"
-
-
-pytestmark = pytest.mark.usefixtures("no_network")  # conftest: a connection attempt fails the test
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    import open_clip
-
-    folder = tmp_path_factory.mktemp("open_clip_cfg")
-    (folder / f"{TINY}.json").write_text(json.dumps(TINY_CONFIG))
-    open_clip.add_model_config(folder)
-    return TINY
+# conftest: a connection attempt fails the test; tiny_model is the tiny random open_clip model
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def _images(n=3):

@@ -252,6 +252,15 @@ def test_the_plan_pickles_without_its_encoder(corpus, fitted):
                                    atol=1e-6)
         with pytest.raises(Exception, match="only the heads variant"):
             plan_reindex(opened, "tone-heads", variant="projection")
+        # the caller's loaded encoder (the web UI's) is the one used, not a second copy
+        given = plan_reindex(opened, "tone-heads", encoder=corpus["encoder"])
+        assert given.corrector.encoder is corpus["encoder"]
+        np.testing.assert_allclose(corrected_vectors(opened, given, ids, opened.embeddings.get("image", ids)), first,
+                                   atol=1e-6)
+        import indexing
+
+        with pytest.raises(Exception, match="encoder"):  # another encoder than the collection's is refused
+            plan_reindex(opened, "tone-heads", encoder=indexing.load_encoder("default"))
 
 
 @pytest.mark.parametrize("args, message", [
@@ -289,3 +298,23 @@ def test_a_collection_without_a_vit_is_refused(tmp_path, toy_encoder, image_fold
         with pytest.raises(InputError, match="exposes no ViT image tower"):
             fit_head_correction(opened, toy_encoder, load_concept_set(concept), name="h")
         assert opened.corrections.names() == []
+
+
+def test_decompose_images_in_chunks_equals_one_pass_and_names_an_unreadable_file(corpus, tmp_path):
+    from retrieval.heads import decompose_images
+    from sce_correct.errors import InputError
+
+    _, paths = item_paths(corpus["coll"])
+    paths = paths[:37]
+    chunked = decompose_images(corpus["encoder"], paths, chunk=16)  # 16 + 16 + 5
+    whole = decomposition_of(corpus["encoder"], paths)
+    assert chunked.heads.shape == whole.heads.shape
+    for name in ("heads", "mlps", "stem"):
+        np.testing.assert_allclose(getattr(chunked, name), getattr(whole, name), rtol=1e-6, atol=1e-8)
+    seen = []
+    decompose_images(corpus["encoder"], paths, chunk=16, progress=lambda f, text: seen.append(round(f, 3)))
+    assert seen == [0.0, round(16 / 37, 3), round(32 / 37, 3)]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    with pytest.raises(InputError, match=r"concept image .*broken\.png cannot be read"):
+        decompose_images(corpus["encoder"], paths[:20] + [str(broken)], what="concept image", chunk=16)

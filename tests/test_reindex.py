@@ -520,7 +520,107 @@ def test_paired_reindex_with_a_one_item_chunk(collection_dir, toy_encoder):
         images = collection.embeddings.get("image", order)
         captions = collection.embeddings.get("caption", order)
     x = images / np.linalg.norm(images, axis=1, keepdims=True)
-    expected = corrector.correct(captions, x)
+    expected = corrector.correct(captions / np.linalg.norm(captions, axis=1, keepdims=True), x)  # both unit
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     assert version.count == TOTAL
     np.testing.assert_allclose(_by_id(ids, vectors), expected, atol=1e-5)
+
+
+# -- Gaussian corrections of raw (not unit-norm) encoder outputs ---------------------------------
+OPEN_CLIP_ITEMS = 24
+GAUSS = dict(kernel="gaussian", rff_dim=32, seed=3)
+
+
+def _open_clip_encoder(model: str, scale: float = 1.0):
+    """The tiny random open_clip model (raw outputs, norms far from 1), outputs times ``scale``."""
+    from indexing.encoders.open_clip_encoder import OpenClipEncoder
+
+    class Scaled(OpenClipEncoder):
+        def encode_image_batch(self, batch):
+            return super().encode_image_batch(batch) * np.float32(scale)
+
+        def encode_texts(self, texts, batch_size=256, progress=False):
+            return super().encode_texts(texts, batch_size, progress) * np.float32(scale)
+
+    return Scaled(model, device="cpu")
+
+
+def _open_clip_gaussian(root: Path, encoder) -> dict:
+    """An open_clip collection with a Gaussian correction "g" fitted and re-indexed: the
+    re-indexed vectors by item, the captions' file numbers, and the top hits of a text query."""
+    rows = []
+    for i in range(OPEN_CLIP_ITEMS):
+        make_image(root / "imgs" / f"{i:03d}.png", seed=300 + i)
+        rows.append({"file": f"imgs/{i:03d}.png", "caption": f"item {i}"})
+    write_csv(root / "list.csv", rows, ["file", "caption"])
+    build_collection(root / "list.csv", root / "coll", encoder=encoder, progress=False)
+    concept = root / "concept.csv"
+    concept.write_text("prompt,image\n" + "".join(f"tone {i % 3},imgs/{i:03d}.png\n" for i in range(12)))
+    with Collection.open(root / "coll") as collection:
+        fit_concept_correction(collection, encoder, load_concept_set(concept), name="g", **GAUSS)
+        version = reindex(collection, "g", chunk_size=5, progress=False)
+        ids, vectors = _vectors(collection, version.name)
+        order = np.sort(ids)
+        records = collection.items(order)
+        retriever = Retriever(collection, encoder)
+        hits = retriever.search(retriever.embed_text("item 5"), 8, correction="g", strategy="reindexed").hits
+        # a raw query vector (not unit-norm) ranks as its unit-norm form, as with a projection
+        raw_hits = retriever.search(encoder.encode_texts(["item 5"])[0], 8, correction="g", strategy="reindexed").hits
+        assert [h.item_id for h in raw_hits] == [h.item_id for h in hits]
+        np.testing.assert_allclose([h.score for h in raw_hits], [h.score for h in hits], atol=1e-5)
+        return {"ids": order, "vectors": _by_id(ids, vectors),
+                "sigma": rx.load_correction(collection, "g").corrector.feature_map_.sigma_,
+                "files": [int(records[i].caption.split()[1]) for i in order.tolist()],
+                "images": collection.embeddings.get("image", order),
+                "captions": collection.embeddings.get("caption", order),
+                "hits": [(h.item_id, h.score) for h in hits]}
+
+
+@pytest.mark.usefixtures("no_network")
+def test_gaussian_paired_reindex_of_open_clip_outputs_is_fitted_and_applied_on_unit_embeddings(tmp_path, tiny_model):
+    """Fitted on raw open_clip outputs and applied to unit-norm ones, the bandwidth and the
+    random features were those of another scale; both sides are unit-norm embeddings now."""
+    from sce_correct import SchurCorrector
+
+    encoder = _open_clip_encoder(tiny_model)
+    got = _open_clip_gaussian(tmp_path, encoder)
+    norms = np.linalg.norm(got["images"], axis=1)
+    assert np.abs(norms - 1).min() > 0.5  # the case at hand: raw outputs far from unit norm
+
+    def unit(a):
+        a = np.asarray(a, dtype=np.float64)
+        return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+    # The brute force: the concept pairs (prompt "tone i%3", image file i, i < 12) on unit rows.
+    by_file = dict(zip(got["files"], range(len(got["files"]))))
+    images = unit(got["images"])
+    prompts = unit(encoder.encode_texts(["tone 0", "tone 1", "tone 2"]))[[i % 3 for i in range(12)]]
+    pair_images = images[[by_file[i] for i in range(12)]]
+    both = np.vstack([prompts, pair_images])
+    distances = np.linalg.norm(both[:, None] - both[None], axis=-1)[np.triu_indices(len(both), 1)]
+    sigma = float(np.median(distances[distances > 0]))
+    assert got["sigma"] == pytest.approx(sigma, rel=1e-5)  # the median heuristic of unit rows
+    reference = SchurCorrector(sigma=sigma, center=True, **GAUSS).fit(prompts, pair_images)
+    expected = reference.correct(unit(got["captions"]), images)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(got["vectors"], expected, atol=1e-5)
+
+    # a text query on the re-indexed version ranks by phi(unit query) . corrected vector
+    query = unit(encoder.encode_texts(["item 5"]))
+    scores = expected @ reference.feature_map_.transform(query)[0]
+    top = np.argsort(-scores)[:8]
+    assert [item for item, _ in got["hits"]] == got["ids"][top].tolist()
+    np.testing.assert_allclose([score for _, score in got["hits"]], scores[top], atol=1e-5)
+
+
+@pytest.mark.usefixtures("no_network")
+def test_a_gaussian_correction_does_not_depend_on_the_scale_of_the_encoder_outputs(tmp_path, tiny_model):
+    """The same model with every output times 40: the same correction, the same search."""
+    plain = _open_clip_gaussian(tmp_path / "plain", _open_clip_encoder(tiny_model))
+    scaled = _open_clip_gaussian(tmp_path / "scaled", _open_clip_encoder(tiny_model, scale=40.0))
+    np.testing.assert_allclose(scaled["images"], 40 * plain["images"], rtol=1e-5)  # the wrapper did scale
+    assert scaled["files"] == plain["files"]
+    assert scaled["sigma"] == pytest.approx(plain["sigma"], rel=1e-5)
+    np.testing.assert_allclose(scaled["vectors"], plain["vectors"], atol=1e-5)
+    assert [i for i, _ in scaled["hits"]] == [i for i, _ in plain["hits"]]
+    np.testing.assert_allclose([s for _, s in scaled["hits"]], [s for _, s in plain["hits"]], atol=1e-5)

@@ -29,6 +29,12 @@ DEMO_CORRECTIONS = (
     ("no-colour", "colour.csv", "nullify"),
 )
 
+#: (correction name, metadata field) fitted from the collection's own captions and images
+#: (`sce correct fit --from-metadata`): the concept in context, centred within each object.
+DEMO_METADATA_CORRECTIONS = (
+    ("no-skin-tone-in-context", "skin_tone"),
+)
+
 
 @dataclass(frozen=True)
 class DemoQuery:
@@ -46,11 +52,13 @@ class DemoQuery:
     field: str | None
 
 
-#: Chosen on the sample collection (`sce demo`): dark 88% -> 25%, woman 88% -> 12%, green 50% -> 12%.
+#: Chosen on the sample collection (`sce demo`): dark 88% -> 25%, woman 88% -> 12%, green 50% -> 12%;
+#: "ok hand, dark skin tone": dark 100% -> 25% in context (the concept-file correction: 100% -> 62%).
 DEMO_QUERIES = (
     DemoQuery("thumbs up, dark skin tone", "no-skin-tone", "skin tone", "skin_tone"),
     DemoQuery("woman dancing", "no-gender", "gender", "gender"),
     DemoQuery("green book", "no-colour", "colour", None),
+    DemoQuery("ok hand, dark skin tone", "no-skin-tone-in-context", "skin tone", "skin_tone"),
 )
 COLOURS = ("red", "orange", "yellow", "green", "blue", "purple", "brown", "black", "white")
 
@@ -88,6 +96,7 @@ def ensure_demo_collection(root: Path, data_dir: Path | None = None, *, progress
     from indexing.shipped_data import shipped_data
     from retrieval.concepts import load_concept_set
     from retrieval.corrections import fit_concept_correction
+    from retrieval.metadata_concepts import fit_metadata_correction
     from sce_correct.errors import NotFoundError
 
     data_dir = shipped_data() if data_dir is None else Path(data_dir)
@@ -112,6 +121,10 @@ def ensure_demo_collection(root: Path, data_dir: Path | None = None, *, progress
                 typer.echo(f"fitting correction {name} from concepts/{concept_file} ...")
                 fit_concept_correction(coll, encoder, load_concept_set(data_dir / "concepts" / concept_file),
                                        name=name, mode=mode, replace=name in have)
+        for name, field in DEMO_METADATA_CORRECTIONS:  # from stored embeddings: nothing is encoded
+            if name not in have or have[name].parameters.get("from_metadata") != field:
+                typer.echo(f"fitting correction {name} from the collection's {field} metadata ...")
+                fit_metadata_correction(coll, name=name, field=field, replace=name in have)
     return root
 
 

@@ -106,7 +106,9 @@ class CorrectionActions:
             raise InputError(f"correction {name!r} cannot be used with this collection: {problem}")
         progress(0, desc=f"re-indexing the {info.target_kind} index with {name}")
         with state.write_lock:
-            version = reindex(state.collection, name, progress=True)
+            # a head correction re-encodes the images: with the app's encoder, not a second copy
+            version = reindex(state.collection, name, progress=True,
+                              encoder=state.encoder if info.kernel == "heads" else None)
         state.forget_corrections()
         status = (f"Built index version `{version.name}`: {version.count:,} {version.kind} vectors corrected by "
                   f"**{name}**. Searches with strategy auto now use it.")

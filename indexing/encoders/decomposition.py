@@ -49,7 +49,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
 import numpy as np
 
@@ -91,6 +91,14 @@ class Decomposition:
     def total(self) -> np.ndarray:
         """The sum of all terms, (n, dim): equal to the tower's output for these images."""
         return self.head_terms().sum(axis=(1, 2)) + self.mlps.sum(axis=1) + self.stem
+
+    @classmethod
+    def concatenate(cls, parts: "Sequence[Decomposition]") -> "Decomposition":
+        """The decompositions of consecutive batches of images as one."""
+        if len(parts) == 1:
+            return parts[0]
+        return cls(heads=np.concatenate([p.heads for p in parts]), mlps=np.concatenate([p.mlps for p in parts]),
+                   stem=np.concatenate([p.stem for p in parts]))
 
 
 def _refuse(message: str) -> NoReturn:
