@@ -169,6 +169,14 @@ def test_eval_every_is_refused_without_dev():
         train_emoji_vit.main(["--eval-every", "1", "--no-save"])
 
 
+@pytest.mark.parametrize("args", [["--views", "-1"], ["--views", "10", "--views-per-batch", "0"]])
+def test_a_negative_pool_or_an_empty_share_of_views_is_refused(args):
+    from indexing.encoders import train_emoji_vit
+
+    with pytest.raises(SystemExit, match="--views must be >= 0 and --views-per-batch >= 1"):
+        train_emoji_vit.main(args + ["--no-save"])
+
+
 def test_dev_run_records_a_learning_curve_on_the_dev_names(tmp_path):
     # ~15 s: a --dev run holds out a further 20 % of the seen names and logs their R@k per epoch
     from indexing.encoders import train_emoji_vit

@@ -289,6 +289,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     if args.eval_every and not args.dev:
         raise SystemExit("--eval-every needs --dev (a curve on the held-out names would invite choosing on them)")
+    if args.views < 0 or args.views_per_batch < 1:
+        raise SystemExit(f"--views must be >= 0 and --views-per-batch >= 1, got {args.views} and {args.views_per_batch}")
     train_styles, eval_styles = tdh.parse_styles(args.train_styles, args.eval_styles)
     root = args.cache_dir or cache_root()
     feature_cache, cache = root / "train_default_head", root / "train_emoji_vit"
