@@ -27,8 +27,8 @@ point the same way, scores chance (10 / n) rather than 1.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np

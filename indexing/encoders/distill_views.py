@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from indexing.atomic import write_atomically
+from indexing.atomic import file_sha256, write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -108,9 +108,8 @@ def cached_views(source_paths: list[Path], families: np.ndarray, n: int, seed: i
     from PIL import Image
 
     digest = hashlib.sha256()
-    for p in source_paths:
-        digest.update(str(p).encode())
-        digest.update(Path(p).read_bytes())
+    for p in source_paths:  # each source by its content hash (the catalog's), in order
+        digest.update(file_sha256(p).encode())
     digest.update(f"{n}-{seed}-{teacher_key}-{VIEWS_VERSION}".encode())
     path = cache_dir / f"distill-views-{digest.hexdigest()[:16]}.npz"
     if path.is_file():
