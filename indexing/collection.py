@@ -5,7 +5,8 @@
 - :mod:`indexing.items`: items and rejected files (and metadata filters in SQL);
 - :mod:`indexing.embedding_store`: the stored encoder outputs;
 - :mod:`indexing.index_versions`: the registry of index versions and the retention rule;
-- :mod:`indexing.index_build`: building, checkpointing, resuming and publishing versions.
+- :mod:`indexing.index_build`: building, checkpointing, resuming and publishing versions;
+- :mod:`indexing.collection_types`: the value types and errors (imported here).
 
 Here live what ties them together: opening (and safely creating) a collection, its encoder,
 the write lock, and the operations that touch several parts at once (adding and deleting
@@ -40,7 +41,6 @@ import logging
 import shutil
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -49,6 +49,8 @@ from filelock import FileLock, Timeout
 from sqlalchemy.exc import SQLAlchemyError
 
 from indexing.catalog import Catalog, CatalogInfo, EmbeddingKind, open_catalog, shown_url
+from indexing.collection_types import (CollectionBusyError, CollectionInfo, CollectionNotFoundError,
+                                       EncoderMismatchError, SearchHit)
 from indexing.embedding_store import EmbeddingStore
 from indexing.index_build import IndexBuilder, IndexVersionWriter
 from indexing.index_versions import (
@@ -66,7 +68,7 @@ from indexing.items import (
     Rejection,
 )
 from indexing.vector_index import VectorIndex
-from sce_correct.errors import ConflictError, InputError, NotFoundError
+from sce_correct.errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from indexing.correction_store import CorrectionRegistry
@@ -82,6 +84,8 @@ LOCK_FILENAME = ".write.lock"
 CREATE_LOCK_FILENAME = ".create.lock"
 #: How long opening waits for another process that is creating the same collection.
 CREATE_WAIT_SECONDS = 60.0
+#: Catalog info key of the bound encoder's ``weights_id`` (:meth:`Collection.bind_encoder`).
+WEIGHTS_KEY = "encoder_weights"
 
 __all__ = [
     "Collection", "CollectionInfo", "CollectionNotFoundError", "EncoderMismatchError",
@@ -89,40 +93,6 @@ __all__ = [
     "DeleteResult", "IndexVersionInfo", "IndexVersionWriter", "GarbageReport",
     "DEFAULT_COLLECTION_DIR", "INDEXES_DIRNAME",
 ]
-
-
-class CollectionNotFoundError(NotFoundError, FileNotFoundError):
-    """There is no collection catalog where one was expected."""
-
-
-class EncoderMismatchError(ConflictError, ValueError):
-    """A collection or index version was opened with an encoder other than its own."""
-
-
-class CollectionBusyError(ConflictError):
-    """Another process is writing to the collection."""
-
-
-@dataclass(frozen=True)
-class SearchHit:
-    rank: int
-    score: float
-    item_id: int
-    uri: str
-    caption: str | None
-    metadata: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class CollectionInfo:
-    root: Path
-    catalog_url: str
-    encoder: str | None
-    dim: int | None
-    items: int
-    embeddings: dict[str, int]
-    failures: dict[str, int]
-    versions: list[IndexVersionInfo]
 
 
 class Collection:
@@ -233,17 +203,26 @@ class Collection:
         return self.catalog.get_info("encoder")
 
     @property
+    def encoder_weights(self) -> str | None:
+        """The weights id recorded when the collection was bound (None: unknown)."""
+        return self.catalog.get_info(WEIGHTS_KEY)
+
+    @property
     def dim(self) -> int | None:
         value = self.catalog.get_info("dim")
         return None if value is None else int(value)
 
     def load_encoder(self, device: str | None = None) -> Any:
-        """The collection's own encoder (``indexing.load_encoder`` of the stored spec)."""
+        """The collection's own encoder (``indexing.load_encoder`` of the stored spec); logs a
+        warning naming both weights ids when they differ (:meth:`check_writer` refuses writes)."""
         if self.encoder_name is None:
             raise InputError(f"collection {self.root} has no encoder yet; build it first")
         import indexing
 
-        return indexing.load_encoder(self.encoder_name, device=device)
+        encoder = indexing.load_encoder(self.encoder_name, device=device)
+        if (mismatch := self._weights_mismatch(encoder)) is not None:
+            logger.warning("%s: its queries are compared with embeddings of the recorded weights", mismatch)
+        return encoder
 
     def check_encoder(self, name: str, dim: int | None = None) -> None:
         """Raise :class:`EncoderMismatchError` naming both encoders when ``name`` is not ours."""
@@ -256,14 +235,32 @@ class Collection:
                 f"it cannot be used with encoder {name!r} (dim {dim})"
             )
 
-    def bind_encoder(self, name: str, dim: int) -> None:
-        """Record the collection's encoder on first use; afterwards check it."""
+    def check_writer(self, encoder: Any) -> None:
+        """The one check before ``encoder`` writes image embeddings here (build, add, a re-index
+        that re-encodes): :meth:`check_encoder`, then :class:`EncoderMismatchError` when its
+        ``weights_id`` is not the recorded one. Unknown on either side is accepted."""
+        self.check_encoder(encoder.name, encoder.dim)
+        if (mismatch := self._weights_mismatch(encoder)) is not None:
+            raise EncoderMismatchError(f"{mismatch}: its image embeddings would mix with the stored ones; "
+                                       f"build a new collection with it (sce index build SOURCE -c NEW "
+                                       f"--encoder {encoder.name}) or use the weights this one was built with")
+
+    def _weights_mismatch(self, encoder: Any) -> str | None:
+        recorded, current = self.encoder_weights, getattr(encoder, "weights_id", None)
+        if recorded is None or current is None or recorded == current:
+            return None
+        return f"collection {self.root} was built with {encoder.name!r} weights {recorded}; this one has {current}"
+
+    def bind_encoder(self, name: str, dim: int, weights_id: str | None = None) -> None:
+        """Record the collection's encoder on first use; afterwards check it. ``weights_id`` is
+        recorded (as ``encoder_weights``) only then: a collection bound before weights ids were
+        recorded, or without one, keeps none (unknown: no guess of what made its embeddings)."""
         self.check_encoder(name, dim)
         if self.encoder_name is None:
+            values = {"encoder": name, "dim": str(int(dim)), WEIGHTS_KEY: weights_id}
             try:
                 with self.catalog.sessions.begin() as session:  # inserts: never overwrites
-                    session.add_all([CatalogInfo(key="encoder", value=name),
-                                     CatalogInfo(key="dim", value=str(int(dim)))])
+                    session.add_all([CatalogInfo(key=k, value=v) for k, v in values.items() if v is not None])
             except SQLAlchemyError:
                 if self.encoder_name is None:
                     raise
@@ -548,6 +545,7 @@ class Collection:
             embeddings=self.embeddings.counts(),
             failures=self.items_store.failure_counts(),
             versions=self.versions(include_retired=True),
+            encoder_weights=self.encoder_weights,
         )
 
 

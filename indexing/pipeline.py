@@ -351,10 +351,10 @@ def begin_build(
     if not report.listed:
         raise InputError(f"{report.source}: nothing listed")
     encoder = resolve_encoder(encoder, collection)
-    collection.check_encoder(encoder.name, encoder.dim)
+    collection.check_writer(encoder)  # name, dim and weights id
     if factory is not None:
         VectorIndex.create(encoder.dim, factory)
-    collection.bind_encoder(encoder.name, encoder.dim)
+    collection.bind_encoder(encoder.name, encoder.dim, getattr(encoder, "weights_id", None))
     collection.embeddings.remove_unreferenced_files()
     logger.info(
         "%s: %d listed, %d already in the catalog, %d to index",

@@ -169,13 +169,15 @@ def raise_sce_error(batch: dict[str, np.ndarray]) -> None:
 # -- the encoder in the actors -------------------------------------------------------------------
 def encoder_recipe(encoder: Encoder) -> tuple[Any, Any]:
     """What an actor needs to make the encoder: (``indexing.load_encoder``, its spec) when its
-    name loads it (every product encoder: no weights are sent, each actor loads them once), else
-    (None, the encoder object itself, which must pickle)."""
+    name loads it with the same weights (every product encoder as installed: no weights are sent,
+    each actor loads them once), else (None, the encoder object itself, which must pickle; e.g.
+    an ``EmojiVitEncoder`` given another weights file)."""
     import indexing
 
     loader = indexing.load_encoder  # the driver's (a patched loader, e.g. the tests' toy encoder, goes too)
     try:
-        if loader(encoder.name).name == encoder.name:
+        loaded = loader(encoder.name)
+        if loaded.name == encoder.name and getattr(loaded, "weights_id", None) == getattr(encoder, "weights_id", None):
             return loader, encoder.name
     except (InputError, ValueError):
         pass

@@ -113,7 +113,7 @@ class HeadReencoder:
         """Unit-norm float32 corrected embeddings of items ``ids`` (``raw``: their stored ones)."""
         if self.encoder is None:
             self.encoder = collection.load_encoder()
-            collection.check_encoder(self.encoder.name, self.encoder.dim)
+            collection.check_writer(self.encoder)  # the corrected version's vectors are re-encoded
         ids = np.asarray(ids, dtype=np.int64)
         out = unit_rows(raw)
         records = collection.items(ids)

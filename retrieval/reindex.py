@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
+import indexing
 from indexing.collection import Collection, IndexVersionInfo, IndexVersionWriter
 from indexing.correction_store import load_correction
 from indexing.vector_index import unit_rows, unit_rows_into
@@ -122,8 +123,9 @@ def plan_reindex(collection: Collection, correction: str, variant: str = "auto",
         raise InputError(f"the collection has no stored {kind} embeddings to re-index")
     if heads:
         P, source_kind, source_ids, dim = None, None, None, corrector.n_features_in_
-        if encoder is not None:
-            collection.check_encoder(encoder.name, encoder.dim)
+        # it re-encodes the items' images: refused before a version is recorded when the installed
+        # weights are not the collection's (constructing the encoder loads none)
+        collection.check_writer(encoder if encoder is not None else indexing.load_encoder(collection.encoder_name))
         corrector = HeadReencoder(corrector, encoder)
     elif variant == "projection":
         P = corrector.projection(n_components=info.parameters.get("n_components"),

@@ -321,6 +321,7 @@ def info_command(
         typer.echo(f"collection  {info.root}")
         typer.echo(f"catalog     {info.catalog_url}")
         typer.echo(f"encoder     {info.encoder} (dim {info.dim})")
+        typer.echo(f"weights     {info.encoder_weights or 'unknown (not recorded)'}")
         typer.echo(f"items       {info.items}")
         for kind, count in sorted(info.embeddings.items()):
             typer.echo(f"embeddings  {kind}: {count}")

@@ -10,6 +10,7 @@ retrieval quality it measured. Re-create it with
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -20,7 +21,7 @@ import numpy as np
 
 from sce_correct.errors import InputError
 
-from .encoder import Encoder, ImageInput, resolve_device
+from .encoder import Encoder, ImageInput, resolve_device, weights_file_id
 from .head import ProjectionHead
 from .towers import (IMAGE_FEATURE_DIM, TEXT_DIM, EfficientNetLite0Tower, MiniLMTextTower,
                      colour_features, preprocess_imagenet)
@@ -81,6 +82,12 @@ class DefaultEncoder(MiniLMTextSide, Encoder):
         self.head_path = Path(head_path) if head_path is not None else HEAD_PATH
         self._head: ProjectionHead | None = None
         self._image_tower: EfficientNetLite0Tower | None = None
+
+    @functools.cached_property
+    def weights_id(self) -> str | None:  # type: ignore[override]
+        """The head file: the part this project trains and ships (the EfficientNet tower's
+        weights come with its package, pinned by the package's version)."""
+        return weights_file_id(self.head_path)
 
     # -- lazy parts ----------------------------------------------------------------------
     @property

@@ -19,6 +19,7 @@ input tensor, so per-head decompositions can run on it. Nothing loads at import 
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +31,7 @@ import numpy as np
 from sce_correct.errors import InputError
 
 from .default_encoder import MiniLMTextSide
-from .encoder import Encoder, ImageInput
+from .encoder import Encoder, ImageInput, weights_file_id
 from .towers import IMAGENET_MEAN, IMAGENET_STD, TEXT_DIM, preprocess_imagenet
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -104,6 +105,11 @@ class EmojiVitEncoder(MiniLMTextSide, Encoder):
         self.config_path = Path(config_path) if config_path is not None else CONFIG_PATH
         self._config: dict | None = None
         self._visual = None
+
+    @functools.cached_property
+    def weights_id(self) -> str | None:  # type: ignore[override]
+        """The tower's weights file (the text side is MiniLM's, pinned by its package)."""
+        return weights_file_id(self.weights_path)
 
     # -- lazy parts ----------------------------------------------------------------------
     @property

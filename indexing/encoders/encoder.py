@@ -105,6 +105,8 @@ class Encoder:
             compares it when an index is opened.
         dim: embedding dimension.
         unit_norm: whether the returned embeddings have unit L2 norm.
+        weights_id: a content id of the weights that decide the image embeddings (see the
+            property), which a collection records beside ``name``.
 
     All ``encode_*`` methods return ``float32`` arrays of shape ``(n, dim)``.
     """
@@ -112,6 +114,14 @@ class Encoder:
     name: str
     dim: int
     unit_norm: bool = False
+
+    @property
+    def weights_id(self) -> str | None:
+        """``"sha256:<16 hex>"`` of the weights file that decides the image embeddings, found
+        without loading the model (:func:`weights_file_id`); None when it cannot be known.
+        A collection records it when first bound and refuses writes by other weights under the
+        same name (:meth:`indexing.collection.Collection.check_writer`). Default: None."""
+        return None
 
     # -- implemented by subclasses -------------------------------------------------------
     def preprocess(self, image: "Image.Image") -> "torch.Tensor":
@@ -180,6 +190,17 @@ class Encoder:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, dim={self.dim})"
+
+
+def weights_file_id(path: str | os.PathLike[str]) -> str | None:
+    """``"sha256:<first 16 hex digits>"`` of a weights file's bytes, or None when it cannot be
+    read (a missing file fails later, where the weights load, with its own message)."""
+    from indexing.atomic import file_sha256
+
+    try:
+        return "sha256:" + file_sha256(path)[:16]
+    except OSError:
+        return None
 
 
 def _progress_bar(total: int, enabled: bool, desc: str):

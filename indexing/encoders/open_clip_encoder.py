@@ -11,6 +11,7 @@ Embeddings are returned as the model gives them: NOT unit-norm (the catalog norm
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -20,7 +21,7 @@ import numpy as np
 
 from sce_correct.errors import InputError
 
-from .encoder import Encoder, batched, resolve_device, to_rgb_on_white
+from .encoder import Encoder, batched, resolve_device, to_rgb_on_white, weights_file_id
 from .factory import OPEN_CLIP_PREFIX, EncoderSpec, canonical_checkpoint
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -76,6 +77,18 @@ class OpenClipEncoder(Encoder):
                     f"encoder spec {spec!r}: {pretrained!r} is neither a pretrained tag of {model!r} "
                     f"({', '.join(tags) if tags else 'it has none'}) nor an existing checkpoint file")
         return cls(model, pretrained, device=device, embed_dim=embed_dim)
+
+    @functools.cached_property
+    def weights_id(self) -> str | None:  # type: ignore[override]
+        """A local checkpoint file's content id. None otherwise: a hub tag is already in the name
+        and names one upstream file, which is not on disk before first use (hashing the hub
+        cache would mean open_clip's download code), so repeating it would only look like a
+        content check; random init is decided by the name and the seed; hf-hub:/local-dir:
+        folders are not hashed."""
+        pretrained = self.pretrained
+        if pretrained and os.path.isabs(pretrained) and os.path.isfile(pretrained):  # canonical_checkpoint
+            return weights_file_id(pretrained)
+        return None
 
     # -- lazy loading ------------------------------------------------------------------
     @property
