@@ -10,6 +10,9 @@ default (issue 15), as pure functions of embedding arrays.
 - :func:`knn_smooth`: a correction conditional on each item's nearest items: after the
   projection, each vector is averaged with its near neighbours (cosine >= ``tau``), which on
   a corpus holding every tone of an object averages the tones away.
+- :func:`local_projection`: a correction conditional on each item's nearest fitted object:
+  after the global projection, each item also loses the top tone directions of the concept
+  images of the fitted object it is closest to (the object-dependent part of the concept).
 - :func:`group_means`: the reference a tone-blind ranking would reach (each toned item
   replaced by the mean of its object's toned items); it uses the labels, so it is not a method.
 """
@@ -57,6 +60,25 @@ def knn_smooth(Y: np.ndarray, *, tau: float = 0.85, neighbours: int = 8, block: 
         for i in range(len(S)):
             members = top[i][near[i]]
             out[start + i] = Y[members].mean(axis=0) if len(members) else Y[start + i]
+    return out
+
+
+def local_projection(Y: np.ndarray, images: np.ndarray, groups: np.ndarray, *, rank: int = 2) -> np.ndarray:
+    """``Y`` (already projected) with each row's component along the top-``rank`` directions of
+    its nearest group removed: a group's directions are the principal axes of its ``images``
+    (projected the same way, centred on the group's mean), the nearest group the one whose mean
+    has the highest cosine with the row."""
+    keys, inverse = np.unique(groups, return_inverse=True)
+    bases, means = [], []
+    for g in range(len(keys)):
+        members = images[inverse == g]
+        means.append(members.mean(axis=0))
+        bases.append(np.linalg.svd(members - means[-1], full_matrices=False)[2][:rank].T)
+    nearest = np.argmax(unit(Y) @ unit(np.stack(means)).T, axis=1)
+    out = np.array(Y, dtype=np.float64)
+    for g in np.unique(nearest):
+        rows = nearest == g
+        out[rows] -= (out[rows] @ bases[g]) @ bases[g].T
     return out
 
 

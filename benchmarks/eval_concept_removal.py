@@ -105,7 +105,7 @@ def head_methods(heads, fit_rows, text_emb, *, shares, components, energy) -> di
 
 
 def fit_methods(text_emb, image_emb, prompts, *, components, energy, negative_weight, heads=None,
-                fit_rows=None, shares=(), context=None):
+                fit_rows=None, shares=(), context=None, concept_groups=None):
     """name -> (item transform, query transform) for every method, fitted on these pairs.
 
     The item transforms take the collection's embedding matrix (the head corrections ignore it
@@ -143,6 +143,10 @@ def fit_methods(text_emb, image_emb, prompts, *, components, energy, negative_we
                     lambda v, P=P_ctx: ca.knn_smooth(v @ P), same)
     methods["gaussian kernel (RFF 1000), k=4, mapped back"] = (
         lambda v: ca.kernel_projection_map_back(text_emb, image_emb, v, 4), same)
+    if concept_groups is not None:  # the object of each concept row
+        P = projections[True]
+        methods[f"schur k={ks[True]} + nearest object's tone span (rank 2)"] = (
+            lambda v: ca.local_projection(v @ P, image_emb @ P, concept_groups), same)
     methods[f"schur k={ks[True]} + neighbour mean (cos >= 0.85, 8)"] = (
         lambda v: ca.knn_smooth(v @ projections[True]), same)
     if heads is not None:
@@ -278,7 +282,8 @@ def main() -> None:
         return max(np.mean(labels[mask] == t) for t in set(labels[mask]))
 
     # In-sample: fitted on the whole concept set.
-    methods = fit_methods(text_emb, image_emb, concept.prompts, context=(CAP, X, objects, toned), **fit_kw)
+    methods = fit_methods(text_emb, image_emb, concept.prompts, context=(CAP, X, objects, toned),
+                          concept_groups=concept_objects, **fit_kw)
     methods[floor_name] = (lambda v: ca.group_means(v, objects, toned), lambda q: q)
     corrected = unit(methods[next(n for n in methods if n.startswith("schur projection (centred"))][0](X))
     near = np.argsort(-(corrected[toned] @ corrected.T), axis=1)[:, 1:5]
@@ -299,7 +304,7 @@ def main() -> None:
         q_half_value = encoder.encode_texts([tone_query.format(object=o) for o in half_objects])
         fit_items = toned & ~np.isin(objects, list(half))
         m = fit_methods(text_emb[fit_rows], image_emb[fit_rows], prompts[fit_rows].tolist(), fit_rows=fit_rows,
-                        context=(CAP, X, objects, fit_items), **fit_kw)
+                        context=(CAP, X, objects, fit_items), concept_groups=concept_objects[fit_rows], **fit_kw)
         m[floor_name] = (lambda v: ca.group_means(v, objects, toned), lambda q: q)
         held_out.append(evaluate(m, X, labels, objects, probe_mask,
                                  {"recall10_toned_objects": (q_half, half_objects),
