@@ -1,6 +1,7 @@
 """Train the ``emoji-vit`` image tower (an open_clip ViT) and measure how well it aligns.
 
-    python -m indexing.encoders.train_emoji_vit --teacher-contrast-weight 0.5 --views 30000 --views-per-batch 96
+    python -m indexing.encoders.train_emoji_vit --teacher-contrast-weight 0.5 --caption-weight 0.25 \
+        --views 30000 --views-per-batch 96
                                                            # rebuild the shipped weights (see the record)
     python -m indexing.encoders.train_emoji_vit --no-save  # train + report only
 
