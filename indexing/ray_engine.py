@@ -24,6 +24,7 @@ import contextlib
 import functools
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -70,6 +71,27 @@ def import_ray() -> Any:
     return ray
 
 
+ADDRESS_TIMEOUT_S = 5.0
+
+
+def check_address(address: str, timeout: float = ADDRESS_TIMEOUT_S) -> None:
+    """Refuse a cluster address where nothing answers, in ``timeout`` seconds, before
+    ``ray.init``: there, Ray itself retries for minutes. ``host:port`` (a GCS address) and
+    ``ray://host:port`` (Ray Client) are checked with a TCP connect; ``auto``, ``local`` and
+    an address without a port are left to Ray."""
+    host_port = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = host_port.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        return
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as error:
+        reason = "no answer in %g s" % timeout if isinstance(error, TimeoutError) else (error.strerror or str(error))
+        raise InputError(f"--address {address}: no Ray cluster answers at {host}:{port} ({reason}); "
+                         "start one with `ray start --head` or give the address it prints") from None
+
+
 @contextlib.contextmanager
 def ray_cluster(address: str | None = None, *, num_cpus: int | None = None,
                 object_store_memory: int | None = None) -> Iterator[Any]:
@@ -84,6 +106,8 @@ def ray_cluster(address: str | None = None, *, num_cpus: int | None = None,
                         ray.get_runtime_context().gcs_address, address)
         yield ray
         return
+    if address:
+        check_address(address)
     try:
         if address:
             ray.init(address=address, logging_level=logging.WARNING)

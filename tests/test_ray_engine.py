@@ -246,6 +246,46 @@ def test_package_import_does_not_import_ray():
     assert out.stdout.strip() == "False"
 
 
+# -- --address where no cluster is --------------------------------------------------------------
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_check_address_refuses_where_nothing_listens_and_passes_a_listener():
+    import socket
+
+    from indexing.ray_engine import check_address
+
+    port = _free_port()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(InputError, match=rf"^--address {address}: no Ray cluster answers at 127.0.0.1:{port} "):
+            check_address(address)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_address(f"127.0.0.1:{server.getsockname()[1]}")  # something answers: Ray takes it from there
+    for address in ("auto", "local", "head-node"):
+        check_address(address)  # no port: left to Ray
+
+
+def test_build_with_an_address_where_no_cluster_is_fails_in_one_line(corpus):
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install 'sce-retrieval[ray]'")
+    from test_kill_resume import sce
+
+    coll = corpus["root"] / "nowhere"
+    address = f"127.0.0.1:{_free_port()}"
+    process = sce("index", "build", corpus["listing"], "-c", coll, "--encoder", "toy", "--engine", "ray",
+                  "--address", address, "-q")
+    out, err = process.communicate(timeout=120)  # Ray's own retries would take minutes
+    assert process.returncode == 1, err
+    assert err.strip().splitlines()[-1].startswith(f"error: --address {address}: no Ray cluster answers"), err
+    assert not coll.exists()  # nothing written
+
+
 # -- another process joins the cluster with --address ---------------------------------------------
 def test_address_joins_the_running_cluster(ray_cluster, corpus, toy_specs):
     from test_kill_resume import sce
