@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from retrieval.corrections import unit
 from sce_correct.errors import InputError
 from sce_correct.textspan import textspan
 
@@ -156,10 +157,6 @@ def decompose_images(encoder, paths: Sequence[str], *, what: str = "image", chun
     return Decomposition.concatenate(parts)
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-300)
-
-
 # ------------------------------------------------------------------------------ heads
 def head_report(decomposition, bank_texts: list[str], bank_embeddings: np.ndarray, item_ids: np.ndarray,
                 *, components: int = 5, top_images: int = 5, rank: int = 80) -> dict:
@@ -176,7 +173,7 @@ def head_report(decomposition, bank_texts: list[str], bank_embeddings: np.ndarra
     if components > limit:
         raise InputError(f"--components {components} exceeds what {n} images, a {dim}-d span and "
                          f"{len(bank_texts)} texts allow (at most {limit})")
-    unit_bank = _unit(bank)
+    unit_bank = unit(bank)
     entries = []
     for layer in range(n_layers):
         for head in range(n_heads):
@@ -201,7 +198,7 @@ def head_report(decomposition, bank_texts: list[str], bank_embeddings: np.ndarra
 # ------------------------------------------------------------------------------ ablation
 def recall_at_k(queries: np.ndarray, images: np.ndarray, k: int = RECALL_K) -> float:
     """Query i's relevant image is image i; cosine ranking, ties broken at random on average."""
-    q, x = _unit(np.asarray(queries, np.float64)), _unit(np.asarray(images, np.float64))
+    q, x = unit(np.asarray(queries, np.float64)), unit(np.asarray(images, np.float64))
     scores = q @ x.T
     own = np.diag(scores)[:, None]
     above = (scores > own + _TIE).sum(axis=1)
@@ -370,4 +367,4 @@ def patch_heatmap(visual, pixels, text_vector: np.ndarray, layer: int, head: int
     rows, cols = (int(g) for g in visual.grid_size)
     if n_tokens != 1 + rows * cols:
         raise InputError(f"the tower has {n_tokens} tokens, not 1 + {rows} x {cols} patches")
-    return (terms[layer, head, 1:] @ _unit(direction)).reshape(rows, cols)
+    return (terms[layer, head, 1:] @ unit(direction)).reshape(rows, cols)
