@@ -13,6 +13,11 @@ default (issue 15), as pure functions of embedding arrays.
 - :func:`local_projection`: a correction conditional on each item's nearest fitted object:
   after the global projection, each item also loses the top tone directions of the concept
   images of the fitted object it is closest to (the object-dependent part of the concept).
+- :func:`offset_regression`: a nonlinear correction learned from groups of concept images
+  (the same object in each concept value): kernel ridge regression (Gaussian kernel) from an
+  image to its offset from its group's mean, with items that lack the concept as anchors
+  that keep their place; each item then loses its predicted offset. The offset's direction
+  may depend on the object, which a projection of a fixed subspace cannot follow.
 - :func:`group_means`: the reference a tone-blind ranking would reach (each toned item
   replaced by the mean of its object's toned items); it uses the labels, so it is not a method.
 """
@@ -108,3 +113,20 @@ def kernel_projection_map_back(source: np.ndarray, target: np.ndarray, items: np
     phi = fmap.transform(items)
     back, *_ = np.linalg.lstsq(phi, items, rcond=None)
     return (phi - (phi @ U) @ U.T) @ back
+
+
+def offset_regression(images: np.ndarray, groups: np.ndarray, anchors: np.ndarray, items: np.ndarray, *,
+                      gamma: float = 0.5, alpha: float = 1e-4) -> np.ndarray:
+    """``items`` minus the offsets predicted by a Gaussian-kernel ridge regression fitted on
+    ``images`` -> (image - its group's mean image) and ``anchors`` -> 0 (rows without the
+    concept, which should not move)."""
+    from sklearn.kernel_ridge import KernelRidge
+
+    keys, inverse = np.unique(groups, return_inverse=True)
+    means = np.zeros((len(keys), images.shape[1]))
+    np.add.at(means, inverse, images)
+    offsets = images - (means / np.bincount(inverse)[:, None])[inverse]
+    inputs = np.concatenate([images, anchors])
+    targets = np.concatenate([offsets, np.zeros_like(anchors, dtype=np.float64)])
+    model = KernelRidge(kernel="rbf", gamma=gamma, alpha=alpha).fit(inputs, targets)
+    return items - model.predict(items)

@@ -18,7 +18,9 @@ set (default: data/concepts/skin_tone_large.csv):
 
 Issue 15's approaches (`benchmarks/concept_approaches.py`) are rows of their own: iterative
 removal, context pairs from the collection's metadata centred by object, a Gaussian-kernel
-correction mapped back to d dimensions, and a neighbour mean after the projection. The caption index gets the same measures for I2T and T2T
+correction mapped back to d dimensions, a neighbour mean after the projection, the nearest
+fitted object's tone span, and a kernel regression of each image's offset from its object's
+mean (the concept images grouped by object; items without a tone as anchors). The caption index gets the same measures for I2T and T2T
 corrections (held-out objects).
 
 Methods: the original embeddings; the Schur projection (nullify, fitted on the concept set,
@@ -105,11 +107,12 @@ def head_methods(heads, fit_rows, text_emb, *, shares, components, energy) -> di
 
 
 def fit_methods(text_emb, image_emb, prompts, *, components, energy, negative_weight, heads=None,
-                fit_rows=None, shares=(), context=None, concept_groups=None):
+                fit_rows=None, shares=(), context=None, concept_groups=None, anchors=None):
     """name -> (item transform, query transform) for every method, fitted on these pairs.
 
     The item transforms take the collection's embedding matrix (the head corrections ignore it
-    and use the collection's decomposition in ``heads``)."""
+    and use the collection's decomposition in ``heads``). ``anchors``: embeddings of items
+    without the concept, which the kernel offset regression keeps in place."""
     import torch
     from concept_erasure import LeaceEraser
 
@@ -147,6 +150,9 @@ def fit_methods(text_emb, image_emb, prompts, *, components, energy, negative_we
         P = projections[True]
         methods[f"schur k={ks[True]} + nearest object's tone span (rank 2)"] = (
             lambda v: ca.local_projection(v @ P, image_emb @ P, concept_groups), same)
+        if anchors is not None:
+            methods[f"schur k={ks[True]} + kernel offset regression (by object)"] = (
+                lambda v: ca.offset_regression(image_emb @ P, concept_groups, anchors @ P, v @ P), same)
     methods[f"schur k={ks[True]} + neighbour mean (cos >= 0.85, 8)"] = (
         lambda v: ca.knn_smooth(v @ projections[True]), same)
     if heads is not None:
@@ -282,8 +288,9 @@ def main() -> None:
         return max(np.mean(labels[mask] == t) for t in set(labels[mask]))
 
     # In-sample: fitted on the whole concept set.
+    anchors = X[labels == ""]  # items without a tone, for the kernel offset regression
     methods = fit_methods(text_emb, image_emb, concept.prompts, context=(CAP, X, objects, toned),
-                          concept_groups=concept_objects, **fit_kw)
+                          concept_groups=concept_objects, anchors=anchors, **fit_kw)
     methods[floor_name] = (lambda v: ca.group_means(v, objects, toned), lambda q: q)
     corrected = unit(methods[next(n for n in methods if n.startswith("schur projection (centred"))][0](X))
     near = np.argsort(-(corrected[toned] @ corrected.T), axis=1)[:, 1:5]
@@ -304,7 +311,8 @@ def main() -> None:
         q_half_value = encoder.encode_texts([tone_query.format(object=o) for o in half_objects])
         fit_items = toned & ~np.isin(objects, list(half))
         m = fit_methods(text_emb[fit_rows], image_emb[fit_rows], prompts[fit_rows].tolist(), fit_rows=fit_rows,
-                        context=(CAP, X, objects, fit_items), concept_groups=concept_objects[fit_rows], **fit_kw)
+                        context=(CAP, X, objects, fit_items), concept_groups=concept_objects[fit_rows],
+                        anchors=anchors, **fit_kw)
         m[floor_name] = (lambda v: ca.group_means(v, objects, toned), lambda q: q)
         held_out.append(evaluate(m, X, labels, objects, probe_mask,
                                  {"recall10_toned_objects": (q_half, half_objects),

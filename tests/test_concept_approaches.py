@@ -55,3 +55,46 @@ def test_knn_smooth_averages_each_row_with_its_close_neighbours():
         near = [i] + [j for j in order if sims[j] >= 0.85]
         expected = Y[near].mean(0)
         np.testing.assert_allclose(got[i], expected, atol=1e-10)
+
+
+def test_offset_regression_matches_the_closed_form_kernel_ridge():
+    rng = np.random.default_rng(3)
+    images, anchors, items = rng.normal(size=(12, 5)), rng.normal(size=(6, 5)), rng.normal(size=(9, 5))
+    groups = np.repeat(np.arange(4), 3)
+    got = ca.offset_regression(images, groups, anchors, items, gamma=0.3, alpha=0.1)
+    # by hand: targets are each image minus its group's mean, zeros for the anchors; the
+    # dual coefficients solve (K + alpha I) c = targets; the prediction is k(item, inputs) c
+    means = np.stack([images[groups == g].mean(0) for g in range(4)])
+    A = np.concatenate([images, anchors])
+    T = np.concatenate([images - means[groups], np.zeros((6, 5))])
+    kernel = lambda a, b: np.exp(-0.3 * ((a[:, None, :] - b[None, :, :]) ** 2).sum(-1))  # noqa: E731
+    coef = np.linalg.solve(kernel(A, A) + 0.1 * np.eye(len(A)), T)
+    np.testing.assert_allclose(got, items - kernel(items, A) @ coef, atol=1e-10)
+
+
+def test_offset_regression_follows_an_object_dependent_concept_that_a_projection_cannot():
+    # Two kinds of object, each with its own concept direction: a projection of one direction
+    # leaves the other kind's; the kernel regression, fitted on some objects of both kinds,
+    # takes the concept out of new objects of both kinds and leaves concept-free items alone.
+    rng = np.random.default_rng(4)
+    d = 8
+    kinds = np.eye(d)[:2] * 4  # kind centres, far apart
+    concept = np.eye(d)[[2, 3]]  # kind 0 varies along e2, kind 1 along e3
+
+    def objects(n):
+        kind = np.arange(n) % 2
+        centres = kinds[kind] + 0.3 * rng.normal(size=(n, d)) * (np.arange(d) >= 4)
+        values = np.array([-1.0, 0.0, 1.0])
+        rows = (centres[:, None, :] + values[None, :, None] * concept[kind][:, None, :]).reshape(-1, d)
+        return rows, np.repeat(np.arange(n), 3), np.repeat(kind, 3), np.tile(values, n)
+
+    fit, fit_groups, _, _ = objects(40)
+    new, _, new_kind, new_values = objects(10)
+    anchors = kinds[np.arange(30) % 2] + 0.3 * rng.normal(size=(30, d)) * (np.arange(d) >= 4)
+    got = ca.offset_regression(fit, fit_groups, anchors, np.concatenate([new, anchors]), gamma=0.1, alpha=1e-3)
+    corrected, kept = got[: len(new)], got[len(new):]
+    along = np.einsum("ij,ij->i", corrected, concept[new_kind])
+    before = np.einsum("ij,ij->i", new, concept[new_kind])
+    assert np.corrcoef(before, new_values)[0, 1] > 0.99
+    assert np.abs(along).max() < 0.1 * np.abs(before).max()  # the concept is gone from new objects
+    np.testing.assert_allclose(kept, anchors, atol=0.05)  # and the anchors stay where they were
