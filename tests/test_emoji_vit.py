@@ -113,6 +113,15 @@ def test_record_describes_the_shipped_weights():
     assert RECORD_PATH.name == "emoji_vit_record.json"
 
 
+def test_the_training_defaults_are_the_shipped_weights_config():
+    # a bare `python -m indexing.encoders.train_emoji_vit` rebuilds what is shipped
+    from dataclasses import asdict
+
+    from indexing.encoders.train_emoji_vit import VitTrainConfig
+
+    assert asdict(VitTrainConfig()) == json.loads(RECORD_PATH.read_text())["config"]
+
+
 def test_training_refuses_the_twitter_style():
     from indexing.encoders import train_emoji_vit
 
@@ -127,7 +136,7 @@ def test_training_script_runs_end_to_end_in_a_tiny_configuration(tmp_path):
     out = tmp_path / "w" / "emoji_vit.safetensors"
     record = train_emoji_vit.main(["--train-styles", "google", "--eval-styles", "google", "--limit", "64",
                                    "--epochs", "1", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
-                                   "--out", str(out)])
+                                   "--views", "0", "--out", str(out)])
     assert record["results"]["google"]["n_images"] == 64
     assert record["n_train_images"] == sum(o not in tdh.split_names(tdh.read_corpus("google", SAMPLE).objects,
                                                                     0.2, 0)
@@ -184,7 +193,7 @@ def test_dev_run_records_a_learning_curve_on_the_dev_names(tmp_path):
     record = train_emoji_vit.main(["--train-styles", "google", "--eval-styles", "google", "--limit", "64",
                                    "--epochs", "2", "--threads", "1", "--cache-dir", str(tmp_path / "cache"),
                                    "--dev", "--eval-every", "1", "--teacher-contrast-weight", "0.5",
-                                   "--no-save"])
+                                   "--views", "0", "--no-save"])
     assert [p["epoch"] for p in record["dev_curve"]] == [1, 2]
     assert record["held_out_names"]["dev_split"] is True
     assert record["config"]["teacher_contrast_weight"] == 0.5
