@@ -13,11 +13,12 @@ default (issue 15), as pure functions of embedding arrays.
 - :func:`local_projection`: a correction conditional on each item's nearest fitted object:
   after the global projection, each item also loses the top tone directions of the concept
   images of the fitted object it is closest to (the object-dependent part of the concept).
-- :func:`offset_regression`: a nonlinear correction learned from groups of concept images
-  (the same object in each concept value): kernel ridge regression (Gaussian kernel) from an
-  image to its offset from its group's mean, with items that lack the concept as anchors
-  that keep their place; each item then loses its predicted offset. The offset's direction
-  may depend on the object, which a projection of a fixed subspace cannot follow.
+- :func:`offset_regression`: a nonlinear correction learned from the concept images: kernel
+  ridge regression (Gaussian kernel) from an image to its offset from its object's mean
+  (:func:`group_offsets` when the groups are known, :func:`partner_offsets` from the prompts
+  alone), with items that lack the concept as anchors that keep their place (known, or
+  :func:`weakest_concept_rows`); each item then loses its predicted offset. The offset's
+  direction may depend on the object, which a projection of a fixed subspace cannot follow.
 - :func:`group_means`: the reference a tone-blind ranking would reach (each toned item
   replaced by the mean of its object's toned items); it uses the labels, so it is not a method.
 """
@@ -115,17 +116,45 @@ def kernel_projection_map_back(source: np.ndarray, target: np.ndarray, items: np
     return (phi - (phi @ U) @ U.T) @ back
 
 
-def offset_regression(images: np.ndarray, groups: np.ndarray, anchors: np.ndarray, items: np.ndarray, *,
-                      gamma: float = 0.5, alpha: float = 1e-4) -> np.ndarray:
-    """``items`` minus the offsets predicted by a Gaussian-kernel ridge regression fitted on
-    ``images`` -> (image - its group's mean image) and ``anchors`` -> 0 (rows without the
-    concept, which should not move)."""
-    from sklearn.kernel_ridge import KernelRidge
-
+def group_offsets(images: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Each image minus the mean image of its group (the same object in each concept value)."""
     keys, inverse = np.unique(groups, return_inverse=True)
     means = np.zeros((len(keys), images.shape[1]))
     np.add.at(means, inverse, images)
-    offsets = images - (means / np.bincount(inverse)[:, None])[inverse]
+    return images - (means / np.bincount(inverse)[:, None])[inverse]
+
+
+def partner_offsets(images: np.ndarray, prompts: np.ndarray) -> np.ndarray:
+    """Each image minus the mean of itself and its nearest image (cosine) of each other prompt:
+    the object's mean when the concept set does not say which images show the same object
+    (after the projection, an image's nearest image of another concept value is mostly the
+    same object's)."""
+    prompts = np.asarray(prompts)
+    cosines = unit(images) @ unit(images).T
+    sums, counts = np.array(images, dtype=np.float64), np.ones(len(images))
+    for value in np.unique(prompts):
+        columns = np.flatnonzero(prompts == value)
+        nearest = columns[np.argmax(cosines[:, columns], axis=1)]
+        other = prompts != value
+        sums[other] += images[nearest[other]]
+        counts[other] += 1
+    return images - sums / counts[:, None]
+
+
+def weakest_concept_rows(X: np.ndarray, P: np.ndarray, candidates: np.ndarray, n: int) -> np.ndarray:
+    """The ``n`` rows of ``candidates`` with the least of X outside P's range (||x - x P||): the
+    items the concept touches least, anchors chosen without labels."""
+    strength = np.linalg.norm(X[candidates] - X[candidates] @ P, axis=1)
+    return candidates[np.argsort(strength, kind="stable")[:n]]
+
+
+def offset_regression(images: np.ndarray, offsets: np.ndarray, anchors: np.ndarray, items: np.ndarray, *,
+                      gamma: float = 0.5, alpha: float = 1e-4) -> np.ndarray:
+    """``items`` minus the offsets predicted by a Gaussian-kernel ridge regression fitted on
+    ``images`` -> ``offsets`` (:func:`group_offsets` or :func:`partner_offsets`) and
+    ``anchors`` -> 0 (rows without the concept, which should not move)."""
+    from sklearn.kernel_ridge import KernelRidge
+
     inputs = np.concatenate([images, anchors])
     targets = np.concatenate([offsets, np.zeros_like(anchors, dtype=np.float64)])
     model = KernelRidge(kernel="rbf", gamma=gamma, alpha=alpha).fit(inputs, targets)

@@ -66,6 +66,7 @@ from sce_correct.corrector import DEFAULT_ENERGY
 import concept_approaches as ca  # noqa: E402  (benchmarks/ is the script's folder)
 
 ROOT = Path(__file__).resolve().parents[1]
+OFFSET_ANCHORS = 1500  # collection items the label-free offset regression keeps in place
 
 
 def probe_accuracy(X: np.ndarray, y: np.ndarray, groups: np.ndarray) -> float:
@@ -107,12 +108,14 @@ def head_methods(heads, fit_rows, text_emb, *, shares, components, energy) -> di
 
 
 def fit_methods(text_emb, image_emb, prompts, *, components, energy, negative_weight, heads=None,
-                fit_rows=None, shares=(), context=None, concept_groups=None, anchors=None):
+                fit_rows=None, shares=(), context=None, concept_groups=None, anchors=None, collection_rows=None):
     """name -> (item transform, query transform) for every method, fitted on these pairs.
 
     The item transforms take the collection's embedding matrix (the head corrections ignore it
     and use the collection's decomposition in ``heads``). ``anchors``: embeddings of items
-    without the concept, which the kernel offset regression keeps in place."""
+    without the concept, which the kernel offset regression keeps in place; ``collection_rows``:
+    (the collection rows of the concept images fitted on, the number of rows), for the
+    label-free offset regression, whose anchors are other rows."""
     import torch
     from concept_erasure import LeaceEraser
 
@@ -152,7 +155,15 @@ def fit_methods(text_emb, image_emb, prompts, *, components, energy, negative_we
             lambda v: ca.local_projection(v @ P, image_emb @ P, concept_groups), same)
         if anchors is not None:
             methods[f"schur k={ks[True]} + kernel offset regression (by object)"] = (
-                lambda v: ca.offset_regression(image_emb @ P, concept_groups, anchors @ P, v @ P), same)
+                lambda v: ca.offset_regression(image_emb @ P, ca.group_offsets(image_emb @ P, concept_groups),
+                                               anchors @ P, v @ P), same)
+    if collection_rows is not None:  # label-free: partners from the prompts, the weakest-concept items as anchors
+        P = projections[True]
+        candidates = np.setdiff1d(np.arange(collection_rows[1]), collection_rows[0])
+        methods[f"schur k={ks[True]} + kernel offset regression (concept file only)"] = (
+            lambda v: ca.offset_regression(
+                image_emb @ P, ca.partner_offsets(image_emb @ P, np.asarray(prompts)),
+                v[ca.weakest_concept_rows(v, P, candidates, OFFSET_ANCHORS)] @ P, v @ P), same)
     methods[f"schur k={ks[True]} + neighbour mean (cos >= 0.85, 8)"] = (
         lambda v: ca.knn_smooth(v @ projections[True]), same)
     if heads is not None:
@@ -272,6 +283,7 @@ def main() -> None:
     concept_objects = np.array([objects[r] if r is not None else str(concept.images[j])
                                 for j, r in enumerate(rows)])
     prompts = np.array(concept.prompts)
+    concept_item_rows = np.array([-1 if r is None else r for r in rows])  # -1: the file is not an item
 
     toned = np.array([bool(lab) and "," not in lab for lab in labels])  # single-tone items
     toned_objects = sorted(set(objects[toned]))
@@ -290,7 +302,8 @@ def main() -> None:
     # In-sample: fitted on the whole concept set.
     anchors = X[labels == ""]  # items without a tone, for the kernel offset regression
     methods = fit_methods(text_emb, image_emb, concept.prompts, context=(CAP, X, objects, toned),
-                          concept_groups=concept_objects, anchors=anchors, **fit_kw)
+                          concept_groups=concept_objects, anchors=anchors,
+                          collection_rows=(concept_item_rows[concept_item_rows >= 0], len(X)), **fit_kw)
     methods[floor_name] = (lambda v: ca.group_means(v, objects, toned), lambda q: q)
     corrected = unit(methods[next(n for n in methods if n.startswith("schur projection (centred"))][0](X))
     near = np.argsort(-(corrected[toned] @ corrected.T), axis=1)[:, 1:5]
@@ -312,14 +325,14 @@ def main() -> None:
         fit_items = toned & ~np.isin(objects, list(half))
         m = fit_methods(text_emb[fit_rows], image_emb[fit_rows], prompts[fit_rows].tolist(), fit_rows=fit_rows,
                         context=(CAP, X, objects, fit_items), concept_groups=concept_objects[fit_rows],
-                        anchors=anchors, **fit_kw)
+                        anchors=anchors, collection_rows=(concept_item_rows[fit_rows & (concept_item_rows >= 0)], len(X)),
+                        **fit_kw)
         m[floor_name] = (lambda v: ca.group_means(v, objects, toned), lambda q: q)
         held_out.append(evaluate(m, X, labels, objects, probe_mask,
                                  {"recall10_toned_objects": (q_half, half_objects),
                                   "recall10_all_objects": (q_all, all_objects)}, q_half_value, args.value))
         chances.append(chance(probe_mask))
     # The caption index (I2T and T2T corrections), held-out objects only.
-    concept_item_rows = np.array([-1 if r is None else r for r in rows])
     caption_halves = []
     for half in halves:
         half = set(half.tolist())

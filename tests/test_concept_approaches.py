@@ -61,7 +61,7 @@ def test_offset_regression_matches_the_closed_form_kernel_ridge():
     rng = np.random.default_rng(3)
     images, anchors, items = rng.normal(size=(12, 5)), rng.normal(size=(6, 5)), rng.normal(size=(9, 5))
     groups = np.repeat(np.arange(4), 3)
-    got = ca.offset_regression(images, groups, anchors, items, gamma=0.3, alpha=0.1)
+    got = ca.offset_regression(images, ca.group_offsets(images, groups), anchors, items, gamma=0.3, alpha=0.1)
     # by hand: targets are each image minus its group's mean, zeros for the anchors; the
     # dual coefficients solve (K + alpha I) c = targets; the prediction is k(item, inputs) c
     means = np.stack([images[groups == g].mean(0) for g in range(4)])
@@ -91,10 +91,41 @@ def test_offset_regression_follows_an_object_dependent_concept_that_a_projection
     fit, fit_groups, _, _ = objects(40)
     new, _, new_kind, new_values = objects(10)
     anchors = kinds[np.arange(30) % 2] + 0.3 * rng.normal(size=(30, d)) * (np.arange(d) >= 4)
-    got = ca.offset_regression(fit, fit_groups, anchors, np.concatenate([new, anchors]), gamma=0.1, alpha=1e-3)
+    got = ca.offset_regression(fit, ca.group_offsets(fit, fit_groups), anchors, np.concatenate([new, anchors]),
+                               gamma=0.1, alpha=1e-3)
     corrected, kept = got[: len(new)], got[len(new):]
     along = np.einsum("ij,ij->i", corrected, concept[new_kind])
     before = np.einsum("ij,ij->i", new, concept[new_kind])
     assert np.corrcoef(before, new_values)[0, 1] > 0.99
     assert np.abs(along).max() < 0.1 * np.abs(before).max()  # the concept is gone from new objects
     np.testing.assert_allclose(kept, anchors, atol=0.05)  # and the anchors stay where they were
+
+
+def test_partner_offsets_take_each_images_nearest_image_of_every_other_prompt():
+    rng = np.random.default_rng(5)
+    images = rng.normal(size=(20, 6))
+    prompts = np.array(list("abcd") * 5)
+    got = ca.partner_offsets(images, prompts)
+    u = _unit(images)
+    for i in range(20):
+        partners = [i]
+        for value in "abcd":
+            if value != prompts[i]:
+                candidates = [j for j in range(20) if prompts[j] == value]
+                partners.append(max(candidates, key=lambda j: u[i] @ u[j]))
+        np.testing.assert_allclose(got[i], images[i] - images[partners].mean(0), atol=1e-12)
+    # when each object's images are far closer to each other than to other objects', the
+    # partners are the object's other images and the offsets are the group offsets
+    centres = np.repeat(rng.normal(size=(5, 6)) * 10, 4, axis=0)
+    objects = centres + 0.1 * rng.normal(size=(20, 6))
+    np.testing.assert_allclose(ca.partner_offsets(objects, prompts), ca.group_offsets(objects, np.repeat(np.arange(5), 4)))
+
+
+def test_weakest_concept_rows_rank_by_the_part_the_projection_removes():
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(30, 5))
+    P = np.diag([1.0, 1, 1, 0, 0])  # removes the last two coordinates
+    candidates = np.arange(3, 30)
+    got = ca.weakest_concept_rows(X, P, candidates, 7)
+    by_hand = sorted(candidates, key=lambda i: np.hypot(X[i, 3], X[i, 4]))[:7]
+    assert got.tolist() == by_hand
