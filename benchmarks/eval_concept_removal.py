@@ -20,7 +20,9 @@ Issue 15's approaches (`benchmarks/concept_approaches.py`) are rows of their own
 removal, context pairs from the collection's metadata centred by object, a Gaussian-kernel
 correction mapped back to d dimensions, a neighbour mean after the projection, the nearest
 fitted object's tone span, and a kernel regression of each image's offset from its object's
-mean (the concept images grouped by object; items without a tone as anchors). The caption index gets the same measures for I2T and T2T
+mean (the concept images grouped by object, items without a tone as anchors; and from the
+concept file alone: each image's nearest image of every other prompt as its object, the items
+least in the projection's null space as anchors). The caption index gets the same measures for I2T and T2T
 corrections (held-out objects).
 
 Methods: the original embeddings; the Schur projection (nullify, fitted on the concept set,
