@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexing.tables import Row, pick_columns, read_table
+from indexing.tables import Row, pick_columns, read_table, require_file
 from indexing.tables import read_text_lines as _read_lines
-from sce_correct.errors import InputError, NotFoundError
+from sce_correct.errors import InputError
 
 MIN_PAIRS = 4
 
@@ -34,8 +34,7 @@ class ConceptSet:
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[Row]]:
-    if not path.is_file():
-        raise NotFoundError(f"concept file not found: {path}")
+    require_file(path, "concept file")
     table = read_table(path)
     rows = list(table.rows())
     columns = table.columns if table.columns is not None else list(rows[0].values) if rows else []

@@ -1,0 +1,87 @@
+"""Bad input found by an audit of the command line: each case is one exact error line, exit 1.
+
+Through CliRunner with the toy encoder of conftest.py (as tests/test_errors.py does), so no
+model loads. Each test also checks that nothing was written where the command was refused.
+"""
+from __future__ import annotations
+
+import pytest
+from conftest import ToyEncoder, make_image, write_csv
+from typer.testing import CliRunner
+
+import indexing
+from ui.cli import app
+from ui.cli_index import USER_ERROR_EXIT
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "400", "NO_COLOR": "1"})
+
+
+def the_error(result) -> str:
+    """The one line a refused command printed (exit 1, no traceback, nothing else)."""
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert result.exit_code == USER_ERROR_EXIT, result.output
+    assert "Traceback" not in result.output
+    assert len(lines) == 1, result.output
+    return lines[0]
+
+
+@pytest.fixture
+def setup(tmp_path, monkeypatch):
+    """12 indexed images with captions, a concept set of 9 pairs over 3 prompts, a file and a folder."""
+    monkeypatch.setattr(indexing, "load_encoder", lambda spec, device=None: ToyEncoder(), raising=False)
+    rows = []
+    for i in range(12):
+        make_image(tmp_path / "imgs" / f"{i:03d}.png", seed=i)
+        rows.append({"file": f"imgs/{i:03d}.png", "caption": f"item {i}", "tone": "dark" if i % 3 == 0 else "light"})
+    write_csv(tmp_path / "list.csv", rows, ["file", "caption", "tone"])
+    (tmp_path / "concept.csv").write_text("prompt,image\n" + "".join(f"tone {i % 3},imgs/{i:03d}.png\n"
+                                                                     for i in range(9)))
+    (tmp_path / "pairs.csv").write_text("image,prompt\n" + "".join(f"imgs/{i:03d}.png,item {i}\n" for i in range(4)))
+    (tmp_path / "a-file").write_text("not a folder\n")
+    (tmp_path / "a-folder").mkdir()
+    coll = tmp_path / "coll"
+    result = invoke("index", "build", tmp_path / "list.csv", "-c", coll, "-q")
+    assert result.exit_code == 0, result.output
+    return tmp_path, coll
+
+
+# -- a folder given for a file (or a file for a folder) is not "not found" -----------------------
+def test_a_concept_file_that_is_a_folder(setup):
+    tmp, coll = setup
+    result = invoke("correct", "fit", "--name", "x", "--concept", tmp / "a-folder", "-c", coll, "-q")
+    assert the_error(result) == f"error: concept file {tmp / 'a-folder'} is a folder, not a file"
+
+
+def test_a_source_texts_file_that_is_a_folder(setup):
+    tmp, coll = setup
+    (tmp / "t.txt").write_text("a\nb\nc\nd\n")
+    result = invoke("correct", "fit", "--name", "x", "--direction", "t2t", "--source-texts", tmp / "a-folder",
+                    "--target-texts", tmp / "t.txt", "-c", coll, "-q")
+    assert the_error(result) == f"error: text file {tmp / 'a-folder'} is a folder, not a file"
+
+
+def test_a_missing_concept_file_is_still_not_found(setup):
+    tmp, coll = setup
+    result = invoke("correct", "fit", "--name", "x", "--concept", tmp / "nope.csv", "-c", coll, "-q")
+    assert the_error(result) == f"error: concept file not found: {tmp / 'nope.csv'}"
+
+
+def test_an_evaluate_reference_that_is_a_file(setup):
+    tmp, _ = setup
+    result = invoke("evaluate", "--prompts", tmp / "pairs.csv", "--reference", tmp / "a-file", "--out", tmp / "ev", "-q")
+    assert the_error(result) == f"error: reference folder {tmp / 'a-file'} is a file, not a folder"
+    assert not (tmp / "ev").exists()
+
+
+def test_prompts_that_are_a_folder_and_images_that_are_a_file(setup):
+    tmp, _ = setup
+    result = invoke("evaluate", "--prompts", tmp / "a-folder", "--out", tmp / "ev", "-q")
+    assert the_error(result) == f"error: prompts file {tmp / 'a-folder'} is a folder, not a file"
+    (tmp / "p.txt").write_text("a\nb\n")
+    result = invoke("report", "--prompts", tmp / "p.txt", "--images", tmp / "a-file", "--out", tmp / "rep", "-q")
+    assert the_error(result) == f"error: image folder {tmp / 'a-file'} is a file, not a folder"
+    assert not (tmp / "ev").exists() and not (tmp / "rep").exists()
