@@ -85,3 +85,22 @@ def test_prompts_that_are_a_folder_and_images_that_are_a_file(setup):
     result = invoke("report", "--prompts", tmp / "p.txt", "--images", tmp / "a-file", "--out", tmp / "rep", "-q")
     assert the_error(result) == f"error: image folder {tmp / 'a-file'} is a file, not a folder"
     assert not (tmp / "ev").exists() and not (tmp / "rep").exists()
+
+
+# -- a collection path (or --index-dir) that is a file -----------------------------------------
+@pytest.mark.parametrize("command", [["index", "info"], ["search", "item 1"], ["correct", "list"],
+                                     ["index", "gc", "--dry-run"]])
+def test_a_collection_that_is_a_file(setup, command):
+    tmp, _ = setup
+    result = invoke(*command, "-c", tmp / "a-file")
+    assert the_error(result) == f"error: collection {tmp / 'a-file'} is a file, not a folder"
+
+
+def test_building_into_a_file_or_with_an_index_dir_that_is_a_file(setup):
+    tmp, _ = setup
+    result = invoke("index", "build", tmp / "list.csv", "-c", tmp / "a-file", "-q")
+    assert the_error(result) == f"error: collection {tmp / 'a-file'} is a file, not a folder"
+    result = invoke("index", "build", tmp / "list.csv", "-c", tmp / "new", "--index-dir", tmp / "a-file", "-q")
+    assert the_error(result) == f"error: index folder {tmp / 'a-file'} is a file, not a folder"
+    assert not (tmp / "new").exists()  # refused before a catalog or an embedding was written
+    assert (tmp / "a-file").read_text() == "not a folder\n"
