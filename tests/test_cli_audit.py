@@ -104,3 +104,32 @@ def test_building_into_a_file_or_with_an_index_dir_that_is_a_file(setup):
     assert the_error(result) == f"error: index folder {tmp / 'a-file'} is a file, not a folder"
     assert not (tmp / "new").exists()  # refused before a catalog or an embedding was written
     assert (tmp / "a-file").read_text() == "not a folder\n"
+
+
+# -- an output folder that is a file: refused before the work, not after it ------------------------
+def test_report_and_evaluate_out_that_is_a_file(setup):
+    tmp, coll = setup
+    result = invoke("report", "--where", "tone=dark", "--out", tmp / "a-file", "-c", coll, "-q")
+    assert the_error(result) == f"error: --out {tmp / 'a-file'} is a file, not a folder"
+    # evaluate printed its whole summary, then 'error: File exists: ...'
+    result = invoke("evaluate", "--prompts", tmp / "pairs.csv", "--out", tmp / "a-file", "-q")
+    assert the_error(result) == f"error: --out {tmp / 'a-file'} is a file, not a folder"
+    result = invoke("evaluate", "--prompts", tmp / "pairs.csv", "--out", tmp / "a-file" / "ev", "-q")
+    assert the_error(result) == f"error: --out {tmp / 'a-file' / 'ev'}: {tmp / 'a-file'} is a file, not a folder"
+    assert (tmp / "a-file").read_text() == "not a folder\n"
+
+
+@pytest.mark.parametrize("command", ["heads", "ablate"])
+def test_decompose_out_that_is_a_file(setup, command):
+    tmp, coll = setup  # refused before the encoder loads (the toy encoder has no ViT tower)
+    result = invoke("decompose", command, "-c", coll, "--out", tmp / "a-file", "-q")
+    assert the_error(result) == f"error: --out {tmp / 'a-file'} is a file, not a folder"
+
+
+def test_export_under_a_file(setup):
+    tmp, coll = setup
+    result = invoke("index", "export", tmp / "a-file" / "out", "-c", coll, "-q")
+    # was 'error: <tmp>/a-file does not exist'
+    assert the_error(result) == (f"error: export folder {tmp / 'a-file' / 'out'}: {tmp / 'a-file'} "
+                                 "is a file, not a folder")
+    assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(".")) == []

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from indexing.atomic import check_output_folder
 from sce_correct.errors import InputError
 from ui.cli_index import (
     DEFAULT_COLLECTION,
@@ -479,6 +480,7 @@ def report_command(
         from retrieval.pairs import load_pairs
         from retrieval.report import report_for_collection, report_for_pairs, write_report
 
+        check_output_folder(out, "--out")  # before the report is computed
         kw = dict(kernel=kernel, sigma=sigma, ridge=ridge, n_modes=modes, top=top)
         if prompts is not None:
             pairs = load_pairs(prompts, images, pair_by=pair_by)
@@ -519,6 +521,7 @@ def evaluate_command(
         from retrieval.evaluate import evaluate, write_evaluation
         from retrieval.pairs import load_pairs
 
+        check_output_folder(out, "--out")  # before anything is computed or printed
         pairs = load_pairs(prompts, images, pair_by=pair_by)
         report = evaluate(indexing.load_encoder(encoder), pairs, reference=reference, edits=edits, kernel=kernel,
                           progress=not quiet)
