@@ -133,3 +133,44 @@ def test_export_under_a_file(setup):
     assert the_error(result) == (f"error: export folder {tmp / 'a-file' / 'out'}: {tmp / 'a-file'} "
                                  "is a file, not a folder")
     assert sorted(p.name for p in tmp.iterdir() if p.name.startswith(".")) == []
+
+
+# -- search: query vectors that are not, and options that do nothing --------------------------------
+def test_search_vector_that_is_not_a_npy_file(setup):
+    tmp, coll = setup
+    import numpy as np
+
+    result = invoke("search", "--vector", tmp / "a-file", "-c", coll)
+    # was numpy's advice on unpickling: 'This file contains pickled (object) data. If you trust the file ...'
+    assert the_error(result) == f"error: --vector {tmp / 'a-file'}: not a .npy file (saved by numpy.save)"
+    result = invoke("search", "--vector", tmp / "a-folder", "-c", coll)
+    assert the_error(result) == f"error: --vector {tmp / 'a-folder'} is a folder, not a .npy file"
+    rows = np.ones((3, 16), dtype=np.float32)
+    rows[1] = 0.0
+    np.save(tmp / "q.npy", rows)  # an all-zero row scored every item 0.000 and listed the first ids
+    result = invoke("search", "--vector", tmp / "q.npy", "-c", coll)
+    assert the_error(result) == f"error: --vector {tmp / 'q.npy'}: row 1 is all zeros (no direction to search)"
+
+
+def test_search_options_that_need_a_correction_are_refused(setup):
+    tmp, coll = setup
+    assert invoke("correct", "fit", "--name", "c1", "--concept", tmp / "concept.csv", "--components", "1",
+                  "-c", coll, "-q").exit_code == 0
+    cases = {  # each printed plain results with the option ignored
+        ("--strategy", "negative"): "error: --strategy negative chooses how a correction is applied: "
+                                    "give --correction NAME or --ab NAME",
+        ("--negative-weight", "2"): "error: --negative-weight is the a of --strategy negative (q - a * concept)",
+        ("--correction", "c1", "--negative-weight", "2"):
+            "error: --negative-weight is the a of --strategy negative (q - a * concept)",
+        ("--attribute", "tone"): "error: --attribute measures the results of an A/B comparison: it needs --ab NAME",
+        # printed 'share of results with nosuch: 0.00 -> 0.00'
+        ("--ab", "c1", "--attribute", "nosuch"):
+            f"error: --attribute nosuch: no item of {coll} sets this metadata field",
+    }
+    for options, line in cases.items():
+        assert the_error(invoke("search", "item 3", *options, "-k", "3", "-c", coll)) == line, options
+    ok = invoke("search", "item 3", "--ab", "c1", "--attribute", "tone", "-k", "3", "-c", coll)
+    assert ok.exit_code == 0 and "share of results with tone" in ok.output, ok.output
+    ok = invoke("search", "item 3", "--correction", "c1", "--strategy", "negative", "--negative-weight", "2",
+                "-k", "3", "-c", coll)
+    assert ok.exit_code == 0, ok.output

@@ -312,10 +312,16 @@ def _read_query_vectors(path: Path):
     """The (n, d) float rows of a .npy file of shape (d,) or (n, d); anything else is one line naming it."""
     import numpy as np
 
+    if path.is_dir():
+        raise InputError(f"--vector {path} is a folder, not a .npy file")
     try:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise InputError(f"--vector {path}: no such file") from None
+    except ValueError as error:  # numpy falls back to unpickling anything without the .npy magic
+        if "pickled" in str(error):
+            raise InputError(f"--vector {path}: not a .npy file (saved by numpy.save)") from None
+        raise InputError(f"--vector {path}: not a readable .npy array ({' '.join(str(error).split())})") from None
     except (ValueError, EOFError, OSError) as error:
         raise InputError(f"--vector {path}: not a readable .npy array ({' '.join(str(error).split())})") from None
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu" or array.ndim not in (1, 2):
@@ -328,6 +334,9 @@ def _read_query_vectors(path: Path):
     bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
     if len(bad):
         raise InputError(f"--vector {path}: row {int(bad[0])} holds NaN or infinite values")
+    zero = np.flatnonzero(~rows.any(axis=1))
+    if len(zero):  # it scores every item 0: the "hits" would be the first ids, in no order
+        raise InputError(f"--vector {path}: row {int(zero[0])} is all zeros (no direction to search)")
     return rows
 
 
@@ -365,8 +374,18 @@ def search_command(
             raise InputError("give a text query or --image PATH or --vector Q.npy (one of them)")
         if ab and correction and ab != correction:
             raise InputError("--ab already names the correction; drop --correction")
+        # options of a corrected search are a mistake worth a line without one, not silently ignored
+        if strategy != "auto" and not (ab or correction):
+            raise InputError(f"--strategy {strategy} chooses how a correction is applied: give --correction NAME "
+                             "or --ab NAME")
+        if negative_weight != 1.0 and strategy != "negative":
+            raise InputError("--negative-weight is the a of --strategy negative (q - a * concept)")
+        if attribute is not None and not ab:
+            raise InputError("--attribute measures the results of an A/B comparison: it needs --ab NAME")
         rows = _read_query_vectors(vector) if vector is not None else None
         with _open(collection, db) as opened:
+            if attribute is not None and len(opened.items_store.ids({attribute: ""})) == opened.items_store.count():
+                raise InputError(f"--attribute {attribute}: no item of {opened.root} sets this metadata field")
             retriever = Retriever(opened, nprobe=nprobe)  # the encoder is loaded only for a text or image query
             if rows is not None:
                 _search_vectors(retriever, rows, k=k, kind=kind, correction=correction or None, ab=ab,
