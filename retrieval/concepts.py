@@ -96,14 +96,14 @@ def load_concept_set(path: str | Path) -> ConceptSet:
     )
 
 
-def text_pairs(sources: list[str], targets: list[str], name: str = "texts") -> ConceptSet:
-    """A text-to-text concept set from two equally long lists."""
+def text_pairs(sources: list[str], targets: list[str], name: str = "texts", source: Path | None = None) -> ConceptSet:
+    """A text-to-text concept set from two equally long lists (``source``: the file they came from)."""
     if len(sources) != len(targets):
         raise InputError(f"{len(sources)} source texts but {len(targets)} target texts: they must pair up")
     if any(not s.strip() for s in sources) or any(not t.strip() for t in targets):
         raise InputError("source and target texts must not be empty")
     _check_size(name, list(sources))
-    return ConceptSet(name=name, source=Path("."), prompts=list(sources), targets=list(targets))
+    return ConceptSet(name=name, source=source or Path("."), prompts=list(sources), targets=list(targets))
 
 
 def read_text_lines(path: str | Path) -> list[str]:

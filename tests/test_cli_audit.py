@@ -174,3 +174,13 @@ def test_search_options_that_need_a_correction_are_refused(setup):
     ok = invoke("search", "item 3", "--correction", "c1", "--strategy", "negative", "--negative-weight", "2",
                 "-k", "3", "-c", coll)
     assert ok.exit_code == 0, ok.output
+
+
+def test_texts_given_for_an_image_correction_name_their_file(setup):
+    tmp, coll = setup
+    (tmp / "s.txt").write_text("a\nb\nc\nd\n")
+    (tmp / "t.txt").write_text("w\nx\ny\nz\n")
+    result = invoke("correct", "fit", "--name", "x", "--direction", "t2i", "--source-texts", tmp / "s.txt",
+                    "--target-texts", tmp / "t.txt", "-c", coll, "-q")
+    # was 'a t2i correction needs prompt/image pairs; . pairs texts'
+    assert the_error(result) == f"error: a t2i correction needs prompt/image pairs; {tmp / 's.txt'} pairs texts"

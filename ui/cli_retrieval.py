@@ -119,7 +119,7 @@ def fit_command(
             concept_set = load_concept_set(concept)
         elif source_texts and target_texts:
             concept_set = text_pairs(read_text_lines(source_texts), read_text_lines(target_texts),
-                                     name=Path(source_texts).stem)
+                                     name=Path(source_texts).stem, source=Path(source_texts))
         else:
             raise InputError("give --concept FILE, or --source-texts and --target-texts for t2t")
         _check_method(method, direction=direction, kernel=kernel, mode=mode, components=components, energy=energy,
