@@ -184,3 +184,4 @@ def test_texts_given_for_an_image_correction_name_their_file(setup):
                     "--target-texts", tmp / "t.txt", "-c", coll, "-q")
     # was 'a t2i correction needs prompt/image pairs; . pairs texts'
     assert the_error(result) == f"error: a t2i correction needs prompt/image pairs; {tmp / 's.txt'} pairs texts"
+

@@ -69,7 +69,8 @@ def heads_command(
         if top < 1:
             raise InputError(f"--top must be at least 1, got {top}")
         folder = out if out is not None else collection / "decompose"
-        check_output_folder(folder, "--out")
+        if out is not None:  # (the default, under -c, is checked with the collection: "collection F is a file")
+            check_output_folder(out, "--out")
         loaded = _load_vit_encoder(encoder)  # a CNN encoder is refused before anything is read
         opened = Collection.open(collection, db)
         try:  # the same code path as the web UI's Heads tab
@@ -108,7 +109,8 @@ def ablate_command(
         from retrieval.heads import ablation_report, write_json
 
         folder = out if out is not None else collection / "decompose"
-        check_output_folder(folder, "--out")
+        if out is not None:  # (the default, under -c, is checked with the collection: "collection F is a file")
+            check_output_folder(out, "--out")
         loaded = _load_vit_encoder(encoder)
         sample, decomposition = _decompose_sample(loaded, collection, db, images, seed, captioned=True)
         report = ablation_report(decomposition, loaded.encode_texts(sample.captions))
