@@ -11,11 +11,25 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from sce_correct.errors import InputError
+
 
 def temporary_name(path: str | Path) -> Path:
     """A hidden, unique sibling of ``path`` to write before renaming it into place."""
     path = Path(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+
+
+def check_output_folder(folder: str | Path, what: str) -> None:
+    """Refuse, before any work, an output folder that cannot be one: "WHAT F is a file, not a
+    folder", or "WHAT F/x: F is a file, not a folder" when a part of its path is a file."""
+    folder = Path(folder).expanduser().absolute()
+    for part in (folder, *folder.parents):
+        if part.exists():
+            if not part.is_dir():
+                where = "" if part == folder else f"{folder}: "
+                raise InputError(f"{what} {where}{part} is a file, not a folder")
+            return
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], None]) -> None:

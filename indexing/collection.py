@@ -134,6 +134,11 @@ class Collection:
         root = Path(root) if root is not None else DEFAULT_COLLECTION_DIR
         root = root.expanduser().absolute()
         target = db if db is not None else root / CATALOG_FILENAME
+        if root.exists() and not root.is_dir():  # not "no collection at" nor "File exists"
+            raise InputError(f"collection {root} is a file, not a folder")
+        index_folder = Path(index_dir).expanduser().absolute() if index_dir is not None else None
+        if index_folder is not None and index_folder.exists() and not index_folder.is_dir():
+            raise InputError(f"index folder {index_folder} is a file, not a folder")
         created: Path | None = None
         try:
             if create:
@@ -148,7 +153,7 @@ class Collection:
         collection.created_folder = created
         if index_dir is not None:
             with catalog.sessions.begin() as session:
-                catalog.set_info(session, "index_dir", str(Path(index_dir).expanduser().absolute()))
+                catalog.set_info(session, "index_dir", str(index_folder))
         return collection
 
     def close(self) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from indexing.atomic import fsync_directory, fsync_file
+from indexing.atomic import check_output_folder, fsync_directory, fsync_file
 from sce_correct.errors import InputError, NotFoundError
 
 logger = logging.getLogger(__name__)
@@ -256,10 +256,14 @@ class LayoutWriter:
                 raise InputError(f"{self.out_dir} is a file; give a new or empty folder to export to")
             if any(self.out_dir.iterdir()):
                 raise InputError(f"{self.out_dir} is not empty; give a new or empty folder to export to")
+        check_output_folder(self.out_dir, "export folder")  # a file on its path: not "does not exist"
         if not self.out_dir.parent.is_dir():
             raise NotFoundError(f"{self.out_dir.parent} does not exist")
         self.temporary = self.out_dir.with_name(f".{self.out_dir.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-        self.temporary.mkdir()
+        try:
+            self.temporary.mkdir()
+        except OSError as error:  # name the folder asked for, not the hidden one beside it
+            raise InputError(f"cannot export to {self.out_dir}: {error.strerror or error}") from None
         self._files: list[Path] = []
 
     def vectors(self, which: str, number: int, rows: int, dim: int, dtype: str = "float32") -> np.memmap:

@@ -144,11 +144,30 @@ def utf8_lines(path: str | Path) -> Iterator[tuple[int, str]]:
             yield number, (text.removeprefix("\ufeff") if number == 1 else text)
 
 
+def require_file(path: Path, what: str) -> None:
+    """Refuse ``path`` unless it is a file: "WHAT not found: PATH", or, when something else is
+    there, "WHAT PATH is a folder, not a file" (not "not found", which would send the user
+    looking for a path that exists)."""
+    if path.is_file():
+        return
+    if not path.exists():
+        raise NotFoundError(f"{what} not found: {path}")
+    raise InputError(f"{what} {path} is a folder, not a file" if path.is_dir() else f"{what} {path} is not a regular file")
+
+
+def require_folder(path: Path, what: str) -> None:
+    """Refuse ``path`` unless it is a folder: "WHAT not found: PATH" or "WHAT PATH is a file, not a folder"."""
+    if path.is_dir():
+        return
+    if not path.exists():
+        raise NotFoundError(f"{what} not found: {path}")
+    raise InputError(f"{what} {path} is a file, not a folder")
+
+
 def read_text_lines(path: str | Path) -> list[str]:
     """Every line of a UTF-8 text file, stripped (blank lines kept, so index i is line i + 1)."""
     path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"text file not found: {path}")
+    require_file(path, "text file")
     return [text.strip() for _, text in utf8_lines(path)]
 
 

@@ -12,9 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from indexing.tables import Row, pick_columns, read_table
+from indexing.tables import Row, pick_columns, read_table, require_file
 from indexing.tables import read_text_lines as _read_lines
-from sce_correct.errors import InputError, NotFoundError
+from sce_correct.errors import InputError
 
 MIN_PAIRS = 4
 
@@ -34,8 +34,7 @@ class ConceptSet:
 
 
 def _read_rows(path: Path) -> tuple[list[str], list[Row]]:
-    if not path.is_file():
-        raise NotFoundError(f"concept file not found: {path}")
+    require_file(path, "concept file")
     table = read_table(path)
     rows = list(table.rows())
     columns = table.columns if table.columns is not None else list(rows[0].values) if rows else []
@@ -97,14 +96,14 @@ def load_concept_set(path: str | Path) -> ConceptSet:
     )
 
 
-def text_pairs(sources: list[str], targets: list[str], name: str = "texts") -> ConceptSet:
-    """A text-to-text concept set from two equally long lists."""
+def text_pairs(sources: list[str], targets: list[str], name: str = "texts", source: Path | None = None) -> ConceptSet:
+    """A text-to-text concept set from two equally long lists (``source``: the file they came from)."""
     if len(sources) != len(targets):
         raise InputError(f"{len(sources)} source texts but {len(targets)} target texts: they must pair up")
     if any(not s.strip() for s in sources) or any(not t.strip() for t in targets):
         raise InputError("source and target texts must not be empty")
     _check_size(name, list(sources))
-    return ConceptSet(name=name, source=Path("."), prompts=list(sources), targets=list(targets))
+    return ConceptSet(name=name, source=source or Path("."), prompts=list(sources), targets=list(targets))
 
 
 def read_text_lines(path: str | Path) -> list[str]:

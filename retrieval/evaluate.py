@@ -22,9 +22,9 @@ from indexing.atomic import write_atomically
 from indexing.encoders.encoder import encode_texts_once
 from retrieval import metrics
 from indexing.readers import list_image_files
-from indexing.tables import read_table
+from indexing.tables import read_table, require_file, require_folder
 from retrieval.pairs import PairedSet
-from sce_correct.errors import InputError, NotFoundError
+from sce_correct.errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -87,8 +87,7 @@ class EvaluationReport:
 
 
 def _list_images(folder: Path) -> list[Path]:
-    if not folder.is_dir():
-        raise NotFoundError(f"reference folder not found: {folder}")
+    require_folder(folder, "reference folder")
     files = list_image_files(folder, what="reference folder")
     if len(files) < 2:
         raise InputError(f"{folder} has {len(files)} image(s); a reference set needs at least 2")
@@ -98,8 +97,7 @@ def _list_images(folder: Path) -> list[Path]:
 def read_edit_pairs(path: str | Path) -> list[dict[str, str]]:
     """A table with source_image, edited_image, source_caption, edited_caption (paths relative to it)."""
     path = Path(path)
-    if not path.is_file():
-        raise NotFoundError(f"edit pairs file not found: {path}")
+    require_file(path, "edit pairs file")
     need = ("source_image", "edited_image", "source_caption", "edited_caption")
     table = read_table(path)
     missing = [c for c in need if table.columns is not None and c not in table.columns]

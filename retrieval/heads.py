@@ -66,11 +66,10 @@ def vit_of(encoder):
 def read_bank(path: str | Path | None) -> tuple[Path, list[str]]:
     """(path, texts) of a text bank: one text a line, blank lines skipped; default the shipped one."""
     from indexing.shipped_data import shipped_data
-    from indexing.tables import read_text_lines
+    from indexing.tables import read_text_lines, require_file
 
     path = Path(path) if path is not None else shipped_data(*DEFAULT_BANK)
-    if not path.is_file():
-        raise InputError(f"text bank not found: {path}")
+    require_file(path, "text bank")
     texts = [t for t in read_text_lines(path) if t]
     if not texts:
         raise InputError(f"text bank {path} has no texts")

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from indexing.readers import list_image_files
-from indexing.tables import pick_columns, read_table, read_text_lines, table_kind, where
-from sce_correct.errors import InputError, NotFoundError
+from indexing.tables import pick_columns, read_table, read_text_lines, require_file, require_folder, table_kind, where
+from sce_correct.errors import InputError
 
 PAIR_BY = ("number", "order")
 _LEADING_INT = re.compile(r"^(\d+)(?:[_\-.].*)?$")
@@ -104,11 +104,10 @@ def load_pairs(prompts: str | Path, images_dir: str | Path | None = None, *, min
     prompts = Path(prompts)
     if pair_by not in PAIR_BY:
         raise InputError(f"--pair-by takes {' or '.join(PAIR_BY)}, not {pair_by!r}")
-    if not prompts.is_file():
-        raise NotFoundError(f"prompts file not found: {prompts}")
+    require_file(prompts, "prompts file")
     images_dir = Path(images_dir) if images_dir is not None else None
-    if images_dir is not None and not images_dir.is_dir():
-        raise NotFoundError(f"image folder not found: {images_dir}")
+    if images_dir is not None:
+        require_folder(images_dir, "image folder")
     if table_kind(prompts) is not None:
         if pair_by != "number":
             raise InputError(f"--pair-by {pair_by} applies to a plain prompts file; each row of the table "

@@ -234,7 +234,7 @@ def test_an_output_folder_under_a_file_is_one_line(setup):
     (tmp / "a-file").write_text("not a folder")
     result = invoke("report", "--where", "tone=dark", "--out", tmp / "a-file" / "rep", "-c", coll, "-q")
     line = assert_one_line(result, "a-file")
-    assert "Not a directory" in line or "File exists" in line, line
+    assert line == f"error: --out {tmp / 'a-file' / 'rep'}: {tmp / 'a-file'} is a file, not a folder", line
 
 
 def test_report_limit_with_prompts_is_one_line(setup):

@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from indexing.atomic import check_output_folder
 from ui.cli_index import DEFAULT_COLLECTION, CollectionOption, DbOption, configure_logging, reporting_errors
 
 decompose_app = typer.Typer(no_args_is_help=True, add_completion=False,
@@ -67,6 +68,9 @@ def heads_command(
             raise InputError(f"--components must be at least 1, got {components}")
         if top < 1:
             raise InputError(f"--top must be at least 1, got {top}")
+        folder = out if out is not None else collection / "decompose"
+        if out is not None:  # (the default, under -c, is checked with the collection: "collection F is a file")
+            check_output_folder(out, "--out")
         loaded = _load_vit_encoder(encoder)  # a CNN encoder is refused before anything is read
         opened = Collection.open(collection, db)
         try:  # the same code path as the web UI's Heads tab
@@ -76,7 +80,6 @@ def heads_command(
             opened.close()
         report["encoder"] = encoder  # the spec as given
         paths = {t["item_id"]: t["uri"] for entry in report["entries"] for t in entry["top_images"]}
-        folder = out if out is not None else collection / "decompose"
         json_path = write_json(folder / "heads.json", report)
         png_path = write_heads_figure(report, paths, folder / "heads.png")
         typer.echo(f"{report['layers']} layers x {report['heads']} heads, {report['images']} images, "
@@ -105,11 +108,13 @@ def ablate_command(
         configure_logging(quiet)
         from retrieval.heads import ablation_report, write_json
 
+        folder = out if out is not None else collection / "decompose"
+        if out is not None:  # (the default, under -c, is checked with the collection: "collection F is a file")
+            check_output_folder(out, "--out")
         loaded = _load_vit_encoder(encoder)
         sample, decomposition = _decompose_sample(loaded, collection, db, images, seed, captioned=True)
         report = ablation_report(decomposition, loaded.encode_texts(sample.captions))
         report.update(encoder=encoder, seed=seed)
-        folder = out if out is not None else collection / "decompose"
         json_path = write_json(folder / "ablate.json", report)
         k = report["k"]
         typer.echo(f"caption->image R@{k} over {report['images']} captioned images "

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from indexing.atomic import check_output_folder
 from sce_correct.errors import InputError
 from ui.cli_index import (
     DEFAULT_COLLECTION,
@@ -118,7 +119,7 @@ def fit_command(
             concept_set = load_concept_set(concept)
         elif source_texts and target_texts:
             concept_set = text_pairs(read_text_lines(source_texts), read_text_lines(target_texts),
-                                     name=Path(source_texts).stem)
+                                     name=Path(source_texts).stem, source=Path(source_texts))
         else:
             raise InputError("give --concept FILE, or --source-texts and --target-texts for t2t")
         _check_method(method, direction=direction, kernel=kernel, mode=mode, components=components, energy=energy,
@@ -311,10 +312,16 @@ def _read_query_vectors(path: Path):
     """The (n, d) float rows of a .npy file of shape (d,) or (n, d); anything else is one line naming it."""
     import numpy as np
 
+    if path.is_dir():
+        raise InputError(f"--vector {path} is a folder, not a .npy file")
     try:
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise InputError(f"--vector {path}: no such file") from None
+    except ValueError as error:  # numpy falls back to unpickling anything without the .npy magic
+        if "pickled" in str(error):
+            raise InputError(f"--vector {path}: not a .npy file (saved by numpy.save)") from None
+        raise InputError(f"--vector {path}: not a readable .npy array ({' '.join(str(error).split())})") from None
     except (ValueError, EOFError, OSError) as error:
         raise InputError(f"--vector {path}: not a readable .npy array ({' '.join(str(error).split())})") from None
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu" or array.ndim not in (1, 2):
@@ -327,6 +334,9 @@ def _read_query_vectors(path: Path):
     bad = np.flatnonzero(~np.isfinite(rows).all(axis=1))
     if len(bad):
         raise InputError(f"--vector {path}: row {int(bad[0])} holds NaN or infinite values")
+    zero = np.flatnonzero(~rows.any(axis=1))
+    if len(zero):  # it scores every item 0: the "hits" would be the first ids, in no order
+        raise InputError(f"--vector {path}: row {int(zero[0])} is all zeros (no direction to search)")
     return rows
 
 
@@ -364,8 +374,18 @@ def search_command(
             raise InputError("give a text query or --image PATH or --vector Q.npy (one of them)")
         if ab and correction and ab != correction:
             raise InputError("--ab already names the correction; drop --correction")
+        # options of a corrected search are a mistake worth a line without one, not silently ignored
+        if strategy != "auto" and not (ab or correction):
+            raise InputError(f"--strategy {strategy} chooses how a correction is applied: give --correction NAME "
+                             "or --ab NAME")
+        if negative_weight != 1.0 and strategy != "negative":
+            raise InputError("--negative-weight is the a of --strategy negative (q - a * concept)")
+        if attribute is not None and not ab:
+            raise InputError("--attribute measures the results of an A/B comparison: it needs --ab NAME")
         rows = _read_query_vectors(vector) if vector is not None else None
         with _open(collection, db) as opened:
+            if attribute is not None and len(opened.items_store.ids({attribute: ""})) == opened.items_store.count():
+                raise InputError(f"--attribute {attribute}: no item of {opened.root} sets this metadata field")
             retriever = Retriever(opened, nprobe=nprobe)  # the encoder is loaded only for a text or image query
             if rows is not None:
                 _search_vectors(retriever, rows, k=k, kind=kind, correction=correction or None, ab=ab,
@@ -479,6 +499,7 @@ def report_command(
         from retrieval.pairs import load_pairs
         from retrieval.report import report_for_collection, report_for_pairs, write_report
 
+        check_output_folder(out, "--out")  # before the report is computed
         kw = dict(kernel=kernel, sigma=sigma, ridge=ridge, n_modes=modes, top=top)
         if prompts is not None:
             pairs = load_pairs(prompts, images, pair_by=pair_by)
@@ -519,6 +540,7 @@ def evaluate_command(
         from retrieval.evaluate import evaluate, write_evaluation
         from retrieval.pairs import load_pairs
 
+        check_output_folder(out, "--out")  # before anything is computed or printed
         pairs = load_pairs(prompts, images, pair_by=pair_by)
         report = evaluate(indexing.load_encoder(encoder), pairs, reference=reference, edits=edits, kernel=kernel,
                           progress=not quiet)
