@@ -57,7 +57,9 @@ def read_image_file(path: str | Path, name: str | None = None) -> bytes:
         data = path.read_bytes()
     except FileNotFoundError:
         raise ImageCheckError(name, MISSING, f"file not found: {path}") from None
-    except OSError as error:  # a folder, no permission, an I/O error
+    except IsADirectoryError:
+        raise ImageCheckError(name, UNREADABLE, "a folder, not an image file") from None
+    except OSError as error:  # no permission, an I/O error
         raise ImageCheckError(name, UNREADABLE, f"{type(error).__name__}: {error}") from None
     if not data:
         raise ImageCheckError(name, EMPTY, "file is empty (0 bytes)")

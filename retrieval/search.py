@@ -152,7 +152,10 @@ class Retriever:
         return unit(self._encode(lambda encoder: encoder.encode_texts([text.strip()])[0]))
 
     def embed_image(self, image: str | Path) -> np.ndarray:
-        return unit(self._encode(lambda encoder: encoder.encode_images([image])[0]))
+        from indexing.encoders.encoder import open_image
+
+        decoded = open_image(image)  # the user's file checked first: its error is its own, not the encoder's
+        return unit(self._encode(lambda encoder: encoder.encode_images([decoded])[0]))
 
     def _encode(self, run) -> np.ndarray:
         """``run(encoder)``. Encoders load their weights on first use: until one query has been

@@ -152,6 +152,13 @@ def test_search_vector_that_is_not_a_npy_file(setup):
     assert the_error(result) == f"error: --vector {tmp / 'q.npy'}: row 1 is all zeros (no direction to search)"
 
 
+def test_search_image_that_is_a_folder(setup):
+    tmp, coll = setup
+    result = invoke("search", "--image", tmp / "a-folder", "-c", coll)
+    # was "cannot read image '...': IsADirectoryError: [Errno 21] Is a directory: '...'"
+    assert the_error(result) == f"error: cannot read image {str(tmp / 'a-folder')!r}: a folder, not an image file"
+
+
 def test_search_options_that_need_a_correction_are_refused(setup):
     tmp, coll = setup
     assert invoke("correct", "fit", "--name", "c1", "--concept", tmp / "concept.csv", "--components", "1",
