@@ -27,8 +27,10 @@ index file and recorded in the version's parameters.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -119,6 +121,27 @@ def read(path: Path) -> faiss.Index:
         raise NotFoundError(f"cannot read index file {path} (or the .ivfdata lists beside it): {reason}") from error
 
 
+@contextlib.contextmanager
+def faiss_stdout_to_stderr():
+    """C-level stdout goes to stderr while this is open. ``OnDiskInvertedLists`` prints
+    "resizing FILE to N bytes" with ``printf`` each time its lists file grows (unconditionally;
+    no verbose flag governs it), which would mix into a command's output on stdout (a table, a
+    JSON line). The C buffer is flushed before fd 1 is put back, so nothing printed inside
+    reaches stdout later."""
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        libc.fflush(None)
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def copy_lists(index: faiss.Index, index_file: Path) -> Path:
     """Give ``index`` a writable copy of its on-disk lists in a new temporary file (its path
     is returned; :func:`commit` renames it): a change never writes the published file."""
@@ -127,7 +150,8 @@ def copy_lists(index: faiss.Index, index_file: Path) -> Path:
     copy = faiss.OnDiskInvertedLists(ivf.nlist, ivf.code_size, str(temporary))
     sources = faiss.InvertedListsPtrVector()
     sources.push_back(ivf.invlists)
-    copy.merge_from_multiple(sources.data(), sources.size(), False)
+    with faiss_stdout_to_stderr():
+        copy.merge_from_multiple(sources.data(), sources.size(), False)
     ivf.replace_invlists(copy, True)
     copy.this.disown()
     return temporary
@@ -233,7 +257,8 @@ def build_ondisk(index_file: Path, factory: str, staged) -> tuple[faiss.Index, P
     timings["add_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
     lists_file = _new_lists_file(index_file)
-    merge_ondisk(trained, [str(path) for path, _, _ in shard_files], str(lists_file))
+    with faiss_stdout_to_stderr():
+        merge_ondisk(trained, [str(path) for path, _, _ in shard_files], str(lists_file))
     timings["merge_seconds"] = time.perf_counter() - started
     return trained, lists_file, {"train_size": sample_size, "shards": len(shard_files),
                                  **{key: round(value, 3) for key, value in timings.items()}}

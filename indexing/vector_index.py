@@ -223,7 +223,11 @@ class VectorIndex:
             raise ValueError(f"faiss index {self.factory!r} must be trained before adding")
         if len(ids):
             self._writable()
-            self.index.add_with_ids(rows, ids)
+            if self.ondisk:  # a growing lists file prints "resizing ..." on stdout
+                with ondisk_ivf.faiss_stdout_to_stderr():
+                    self.index.add_with_ids(rows, ids)
+            else:
+                self.index.add_with_ids(rows, ids)
             self.changes += 1
 
     def remove(self, ids: np.ndarray | list[int]) -> int:

@@ -194,6 +194,30 @@ def test_delete_and_add_on_an_on_disk_version(tmp_path, vectors):
         assert before[0] not in ondisk_ivf.ivfdata_files(info.file)  # two edits on: removed
 
 
+def test_on_disk_lists_keep_faiss_resizing_lines_off_stdout(tmp_path):
+    # faiss's OnDiskInvertedLists printf's "resizing FILE to N bytes" whenever its lists file
+    # grows (the merge of a build, the copy before an edit, an add): on stderr, not in a
+    # command's output. A subprocess, so that the C-level stdout is a real pipe.
+    script = textwrap.dedent(f"""
+        import hashlib, sys
+        sys.path.insert(0, {str(REPO / "tests")!r})
+        from test_index_scale import make_collection, mixture
+        from indexing.items import NewItem
+        small = mixture(3000, 32, 16, seed=3)
+        with make_collection({str(tmp_path / "coll")!r}, small) as coll:
+            coll.sync_index("image", "IVF16,Flat")   # train, fill shards, merge on disk
+            coll.delete(ids=[5, 6])                   # copy the lists, remove
+            coll.add_items([NewItem(uri="mem://new", sha256="0" * 64, width=1, height=1)], small[:1])
+            coll.sync_index("image")                  # add to the on-disk lists
+            print("done", coll.current_version("image").count)
+    """)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == "done 2999\n"
+    assert "resizing" in out.stderr  # faiss did print: the guard sent it here
+
+
 def test_gc_removes_both_files_of_a_retired_on_disk_version(tmp_path, vectors):
     with make_collection(tmp_path / "coll", vectors[:2000]) as coll:
         coll.sync_index("image", "IVF8,Flat")
