@@ -13,6 +13,7 @@ killed build resumes.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -223,10 +224,7 @@ class VectorIndex:
             raise ValueError(f"faiss index {self.factory!r} must be trained before adding")
         if len(ids):
             self._writable()
-            if self.ondisk:  # a growing lists file prints "resizing ..." on stdout
-                with ondisk_ivf.faiss_stdout_to_stderr():
-                    self.index.add_with_ids(rows, ids)
-            else:
+            with ondisk_ivf.faiss_stdout_to_stderr() if self.ondisk else contextlib.nullcontext():  # "resizing ..."
                 self.index.add_with_ids(rows, ids)
             self.changes += 1
 
