@@ -32,6 +32,7 @@ from indexing.tables import (
     no_path_column,
     pick_columns,
     read_table,
+    require_folder,
 )
 from sce_correct.errors import InputError, NotFoundError
 
@@ -178,6 +179,8 @@ def read_source(
         raise InputError(
             f"cannot read {source}: expected a folder or a file ending in {', '.join(sorted(TABLE_SUFFIXES))}"
         )
+    if image_root is not None:  # checked even when every path in the table is absolute
+        require_folder(Path(image_root), "image root")
     return read_table_source(source, image_root)
 
 

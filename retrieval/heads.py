@@ -85,10 +85,16 @@ class Sample:
     captions: list[str | None]
 
 
-def sample_items(collection, n: int, seed: int = DEFAULT_SEED, *, captioned: bool = False) -> Sample:
-    """A seeded sample of ``n`` items (all when there are fewer), optionally only captioned ones."""
+def check_sample_size(n: int) -> None:
+    """The size of an image sample (``--images``): at least 2. Callers check it before loading
+    an encoder, so a mistake is refused in a moment, not after the model loads."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise InputError(f"--images must be at least 2, got {n!r}")
+
+
+def sample_items(collection, n: int, seed: int = DEFAULT_SEED, *, captioned: bool = False) -> Sample:
+    """A seeded sample of ``n`` items (all when there are fewer), optionally only captioned ones."""
+    check_sample_size(n)
     ids = collection.item_ids(captioned=captioned)
     if len(ids) < 2:
         what = "captioned items" if captioned else "items"

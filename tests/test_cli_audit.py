@@ -152,6 +152,18 @@ def test_search_vector_that_is_not_a_npy_file(setup):
     assert the_error(result) == f"error: --vector {tmp / 'q.npy'}: row 1 is all zeros (no direction to search)"
 
 
+def test_an_image_root_that_is_not_a_folder_is_refused_even_with_absolute_paths(setup):
+    tmp, _ = setup
+    listing = tmp / "absolute.csv"
+    listing.write_text("file,caption\n" + "".join(f"{tmp / 'imgs' / f'{i:03d}.png'},item {i}\n" for i in range(3)))
+    result = invoke("index", "build", listing, "-c", tmp / "new-coll", "--image-root", tmp / "a-file", "-q")
+    # was accepted silently: no path in the table is relative, so the root was never used
+    assert the_error(result) == f"error: image root {tmp / 'a-file'} is a file, not a folder"
+    result = invoke("index", "build", listing, "-c", tmp / "new-coll", "--image-root", tmp / "nowhere", "-q")
+    assert the_error(result) == f"error: image root not found: {tmp / 'nowhere'}"
+    assert not (tmp / "new-coll" / "catalog.sqlite").exists()
+
+
 def test_search_image_that_is_a_folder(setup):
     tmp, coll = setup
     result = invoke("search", "--image", tmp / "a-folder", "-c", coll)

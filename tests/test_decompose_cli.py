@@ -220,6 +220,20 @@ def test_bad_inputs_one_line(setup, args, message):
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.output
 
 
+@pytest.mark.parametrize("command", ["heads", "ablate"])
+def test_a_bad_sample_size_is_refused_before_the_encoder_loads(setup, monkeypatch, command):
+    import indexing
+
+    tmp, coll, _ = setup
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the encoder was loaded")
+
+    monkeypatch.setattr(indexing, "load_encoder", no_loading)
+    r = invoke("decompose", command, "--images", "0", "-c", coll, "-q")
+    assert r.exit_code == 1 and r.output.strip() == "error: --images must be at least 2, got 0", r.output
+
+
 def test_shipped_bank_is_rebuilt_identically(tmp_path):
     import importlib.util
     from pathlib import Path

@@ -62,8 +62,9 @@ def heads_command(
     with reporting_errors():
         configure_logging(quiet)
         from indexing.collection import Collection
-        from retrieval.heads import collection_head_report, write_heads_figure, write_json
+        from retrieval.heads import check_sample_size, collection_head_report, write_heads_figure, write_json
 
+        check_sample_size(images)
         if components < 1:
             raise InputError(f"--components must be at least 1, got {components}")
         if top < 1:
@@ -106,8 +107,9 @@ def ablate_command(
     """Caption->image R@10 as layers are mean-ablated from the first, and each head's drop alone."""
     with reporting_errors():
         configure_logging(quiet)
-        from retrieval.heads import ablation_report, write_json
+        from retrieval.heads import ablation_report, check_sample_size, write_json
 
+        check_sample_size(images)  # before the encoder loads
         folder = out if out is not None else collection / "decompose"
         if out is not None:  # (the default, under -c, is checked with the collection: "collection F is a file")
             check_output_folder(out, "--out")
