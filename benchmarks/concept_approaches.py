@@ -28,7 +28,7 @@ import numpy as np
 
 from retrieval.corrections import unit
 from sce_correct import SchurCorrector
-from sce_correct.corrector import DEFAULT_ENERGY
+from sce_correct.corrector import DEFAULT_ENERGY, group_centred
 
 
 def iterative_projection(source: np.ndarray, target: np.ndarray, *, energy: float = DEFAULT_ENERGY,
@@ -117,11 +117,9 @@ def kernel_projection_map_back(source: np.ndarray, target: np.ndarray, items: np
 
 
 def group_offsets(images: np.ndarray, groups: np.ndarray) -> np.ndarray:
-    """Each image minus the mean image of its group (the same object in each concept value)."""
-    keys, inverse = np.unique(groups, return_inverse=True)
-    means = np.zeros((len(keys), images.shape[1]))
-    np.add.at(means, inverse, images)
-    return images - (means / np.bincount(inverse)[:, None])[inverse]
+    """Each image minus the mean image of its group (the same object in each concept value):
+    the within-group centring of ``SchurCorrector.fit(groups=...)``."""
+    return group_centred(images, groups)
 
 
 def partner_offsets(images: np.ndarray, prompts: np.ndarray) -> np.ndarray:

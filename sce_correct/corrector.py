@@ -47,7 +47,7 @@ def _check_groups(groups, n: int, center: bool) -> np.ndarray:
     return labels
 
 
-def _group_centred(phi: np.ndarray, groups: np.ndarray) -> np.ndarray:
+def group_centred(phi: np.ndarray, groups: np.ndarray) -> np.ndarray:
     """Rows minus the mean of their group."""
     _, inverse = np.unique(groups, return_inverse=True)
     counts = np.bincount(inverse)
@@ -149,7 +149,7 @@ class SchurCorrector:
             if groups is None:
                 phi_s, phi_t = phi_s - source_mean, phi_t - target_mean
             else:
-                phi_s, phi_t = _group_centred(phi_s, groups), _group_centred(phi_t, groups)
+                phi_s, phi_t = group_centred(phi_s, groups), group_centred(phi_t, groups)
         phi_s = phi_s.astype(np.float64, copy=False)
         phi_t = phi_t.astype(np.float64, copy=False)
         if method == "primal":  # groups given: the covariances of the group-centred features

@@ -19,6 +19,14 @@ OutOption = Annotated[Optional[Path], typer.Option(help="Output folder. Default:
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Less logging.")]
 
 
+def _output_folder(out: Path | None, collection: Path) -> Path:
+    """``--out``, refused before any work when it cannot be a folder, or COLLECTION/decompose
+    (checked with the collection itself: "collection F is a file, not a folder")."""
+    if out is not None:
+        check_output_folder(out, "--out")
+    return out if out is not None else collection / "decompose"
+
+
 def _load_vit_encoder(spec: str):
     """The encoder named by ``spec``, refused (one line) unless it has a decomposable ViT tower."""
     import indexing
@@ -69,9 +77,7 @@ def heads_command(
             raise InputError(f"--components must be at least 1, got {components}")
         if top < 1:
             raise InputError(f"--top must be at least 1, got {top}")
-        folder = out if out is not None else collection / "decompose"
-        if out is not None:  # (the default, under -c, is checked with the collection: "collection F is a file")
-            check_output_folder(out, "--out")
+        folder = _output_folder(out, collection)
         loaded = _load_vit_encoder(encoder)  # a CNN encoder is refused before anything is read
         opened = Collection.open(collection, db)
         try:  # the same code path as the web UI's Heads tab
@@ -110,9 +116,7 @@ def ablate_command(
         from retrieval.heads import ablation_report, check_sample_size, write_json
 
         check_sample_size(images)  # before the encoder loads
-        folder = out if out is not None else collection / "decompose"
-        if out is not None:  # (the default, under -c, is checked with the collection: "collection F is a file")
-            check_output_folder(out, "--out")
+        folder = _output_folder(out, collection)
         loaded = _load_vit_encoder(encoder)
         sample, decomposition = _decompose_sample(loaded, collection, db, images, seed, captioned=True)
         report = ablation_report(decomposition, loaded.encode_texts(sample.captions))

@@ -318,11 +318,9 @@ def _read_query_vectors(path: Path):
         array = np.load(path, allow_pickle=False)
     except FileNotFoundError:
         raise InputError(f"--vector {path}: no such file") from None
-    except ValueError as error:  # numpy falls back to unpickling anything without the .npy magic
-        if "pickled" in str(error):
-            raise InputError(f"--vector {path}: not a .npy file (saved by numpy.save)") from None
-        raise InputError(f"--vector {path}: not a readable .npy array ({' '.join(str(error).split())})") from None
     except (ValueError, EOFError, OSError) as error:
+        if isinstance(error, ValueError) and "pickled" in str(error):  # numpy's reading of a file without the .npy magic
+            raise InputError(f"--vector {path}: not a .npy file (saved by numpy.save)") from None
         raise InputError(f"--vector {path}: not a readable .npy array ({' '.join(str(error).split())})") from None
     if not isinstance(array, np.ndarray) or array.dtype.kind not in "fiu" or array.ndim not in (1, 2):
         shape = getattr(array, "shape", "?")
